@@ -1,0 +1,97 @@
+"""Content-hash keys and atomic writes for everything autotune builds.
+
+A trained adapter is keyed by (base model, data split, training choices); an export by
+(adapter key, export choices). An artifact is written into a temporary sibling folder
+and renamed into place only when complete, so a crash or ``kill -9`` never leaves a
+half-written folder that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_TMP_MARK = ".tmp-"
+
+
+def cache_root() -> Path:
+    """The user cache folder (``$AUTOTUNE_CACHE`` or the platform's cache dir)."""
+    env = os.environ.get("AUTOTUNE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("autotune"))
+
+
+def content_key(*parts: Any) -> str:
+    """A short stable hash of dataclasses, dicts, strings and numbers."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    text = json.dumps([plain(p) for p in parts], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``target`` only if the block succeeds.
+
+    An existing ``target`` is replaced. Leftover temporary folders from killed runs are
+    named ``<target>.tmp-*`` and are never read; :func:`sweep_partials` removes them.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so readers see either the old or the new content, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def sweep_partials(folder: Path) -> int:
+    """Remove half-written artifacts that killed runs left below ``folder``."""
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for path in folder.rglob(f"*{_TMP_MARK}*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of all files below ``path``."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -1,0 +1,137 @@
+"""Merge an adapter into its base and export a deployable onnxruntime-genai folder.
+
+The export is the onnxruntime-genai model builder, called in-process (it saves several
+seconds of imports per export over ``python -m onnxruntime_genai.models.builder``). The
+result is a folder an app loads as is with ``og.Model(folder)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from autotune.errors import CandidateError, UserError
+from autotune.models import BaseModel
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+INT4_ALGOS = ("default", "rtn", "k_quant")
+# Bytes per weight on disk, for the free-disk check before an export.
+_BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.1, "int4": 0.6}
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """The export choices of one candidate.
+
+    ``block_size``, ``accuracy_level`` and ``algo`` apply to the weight-only quantized
+    precisions (int4, int8) only; :meth:`normalized` resets them elsewhere so that equal
+    exports hash equally. ``accuracy_level`` 0 leaves the builder's default for the EP.
+    """
+
+    precision: str = "int4"
+    execution_provider: str = "cpu"
+    block_size: int = 32
+    accuracy_level: int = 4
+    algo: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision '{self.precision}' (choose from {', '.join(PRECISIONS)})")
+        if self.block_size not in BLOCK_SIZES:
+            raise UserError(f"int4 block size must be one of {BLOCK_SIZES}, got {self.block_size}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise UserError(f"accuracy level must be 0-4, got {self.accuracy_level}")
+        if self.algo not in INT4_ALGOS:
+            raise UserError(f"unknown quantization algo '{self.algo}' (choose from {', '.join(INT4_ALGOS)})")
+
+    @property
+    def quantized(self) -> bool:
+        return self.precision in ("int4", "int8")
+
+    def normalized(self) -> "ExportSpec":
+        if self.quantized:
+            return self
+        return ExportSpec(self.precision, self.execution_provider, 32, 0, "default")
+
+    def builder_options(self) -> list[str]:
+        """``KEY=VALUE`` extra options for the builder."""
+        if not self.quantized:
+            return []
+        options = [f"block_size={self.block_size}", f"algo_config={self.algo}"]
+        if self.accuracy_level:
+            options.append(f"accuracy_level={self.accuracy_level}")
+        return options
+
+    def label(self) -> str:
+        if not self.quantized:
+            return self.precision
+        return f"{self.precision}/b{self.block_size}/a{self.accuracy_level}/{self.algo}"
+
+
+def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_remote_code: bool = False) -> Path:
+    """Fold a LoRA/QLoRA adapter into the full-precision base and save it as safetensors.
+
+    QLoRA adapters are merged into the fp32 base too, never into the 4-bit model:
+    merging there re-quantizes, and the builder cannot read the result.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        base.path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+        use_safetensors=any(base.path.glob("*.safetensors")),
+    )
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
+    if (base.path / "generation_config.json").is_file():
+        shutil.copy2(base.path / "generation_config.json", out_dir / "generation_config.json")
+    return out_dir
+
+
+def check_free_disk(folder: Path, base: BaseModel, spec: ExportSpec, merged: bool = True) -> None:
+    """Refuse an export that cannot fit, before starting it, rather than die halfway."""
+    params = base.size_bytes / 4  # converted checkpoints are fp32
+    need = params * _BYTES_PER_PARAM[spec.precision] + (base.size_bytes if merged else 0)
+    need *= 1.3  # builder temp files
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise UserError(
+            f"not enough free disk for a {spec.precision} export in {probe}: "
+            f"{free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed; free space or choose --output elsewhere"
+        )
+
+
+def export_model(hf_dir: Path, out_dir: Path, spec: ExportSpec, *, work_dir: Path, trust_remote_code: bool = False) -> float:
+    """Run the genai builder on an HF folder; return the seconds it took.
+
+    Raises:
+        CandidateError: the builder rejected the model or the options (message kept).
+    """
+    from onnxruntime_genai.models import builder
+
+    options = spec.builder_options() + [f"hf_remote={'true' if trust_remote_code else 'false'}"]
+    log_path = work_dir / "builder.log"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        # The builder prints a page per export; keep it in a log beside the work dir.
+        with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            extra = builder.parse_extra_options(
+                "", str(hf_dir), str(out_dir), spec.precision, spec.execution_provider, str(work_dir), options
+            )
+            builder.create_model("", str(hf_dir), str(out_dir), spec.precision, spec.execution_provider, str(work_dir), **extra)
+    except (Exception, SystemExit) as exc:  # the builder raises bare Exceptions and may sys.exit
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CandidateError(f"the onnxruntime-genai builder could not export this model at {spec.label()}: {reason}") from exc
+    if not (out_dir / "genai_config.json").is_file():
+        raise CandidateError(f"the builder wrote no genai_config.json (see {log_path})")
+    return time.perf_counter() - start

