@@ -704,7 +704,7 @@ def choose_profile(info: HardwareInfo, target: str, profiles: list[Profile]) -> 
             raise UserError(f"--target dml: DirectML needs Windows (this is {info.os}); use --target cpu or cuda")
         if "dml" not in info.genai_providers:
             raise UserError(
-                "--target dml: onnxruntime-genai-directml is not installed; pip install onnxruntime-genai-directml"
+                "--target dml: onnxruntime-genai-directml is not installed; pip install 'autotune[dml]'"
             )
     reasons = "; ".join(f"{p.name} {_mismatch(p, info)}" for p in candidates)
     fix = "use --target cpu" if target != "cpu" else "check the profiles' requires"

@@ -215,12 +215,55 @@ def summarize_latency(raw: dict) -> Latency:
     )
 
 
+@dataclass(frozen=True)
+class Parity:
+    """Greedy tokens of an export against PyTorch's on the same prompts."""
+
+    n: int
+    mismatched: tuple[int, ...]  # indices of prompts whose greedy tokens differ
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatched
+
+
+def parity_check(hf_dir: Path, model_dir: Path, prompts: Sequence[str], *, new_tokens: int = 8,
+                 trust_remote_code: bool = False) -> Parity:
+    """Compare greedy generation of an exported model with the HF checkpoint it came from.
+
+    Meant for fp32 exports, whose greedy tokens should match PyTorch's exactly; the
+    prompt ids come from each side's own tokenizer, so a tokenizer mismatch fails too.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    raw = run_child({
+        "model_dir": str(model_dir), "provider": "cpu", "threads": 1, "prompts": list(prompts),
+        "labels": ["x"], "latency": None, "max_new_tokens": new_tokens, "stop_at_newline": False,
+    })
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.eval()
+    eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
+              else [model.generation_config.eos_token_id])
+    mismatched = []
+    for index, (prompt, theirs) in enumerate(zip(prompts, raw["token_ids"], strict=True)):
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=tokenizer.eos_token_id)
+        ours = out[0, ids["input_ids"].shape[1]:].tolist()
+        # genai stops before the length limit at an end token; compare what both produced.
+        ours = ours[: len(theirs)] if len(theirs) < len(ours) and theirs and theirs[-1] in eos else ours
+        if ours != theirs:
+            mismatched.append(index)
+    return Parity(n=len(prompts), mismatched=tuple(mismatched))
+
+
 # --------------------------------------------------------------------------- child process
 
 
 def _child(request: dict) -> dict:
     """The measuring loop: a model folder in, a generator loop out (onnxruntime-genai only)."""
-    import resource
     import time
 
     import onnxruntime_genai as og
@@ -235,7 +278,8 @@ def _child(request: dict) -> dict:
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
     label_len = max(len(tokenizer.encode(label)) for label in request["labels"])
-    max_new = label_len + 3  # room for a label, punctuation and the end token
+    max_new = request.get("max_new_tokens") or label_len + 3  # room for a label, punctuation, end token
+    stop_at_newline = request.get("stop_at_newline", True)
 
     def generate(ids, new_tokens: int, force_length: bool) -> tuple[list[int], float, list[float]]:
         params = og.GeneratorParams(model)
@@ -255,7 +299,7 @@ def _child(request: dict) -> dict:
             generator.generate_next_token()
             steps.append(time.perf_counter() - t0)
             tokens.append(int(generator.get_next_tokens()[0]))
-            if not force_length and "\n" in tokenizer.decode(tokens).lstrip():
+            if stop_at_newline and not force_length and "\n" in tokenizer.decode(tokens).lstrip():
                 break
         return tokens, ttft, steps
 
@@ -275,15 +319,28 @@ def _child(request: dict) -> dict:
             generate(ids, settings["new_tokens"], force_length=True)
         runs = [generate(ids, settings["new_tokens"], force_length=True) for _ in range(settings["repeats"])]
         latency = {"ttft_s": [r[1] for r in runs], "step_s": [r[2] for r in runs], "prompt_tokens": len(ids)}
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {
         "answers": answers,
         "token_ids": token_ids,
         "latency": latency,
-        "peak_rss_mb": peak_kb / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
         "seconds": time.perf_counter() - start,
         "stage_seconds": {"load": loaded - start, "accuracy": scored - loaded, "latency": time.perf_counter() - scored},
     }
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process since it started (exec'd) as this program."""
+    try:  # Linux: VmHWM resets at exec, unlike ru_maxrss, which keeps the forking parent's peak
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import psutil
+
+    info = psutil.Process().memory_info()
+    return getattr(info, "peak_wset", info.rss) / 2**20  # Windows has a peak; elsewhere current RSS
 
 
 if __name__ == "__main__":

@@ -1,0 +1,225 @@
+"""The study: an Optuna multi-objective search over candidates.
+
+Objectives: maximise validation accuracy, minimise latency (per-token p50 by default).
+``max_latency_ms`` is a constraint the sampler knows about (Optuna's
+``constraints_func``), so infeasible trials are kept, marked and steered away from.
+
+Optuna does the searching, the Pareto front and the storage (SQLite by default, any
+RDB URL for many workers); this module only turns a trial into a candidate and its
+measurement into objective values and user attributes.
+
+Train once, export many: when a trial trains a new adapter, the same adapter at the
+space's other precisions is enqueued as the next trials; they cost an export and a
+measurement, not a training run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+
+from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, run_candidate
+from autotune.errors import CandidateError, UserError
+from autotune.space import SearchSpace
+
+LATENCY_METRICS = {"ttft": "ttft_ms", "p50": "token_p50_ms", "p90": "token_p90_ms"}
+SAMPLERS = ("tpe", "nsga2", "random")
+METRIC_NAMES = ("accuracy", "latency_ms")
+DIRECTIONS = ("maximize", "minimize")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How to search; one field per CLI flag."""
+
+    trials: int = 12
+    timeout_s: float | None = None
+    max_latency_ms: float | None = None
+    latency_metric: str = "p50"
+    sampler: str = "tpe"
+    seed: int = 0
+    siblings: bool = True
+
+    def __post_init__(self) -> None:
+        if self.latency_metric not in LATENCY_METRICS:
+            raise UserError(f"unknown --latency-metric '{self.latency_metric}' (choose from {', '.join(LATENCY_METRICS)})")
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown --sampler '{self.sampler}' (choose from {', '.join(SAMPLERS)})")
+        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
+            raise UserError(f"--max-latency must be a positive number of milliseconds, got {self.max_latency_ms:g}")
+        if self.trials < 1:
+            raise UserError(f"--trials must be at least 1, got {self.trials}")
+
+
+def constraints(trial: optuna.trial.FrozenTrial) -> tuple[float]:
+    """Optuna's constraint convention: a value <= 0 is feasible."""
+    return tuple(trial.user_attrs.get("constraint", (1.0,)))
+
+
+def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
+    if settings.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=settings.seed, constraints_func=constraints, population_size=8)
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    return optuna.samplers.TPESampler(
+        seed=settings.seed, multivariate=True, group=True, constraints_func=constraints, n_startup_trials=6
+    )
+
+
+def latency_of(result_or_attrs: Any, metric: str) -> float:
+    """The latency objective (ms) of a measurement or of a trial's user attrs."""
+    key = LATENCY_METRICS[metric]
+    if isinstance(result_or_attrs, dict):
+        return float(result_or_attrs[key])
+    return float(getattr(result_or_attrs.measurement.latency, key))
+
+
+def trial_attrs(result: CandidateResult, ws: Workspace) -> dict[str, Any]:
+    """The measured figures a trial carries (shown in optuna-dashboard)."""
+    m = result.measurement
+    latency = m.latency
+    return {
+        "ttft_ms": latency.ttft_ms,
+        "ttft_spread_ms": latency.ttft_spread_ms,
+        "token_p50_ms": latency.token_p50_ms,
+        "token_p90_ms": latency.token_p90_ms,
+        "token_spread_ms": latency.token_spread_ms,
+        "tokens_per_s": latency.tokens_per_s,
+        "peak_rss_mb": m.peak_rss_mb,
+        "size_mb": m.size_mb,
+        "invalid_answers": m.accuracy.invalid,
+        "eval_examples": m.accuracy.n,
+        "final_loss": result.train.final_loss if result.train else None,
+        "stage_seconds": result.stage_seconds,
+        "cached": list(result.cached),
+        "candidate": result.spec.describe(),
+        "spec": asdict(result.spec),
+        "model_key": ws.export_key(result.spec),
+    }
+
+
+class Search:
+    """One study over one workspace, space and hardware profile.
+
+    Args:
+        ws: model, data and artifact folders.
+        space: the search space, already restricted to the profile.
+        execution_provider: where candidates run (from the profile).
+        settings: trials, constraint, sampler.
+        study: the Optuna study (created by :func:`open_study`).
+    """
+
+    def __init__(self, ws: Workspace, space: SearchSpace, execution_provider: str,
+                 settings: SearchSettings, study: optuna.Study) -> None:
+        self.ws = ws
+        self.space = space
+        self.execution_provider = execution_provider
+        self.settings = settings
+        self.study = study
+
+    def objective(self, trial: optuna.Trial, on_stage: StageCallback | None = None) -> tuple[float, float]:
+        spec = self.space.suggest(trial, self.execution_provider)
+        trial.set_user_attr("candidate", spec.describe())
+        fresh_adapter = spec.train is not None and not (self.ws.adapter_dir(spec.train) / "train_log.json").is_file()
+        try:
+            result = run_candidate(self.ws, spec, on_stage=on_stage)
+        except CandidateError as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        except MemoryError as exc:
+            trial.set_user_attr("fail_reason", "out of memory")
+            raise CandidateError("out of memory while building the candidate") from exc
+        for key, value in trial_attrs(result, self.ws).items():
+            trial.set_user_attr(key, value)
+        latency = latency_of(result, self.settings.latency_metric)
+        limit = self.settings.max_latency_ms
+        trial.set_user_attr("constraint", [latency - limit if limit else -1.0])
+        trial.set_user_attr("feasible", limit is None or latency <= limit)
+        if fresh_adapter and self.settings.siblings:
+            self._enqueue_siblings(trial, spec)
+        return result.measurement.accuracy.accuracy, latency
+
+    def _enqueue_siblings(self, trial: optuna.Trial, spec: CandidateSpec) -> None:
+        """Queue the new adapter at the space's other precisions (export + measure only)."""
+        train_params = {k: v for k, v in trial.params.items() if k in self.space.train_param_names() or k == "alpha"}
+        for precision in self.space.precision.values:
+            if precision != spec.export.precision:
+                self.study.enqueue_trial({**train_params, "precision": precision}, skip_if_exists=True)
+
+    def remaining(self) -> int:
+        done = [t for t in self.study.get_trials(deepcopy=False)
+                if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
+        return max(0, self.settings.trials - len(done))
+
+    def run(self, on_stage: StageCallback | None = None,
+            on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> None:
+        """Run trials until ``settings.trials`` are done (counting earlier runs) or the timeout."""
+        n = self.remaining()
+        if n == 0:
+            return
+        callbacks = [on_trial] if on_trial else []
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study.optimize(
+            lambda trial: self.objective(trial, on_stage),
+            n_trials=n,
+            timeout=self.settings.timeout_s,
+            catch=(CandidateError,),
+            callbacks=callbacks,
+            gc_after_trial=True,
+        )
+
+
+def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[str, Any]) -> optuna.Study:
+    """Create the study, or load it to resume; refuse to mix hardware profiles or settings.
+
+    Trials left RUNNING by a killed single-machine run are marked failed and their
+    parameters enqueued again, so the interrupted candidate is retried (from its cache).
+    """
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=name, directions=list(DIRECTIONS),
+            sampler=make_sampler(settings), load_if_exists=True,
+        )
+    except Exception as exc:  # sqlalchemy raises many kinds; the message says which
+        raise UserError(f"--storage: cannot open the study storage ({_first_line(exc)}); check the URL and that the server is up") from exc
+    existing = study.user_attrs
+    for key in ("profile", "model", "data", "latency_metric"):
+        if key in existing and key in attrs and existing[key] != attrs[key]:
+            raise UserError(
+                f"study '{name}' was run with {key}={existing[key]!r}, this run has {attrs[key]!r}; "
+                "use another --output or --study name, or rerun with the same settings"
+            )
+    study.set_metric_names(list(METRIC_NAMES))
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def requeue_interrupted(study: optuna.Study) -> int:
+    """Fail trials a killed run left RUNNING and enqueue their parameters again."""
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted (process stopped)")
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+        count += 1
+    return count
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def finished_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def wall_time(trial: optuna.trial.FrozenTrial) -> float:
+    if trial.datetime_start and trial.datetime_complete:
+        return (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return 0.0
+

@@ -1,0 +1,246 @@
+"""The search space: which candidates may be tried, read from YAML, cut to the hardware.
+
+A space file maps each choice to a list (categorical) or a range::
+
+    method: [lora, qlora]
+    rank: {low: 4, high: 64, log: true}
+    alpha_ratio: [0.5, 1, 2]        # alpha = ratio * rank
+    learning_rate: {low: 1.0e-4, high: 1.0e-3, log: true}
+    precision: [int4, int8, fp32]
+    block_size: [32, 128]           # int4/int8 only
+    accuracy_level: [0, 4]          # int4/int8 on the CPU only
+
+:meth:`SearchSpace.restrict` drops what the hardware profile cannot run (QLoRA
+without bitsandbytes 4-bit, fp16 on the CPU, ...), and :meth:`SearchSpace.suggest`
+turns an Optuna trial into a :class:`~autotune.candidate.CandidateSpec`, sampling the
+quantization options only for quantized precisions so invalid combinations are never
+sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from autotune.candidate import CandidateSpec
+from autotune.errors import UserError
+from autotune.export import BLOCK_SIZES, INT4_ALGOS, PRECISIONS, ExportSpec
+from autotune.train import METHODS, TARGET_MODULES, TrainSpec
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A categorical choice."""
+
+    values: tuple
+
+    def suggest(self, trial, name: str):
+        if len(self.values) == 1:
+            return self.values[0]
+        return trial.suggest_categorical(name, list(self.values))
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric range; integer when both ends are integers."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    @property
+    def is_int(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+    def suggest(self, trial, name: str):
+        if self.low == self.high:
+            return self.low
+        if self.is_int:
+            return trial.suggest_int(name, self.low, self.high, log=self.log, step=int(self.step or 1))
+        return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
+
+
+Param = Union[Choice, Range]
+
+# key -> (allowed values or None for numeric, integer only)
+_TRAIN_KEYS = ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "steps", "batch_size", "dropout", "target_modules")
+_EXPORT_KEYS = ("precision", "block_size", "accuracy_level", "algo")
+_ALLOWED = {
+    "method": METHODS,
+    "target_modules": tuple(TARGET_MODULES),
+    "precision": PRECISIONS,
+    "block_size": BLOCK_SIZES,
+    "accuracy_level": (0, 1, 2, 3, 4),
+    "algo": INT4_ALGOS,
+}
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Every searchable choice. ``alpha`` and ``alpha_ratio`` are exclusive."""
+
+    method: Param = Choice(("lora",))
+    rank: Param = Choice((16,))
+    alpha: Param | None = None
+    alpha_ratio: Param | None = Choice((2.0,))
+    learning_rate: Param = Choice((3e-4,))
+    steps: Param = Choice((150,))
+    batch_size: Param = Choice((8,))
+    dropout: Param = Choice((0.05,))
+    target_modules: Param = Choice(("all-linear",))
+    precision: Param = Choice(("int4",))
+    block_size: Param = Choice((32,))
+    accuracy_level: Param = Choice((4,))
+    algo: Param = Choice(("default",))
+    seed: int = 0
+    source: str = field(default="", compare=False)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SearchSpace":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError as exc:
+            raise UserError(f"--space {path}: no such file") from exc
+        except yaml.YAMLError as exc:
+            raise UserError(f"--space {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        if not isinstance(raw, dict):
+            raise UserError(f"--space {path}: must be a mapping of choice -> list or range")
+        return cls.from_dict(raw, where=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "search space") -> "SearchSpace":
+        known = _TRAIN_KEYS + _EXPORT_KEYS + ("seed",)
+        params: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in known:
+                raise UserError(f"{where}: unknown key '{key}' (known: {', '.join(known)})")
+            if key == "seed":
+                params[key] = int(value)
+                continue
+            params[key] = _parse_param(key, value, where)
+        if "alpha" in params and "alpha_ratio" in params:
+            raise UserError(f"{where}: give either 'alpha' or 'alpha_ratio', not both")
+        if "alpha" in params:
+            params["alpha_ratio"] = None
+        return cls(**params, source=where)
+
+    # ------------------------------------------------------------------ hardware
+
+    def restrict(self, precisions: tuple[str, ...], qlora: bool, execution_provider: str) -> "SearchSpace":
+        """Only what the profile can run. Raises if nothing is left of a choice."""
+        where = self.source or "search space"
+        allowed = [p for p in _values(self.precision) if p in precisions]
+        if not allowed:
+            raise UserError(
+                f"{where}: none of the precisions {list(_values(self.precision))} runs on "
+                f"{execution_provider} (valid there: {', '.join(precisions)})"
+            )
+        methods = [m for m in _values(self.method) if m != "qlora" or qlora]
+        if not methods:
+            raise UserError(f"{where}: QLoRA is the only method, but this hardware cannot run bitsandbytes 4-bit; add lora")
+        changes: dict[str, Any] = {"precision": Choice(tuple(allowed)), "method": Choice(tuple(methods))}
+        if execution_provider != "cpu":
+            changes["accuracy_level"] = Choice((0,))  # a CPU kernel setting; others use their default
+        return dataclasses.replace(self, **changes)
+
+    def suggest(self, trial, execution_provider: str) -> CandidateSpec:
+        """Sample one candidate (define-by-run: export options only where they apply)."""
+        rank = int(self.rank.suggest(trial, "rank"))
+        if self.alpha is not None:
+            alpha = float(self.alpha.suggest(trial, "alpha"))
+        else:
+            alpha = float(self.alpha_ratio.suggest(trial, "alpha_ratio")) * rank
+        train = TrainSpec(
+            method=self.method.suggest(trial, "method"),
+            rank=rank,
+            alpha=alpha,
+            dropout=float(self.dropout.suggest(trial, "dropout")),
+            learning_rate=float(self.learning_rate.suggest(trial, "learning_rate")),
+            steps=int(self.steps.suggest(trial, "steps")),
+            batch_size=int(self.batch_size.suggest(trial, "batch_size")),
+            target_modules=self.target_modules.suggest(trial, "target_modules"),
+            seed=self.seed,
+        )
+        precision = self.precision.suggest(trial, "precision")
+        export = ExportSpec(precision=precision, execution_provider=execution_provider)
+        if export.quantized:
+            export = ExportSpec(
+                precision=precision,
+                execution_provider=execution_provider,
+                block_size=int(self.block_size.suggest(trial, "block_size")),
+                accuracy_level=int(self.accuracy_level.suggest(trial, "accuracy_level")),
+                algo=self.algo.suggest(trial, "algo"),
+            )
+        return CandidateSpec(train=train, export=export.normalized())
+
+    def train_param_names(self) -> tuple[str, ...]:
+        """Names of the sampled parameters that change the adapter."""
+        return tuple(k for k in _TRAIN_KEYS if isinstance(getattr(self, k), (Choice, Range)) and _sampled(getattr(self, k)))
+
+    def size(self) -> int | None:
+        """Number of distinct candidates if every choice is categorical, else ``None``."""
+        total = 1
+        for key in ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "steps", "batch_size", "dropout", "target_modules"):
+            param = getattr(self, key)
+            if param is None:
+                continue
+            if isinstance(param, Range):
+                return None
+            total *= len(param.values)
+        exports = 0
+        for precision in _values(self.precision):
+            if precision in ("int4", "int8"):
+                n = 1
+                for key in ("block_size", "accuracy_level", "algo"):
+                    param = getattr(self, key)
+                    if isinstance(param, Range):
+                        return None
+                    n *= len(param.values)
+                exports += n
+            else:
+                exports += 1
+        return total * exports
+
+
+def _sampled(param: Param) -> bool:
+    return isinstance(param, Range) and param.low != param.high or isinstance(param, Choice) and len(param.values) > 1
+
+
+def _values(param: Param) -> tuple:
+    if isinstance(param, Choice):
+        return param.values
+    raise UserError("precision and method must be lists, not ranges")
+
+
+def _parse_param(key: str, value: Any, where: str) -> Param:
+    if isinstance(value, dict):
+        extra = set(value) - {"low", "high", "log", "step"}
+        if extra or "low" not in value or "high" not in value:
+            raise UserError(f"{where}: '{key}' range needs low and high (and optional log, step); got {sorted(value)}")
+        if key in _ALLOWED:
+            raise UserError(f"{where}: '{key}' is categorical; give a list like {list(_ALLOWED[key])}")
+        low, high = value["low"], value["high"]
+        if not all(isinstance(v, (int, float)) for v in (low, high)) or low > high:
+            raise UserError(f"{where}: '{key}' range is empty or not numeric (low {low}, high {high}); make low <= high")
+        if value.get("log") and low <= 0:
+            raise UserError(f"{where}: '{key}' log range must start above 0")
+        return Range(low, high, bool(value.get("log", False)), value.get("step"))
+    values = tuple(value) if isinstance(value, list) else (value,)
+    if not values:
+        raise UserError(f"{where}: '{key}' is an empty list; give at least one value")
+    allowed = _ALLOWED.get(key)
+    if allowed is not None:
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise UserError(f"{where}: '{key}' value {bad[0]!r} is not one of {', '.join(map(str, allowed))}")
+    elif not all(isinstance(v, (int, float)) and v > 0 or (key == "dropout" and v == 0) for v in values):
+        raise UserError(f"{where}: '{key}' values must be positive numbers, got {list(values)}")
+    return Choice(values)

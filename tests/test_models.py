@@ -1,0 +1,121 @@
+"""Resolving --model to a local HF folder (autotune.models)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from autotune.errors import UserError
+from autotune.models import DEFAULT_MODEL, resolve_model
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path) -> Path:
+    """A private copy of the tiny model that a test may change."""
+    return Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+
+
+def test_local_folder(tiny_model_dir):
+    base = resolve_model(str(tiny_model_dir))
+    assert base.path == tiny_model_dir
+    assert base.name == str(tiny_model_dir)
+    assert base.architecture == "LlamaForCausalLM"
+    weights = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))
+    assert base.size_bytes == weights > 0
+    assert len(base.fingerprint) == 16
+    assert resolve_model(str(tiny_model_dir)).fingerprint == base.fingerprint
+
+
+def test_fingerprint_follows_weights(model_copy):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    before = resolve_model(str(model_copy)).fingerprint
+    weights = model_copy / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + torch.ones_like(tensors[name])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    after = resolve_model(str(model_copy)).fingerprint
+    assert after != before
+    assert resolve_model(str(model_copy)).fingerprint == after
+
+
+def test_fingerprint_follows_config(model_copy):
+    before = resolve_model(str(model_copy)).fingerprint
+    config = json.loads((model_copy / "config.json").read_text())
+    config["rms_norm_eps"] = 1e-5 if config.get("rms_norm_eps") != 1e-5 else 1e-6
+    (model_copy / "config.json").write_text(json.dumps(config))
+    assert resolve_model(str(model_copy)).fingerprint != before
+
+
+def test_folder_without_weights(model_copy):
+    for weights in model_copy.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(UserError, match="no weights"):
+        resolve_model(str(model_copy))
+
+
+def test_folder_without_config(model_copy):
+    (model_copy / "config.json").unlink()
+    with pytest.raises(UserError, match="config.json"):
+        resolve_model(str(model_copy))
+
+
+def test_pickled_weights_need_allow_pickle(model_copy):
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(model_copy / "model.safetensors")
+    (model_copy / "model.safetensors").unlink()
+    torch.save(state, model_copy / "pytorch_model.bin")
+    with pytest.raises(UserError, match="pickle") as info:
+        resolve_model(str(model_copy))
+    assert "\n" not in str(info.value)
+    base = resolve_model(str(model_copy), allow_pickle=True)
+    assert base.architecture == "LlamaForCausalLM"
+    assert base.size_bytes == (model_copy / "pytorch_model.bin").stat().st_size
+
+
+def test_nonexistent_path(tmp_path):
+    with pytest.raises(UserError, match="no such model folder"):
+        resolve_model(str(tmp_path / "missing"))
+
+
+def test_nonexistent_gguf(tmp_path):
+    with pytest.raises(UserError, match="GGUF"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+
+
+def test_unsupported_architecture(model_copy):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["architectures"] = ["BertForMaskedLM"]
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="BertForMaskedLM") as info:
+        resolve_model(str(model_copy))
+    assert "builder" in str(info.value)
+
+
+def test_unreadable_config(model_copy):
+    (model_copy / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="config.json"):
+        resolve_model(str(model_copy))
+
+
+@pytest.mark.slow
+def test_embedded_default_model():
+    base = resolve_model(None)
+    assert base.name == DEFAULT_MODEL
+    assert base.architecture == "LlamaForCausalLM"
+    assert (base.path / "model.safetensors").is_file()
+    assert (base.path / "config.json").is_file()
+    assert json.loads((base.path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert base.size_bytes > 100 * 2**20  # ~135M parameters dequantized
+    assert not list(base.path.parent.glob("*.tmp-*"))
+    # Converted once: the second call finds the cached folder.
+    again = resolve_model(DEFAULT_MODEL)
+    assert again.path == base.path
+    assert again.fingerprint == base.fingerprint
