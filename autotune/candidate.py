@@ -44,9 +44,10 @@ class CandidateSpec:
     def describe(self) -> str:
         export = self.export.label()
         if self.train is None:
-            return f"zero-shot base, {export}"
+            return f"zero-shot base {export}"
         t = self.train
-        return f"{t.method} r{t.rank} a{t.alpha:g} lr{t.learning_rate:.0e} {t.steps} steps, {export}"
+        modules = "" if t.target_modules == "all-linear" else f" {t.target_modules}"
+        return f"{t.method} r{t.rank} a{t.alpha:g} lr{t.learning_rate:.0e} {t.steps}st{modules} {export}"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore")
     import logging
 
-    for name in ("bitsandbytes", "onnxruntime", "transformers", "peft", "accelerate"):
+    for name in ("bitsandbytes", "onnxruntime", "transformers", "peft", "accelerate", "matplotlib"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -231,7 +231,7 @@ def cmd_candidate(args) -> int:
     else:
         from rich.console import Console
 
-        Console().print(candidate_table(results, args.split))
+        Console(width=None if sys.stdout.isatty() else 140).print(candidate_table(results, args.split))
     return 0
 
 
@@ -293,7 +293,7 @@ def cmd_search(args, argv: list[str]) -> int:
 
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    out_console = Console()
+    out_console = Console(width=None if sys.stdout.isatty() else 140)
     if not complete:
         out_console.print(trial_table(trials, settings.latency_metric, settings.max_latency_ms, title="All trials failed"))
         report.write_failure_report(out, trials, "every candidate failed")
@@ -318,8 +318,10 @@ def cmd_search(args, argv: list[str]) -> int:
     console.print("scoring the chosen model and the zero-shot base on the held-out test split ...")
     test = run_candidate(ws, chosen.spec, split="test", with_latency=False)
     zero_shot = run_candidate(ws, CandidateSpec(None, chosen.spec.export), split="test", with_latency=False)
-    study._storage.set_trial_user_attr(chosen.trial._trial_id, "test_accuracy", test.measurement.accuracy.accuracy)
+    # Finished trials are immutable in Optuna; the choice is recorded on the study.
     study.set_user_attr("chosen_trial", chosen.trial.number)
+    study.set_user_attr("chosen_test_accuracy", test.measurement.accuracy.accuracy)
+    study.set_user_attr("zero_shot_test_accuracy", zero_shot.measurement.accuracy.accuracy)
     result = report.write_outputs(out, ws, study, front, chosen, test, zero_shot, info.to_dict(), profile.to_dict(),
                                   settings.latency_metric, settings.max_latency_ms, argv)
     if not args.keep_all:

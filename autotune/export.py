@@ -8,6 +8,7 @@ result is a folder an app loads as is with ``og.Model(folder)``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ class ExportSpec:
     def label(self) -> str:
         if not self.quantized:
             return self.precision
-        return f"{self.precision}/b{self.block_size}/a{self.accuracy_level}/{self.algo}"
+        algo = "" if self.algo == "default" else f" {self.algo}"
+        return f"{self.precision} b{self.block_size} a{self.accuracy_level}{algo}"
 
 
 def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_remote_code: bool = False) -> Path:
@@ -122,8 +124,10 @@ def export_model(hf_dir: Path, out_dir: Path, spec: ExportSpec, *, work_dir: Pat
     log_path = work_dir / "builder.log"
     work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    # The builder prints a page per export and its quantizer logs harmless ERROR lines
+    # ("Gather only supports 4 bits"); keep all of it out of the user's view.
+    logging.disable(logging.ERROR)
     try:
-        # The builder prints a page per export; keep it in a log beside the work dir.
         with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             extra = builder.parse_extra_options(
                 "", str(hf_dir), str(out_dir), spec.precision, spec.execution_provider, str(work_dir), options
@@ -132,6 +136,8 @@ def export_model(hf_dir: Path, out_dir: Path, spec: ExportSpec, *, work_dir: Pat
     except (Exception, SystemExit) as exc:  # the builder raises bare Exceptions and may sys.exit
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise CandidateError(f"the onnxruntime-genai builder could not export this model at {spec.label()}: {reason}") from exc
+    finally:
+        logging.disable(logging.NOTSET)
     if not (out_dir / "genai_config.json").is_file():
         raise CandidateError(f"the builder wrote no genai_config.json (see {log_path})")
     return time.perf_counter() - start

@@ -6,6 +6,7 @@ through their callbacks.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable, Sequence
 
@@ -15,7 +16,8 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console(stderr=True)
+# Logs and CI are not terminals; give tables room there instead of rich's 80 columns.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 STAGES = ("train", "merge", "export", "measure")
 
 
@@ -53,15 +55,17 @@ def trial_table(trials: Sequence[optuna.trial.FrozenTrial], metric: str, limit: 
                 title: str = "Trials", last: int | None = None) -> Table:
     """Params, accuracy, latency and feasibility of trials (the last ``last`` only)."""
     table = Table(title=title, title_justify="left", header_style="bold")
-    for column in ("#", "candidate", "val acc", f"{metric} ms", "TTFT ms", "tok/s", "size MB", "feasible", "state"):
-        table.add_column(column, justify="right" if column not in ("candidate", "state") else "left")
+    table.add_column("#", justify="right")
+    table.add_column("candidate", no_wrap=True, overflow="ellipsis", max_width=46)
+    for column in ("val acc", f"{metric} ms", "TTFT ms", "tok/s", "MB", "feasible"):
+        table.add_column(column, justify="right")
+    table.add_column("state", no_wrap=True, overflow="ellipsis", max_width=30)
     rows = list(trials)[-last:] if last else list(trials)
     for t in rows:
         attrs = t.user_attrs
         feasible = attrs.get("feasible")
-        state = t.state.name.lower()
-        if state == "fail":
-            state = f"failed: {attrs.get('fail_reason', '?')[:60]}"
+        state = {"complete": "ok", "fail": f"[red]failed[/]: {attrs.get('fail_reason', '?')}"}.get(
+            t.state.name.lower(), t.state.name.lower())
         table.add_row(
             str(t.number),
             attrs.get("candidate", "-"),

@@ -178,6 +178,7 @@ def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[st
     Trials left RUNNING by a killed single-machine run are marked failed and their
     parameters enqueued again, so the interrupted candidate is retried (from its cache).
     """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.create_study(
             storage=storage, study_name=name, directions=list(DIRECTIONS),
