@@ -70,3 +70,49 @@ def small_dataset(tmp_path) -> Path:
     rows = [{"text": f"example number {i} about {label.lower()} things", "label": label}
             for i in range(10) for label in LABELS]
     return write_jsonl(tmp_path / "small.jsonl", rows)
+
+
+TINY_SPACE = """\
+method: [lora, qlora]
+rank: [4, 8]
+alpha_ratio: [2]
+learning_rate: [1.0e-3]
+steps: [3]
+batch_size: [4]
+precision: [int4, int8, fp32]
+block_size: [32]
+accuracy_level: [4]
+"""
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None):
+    """Run the real ``autotune`` CLI in a subprocess; return the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "autotune.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def tiny_space(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("space") / "tiny.yaml"
+    path.write_text(TINY_SPACE)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    rows = [{"text": f"example number {i} about {label.lower()} things", "label": label}
+            for i in range(10) for label in LABELS]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "tiny.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_search(tmp_path_factory, tiny_model_dir, tiny_dataset, tiny_space) -> Path:
+    """Output folder of a finished 6-trial search on the tiny model (shared, read-only)."""
+    out = tmp_path_factory.mktemp("search") / "out"
+    proc = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_dataset), "--space", str(tiny_space),
+                   "--trials", "6", "--max-latency", "1000", "--threads", "1", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

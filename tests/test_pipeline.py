@@ -1,0 +1,382 @@
+"""Train -> merge -> export -> measure on the tiny random Llama, for real (CPU, few steps)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from autotune.cache import atomic_dir, content_key, folder_size
+from autotune.candidate import CandidateSpec, Workspace, run_candidate
+from autotune.data import DataConfig, load_splits
+from autotune.export import ExportSpec, export_model, merge_adapter
+from autotune.measure import LatencySettings, measure, normalize_answer, parity_check, score
+from autotune.models import resolve_model
+from autotune.train import TrainSpec, read_train_log, train_adapter
+from conftest import LABELS, write_jsonl
+
+THREADS = 2
+FAST_LATENCY = LatencySettings(new_tokens=4, warmup=1, repeats=2)
+SHORT = TrainSpec(rank=4, alpha=8.0, steps=6, batch_size=4, learning_rate=1e-3)
+
+
+# --------------------------------------------------------------------------- shared artifacts
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return resolve_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    rows = [{"text": f"example number {i} about {label.lower()} things", "label": label}
+            for i in range(10) for label in LABELS]
+    path = write_jsonl(tmp_path_factory.mktemp("data") / "small.jsonl", rows)
+    return load_splits(DataConfig(path=str(path)))
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(base, splits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapter")
+    result = train_adapter(base, splits, SHORT, out, threads=THREADS)
+    return result
+
+
+@pytest.fixture(scope="module")
+def merged_dir(base, lora_adapter, tmp_path_factory):
+    return merge_adapter(base, lora_adapter.adapter_dir, tmp_path_factory.mktemp("merged") / "merged")
+
+
+@pytest.fixture(scope="module")
+def exports(merged_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    folders = {}
+    for precision in ("int4", "int8", "fp32"):
+        out = root / precision
+        seconds = export_model(merged_dir, out, ExportSpec(precision=precision), work_dir=root / f"work-{precision}")
+        assert seconds > 0
+        folders[precision] = out
+    return folders
+
+
+def _prompts(splits, split="validation"):
+    examples = getattr(splits, split)
+    return [e.prompt for e in examples], [e.label for e in examples]
+
+
+def _onnx_ops(folder: Path) -> dict[str, list]:
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    ops: dict[str, list] = {}
+    for node in model.graph.node:
+        ops.setdefault(node.op_type, []).append(node)
+    return ops
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_train_writes_adapter(lora_adapter):
+    out = lora_adapter.adapter_dir
+    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "adapter_config.json").is_file()
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["spec"]["rank"] == SHORT.rank and log["spec"]["steps"] == SHORT.steps
+    assert len(lora_adapter.losses) == SHORT.steps
+    assert all(math.isfinite(loss) and loss > 0 for loss in lora_adapter.losses)
+    assert math.isfinite(lora_adapter.final_loss)
+    assert lora_adapter.threads == THREADS
+    again = read_train_log(out)
+    assert again.losses == lora_adapter.losses
+
+
+def test_train_is_deterministic(base, splits, lora_adapter, tmp_path):
+    second = train_adapter(base, splits, SHORT, tmp_path, threads=THREADS)
+    assert second.losses == lora_adapter.losses
+    other = train_adapter(base, splits, TrainSpec(**{**SHORT.__dict__, "seed": 1}), tmp_path / "other", threads=THREADS)
+    assert other.losses != lora_adapter.losses
+
+
+def test_train_reports_steps(base, splits, tmp_path):
+    seen = []
+    spec = TrainSpec(rank=4, alpha=8.0, steps=2, batch_size=2, target_modules="attention")
+    train_adapter(base, splits, spec, tmp_path, threads=THREADS, on_step=lambda step, loss: seen.append((step, loss)))
+    assert [step for step, _ in seen] == [1, 2]
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) <= {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"}
+
+
+def test_loss_falls(base, tmp_path):
+    # Two prompts per label, repeated: a model that learns at all drives the loss down.
+    rows = [{"text": f"{word} {word} {word} number {i % 2}", "label": label}
+            for i in range(12) for word, label in zip(("rain", "sun", "dark", "wow"), LABELS)]
+    data = load_splits(DataConfig(path=str(write_jsonl(tmp_path / "rep.jsonl", rows))))
+    spec = TrainSpec(rank=8, alpha=16.0, dropout=0.0, learning_rate=3e-3, steps=30, batch_size=8)
+    result = train_adapter(base, data, spec, tmp_path / "adapter", threads=THREADS)
+    first, last = result.losses[:5], result.losses[-5:]
+    assert sum(last) / 5 < 0.5 * sum(first) / 5, result.losses
+
+
+def test_qlora_trains_merges_exports(base, splits, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    spec = TrainSpec(method="qlora", rank=4, alpha=8.0, steps=3, batch_size=4, learning_rate=1e-3)
+    result = train_adapter(base, splits, spec, tmp_path / "adapter", threads=THREADS)
+    assert all(math.isfinite(loss) for loss in result.losses)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+    merged = merge_adapter(base, tmp_path / "adapter", tmp_path / "merged")
+    config = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in config
+    with safe_open(str(merged / "model.safetensors"), "pt") as weights:
+        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+    assert dtypes == {"F32"}
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is torch.nn.Linear for m in linears)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+    out = tmp_path / "int4"
+    export_model(merged, out, ExportSpec(precision="int4"), work_dir=tmp_path / "work")
+    assert "MatMulNBits" in _onnx_ops(out)
+    import onnxruntime_genai as og
+
+    og.Model(str(out))
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("precision,bits", [("int4", 4), ("int8", 8), ("fp32", None)])
+def test_exports_load_in_genai(exports, precision, bits):
+    import onnxruntime_genai as og
+
+    folder = exports[precision]
+    assert (folder / "genai_config.json").is_file()
+    assert (folder / "model.onnx").is_file()
+    og.Model(str(folder))
+    quantized = _onnx_ops(folder).get("MatMulNBits", [])
+    if bits is None:
+        assert not quantized
+    else:
+        assert quantized
+        for node in quantized:
+            attrs = {a.name: a.i for a in node.attribute}
+            assert attrs["bits"] == bits
+            assert attrs["block_size"] == 32
+
+
+def test_int4_block_size_option(merged_dir, tmp_path):
+    out = tmp_path / "b64"
+    export_model(merged_dir, out, ExportSpec(precision="int4", block_size=64, accuracy_level=0), work_dir=tmp_path / "w")
+    nodes = _onnx_ops(out)["MatMulNBits"]
+    assert {next(a.i for a in n.attribute if a.name == "block_size") for n in nodes} == {64}
+
+
+def test_export_spec_normalized():
+    a = ExportSpec(precision="fp32", block_size=32, accuracy_level=4, algo="rtn")
+    b = ExportSpec(precision="fp32", block_size=128, accuracy_level=1, algo="k_quant")
+    assert a != b
+    assert a.normalized() == b.normalized()
+    assert content_key(a.normalized()) == content_key(b.normalized())
+    assert a.builder_options() == [] and a.label() == "fp32"
+    q1, q2 = ExportSpec(precision="int4", block_size=32), ExportSpec(precision="int4", block_size=128)
+    assert q1.normalized() == q1 and q1.normalized() != q2.normalized()
+    assert "block_size=128" in q2.builder_options()
+    assert ExportSpec(precision="int4", accuracy_level=0).builder_options() == ["block_size=32", "algo_config=default"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(precision="int3"), dict(block_size=48), dict(accuracy_level=5), dict(algo="gptq")])
+def test_export_spec_rejects(kwargs):
+    from autotune.errors import UserError
+
+    with pytest.raises(UserError):
+        ExportSpec(**kwargs)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def test_measure(exports, splits):
+    prompts, answers = _prompts(splits)
+    folder = exports["int4"]
+    m = measure(folder, prompts, answers, splits.labels, threads=1, latency=FAST_LATENCY)
+    assert 0.0 <= m.accuracy.accuracy <= 1.0
+    assert m.accuracy.n == len(prompts)
+    assert len(m.accuracy.predictions) == len(prompts)
+    assert sum(sum(row.values()) for row in m.accuracy.confusion.values()) == len(prompts)
+    assert 0 <= m.accuracy.invalid <= len(prompts)
+    lat = m.latency
+    assert lat is not None and lat.runs == FAST_LATENCY.repeats
+    assert lat.ttft_ms > 0 and lat.token_p50_ms > 0 and lat.token_p90_ms >= lat.token_p50_ms > 0
+    assert lat.tokens_per_s > 0 and lat.prompt_tokens > 0
+    assert lat.ttft_spread_ms >= 0 and lat.token_spread_ms >= 0
+    assert m.peak_rss_mb > 0
+    assert m.size_mb == pytest.approx(folder_size(folder) / 2**20) and m.size_mb > 0
+    assert m.seconds > 0 and m.threads == 1 and m.provider == "cpu"
+    assert set(m.stage_seconds) == {"load", "accuracy", "latency"}
+    record = m.to_dict()
+    assert "predictions" not in record["accuracy"]
+    json.dumps(record)
+
+
+def test_measure_without_latency(exports, splits):
+    prompts, answers = _prompts(splits)
+    m = measure(exports["fp32"], prompts[:3], answers[:3], splits.labels, latency=None)
+    assert m.latency is None and m.accuracy.n == 3
+
+
+def test_measure_bad_folder(tmp_path, splits):
+    from autotune.errors import CandidateError
+
+    (tmp_path / "genai_config.json").write_text("{}")
+    with pytest.raises(CandidateError):
+        measure(tmp_path, ["a"], ["Joy"], splits.labels, latency=None)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Joy.", "Joy"),
+    (" joy\nmore", "Joy"),
+    ("\n\n  JOY!  \n", "Joy"),
+    ("Joy, clearly", "Joy"),
+    ("**Sad**", "Sad"),
+    ("Joyful", None),
+    ("", None),
+    ("   \n ", None),
+    ("I think Joy", None),
+    ("Very Sad", "Very Sad"),
+    ("very sad, deeply", "Very Sad"),
+    ("Sad and very", "Sad"),
+    ("Very", None),
+])
+def test_normalize_answer(text, expected):
+    labels = ("Joy", "Sad", "Very Sad", "Fear")
+    assert normalize_answer(text, labels) == expected
+
+
+def test_score():
+    labels = ("Joy", "Sad", "Fear")
+    acc = score(["Joy.", "sad", "no idea", "Fear", ""], ["Joy", "Joy", "Sad", "Fear", "Fear"], labels)
+    assert acc.n == 5
+    assert acc.invalid == 2
+    assert acc.accuracy == pytest.approx(2 / 5)
+    assert acc.confusion == {
+        "Joy": {"Joy": 1, "Sad": 1},
+        "Sad": {"<invalid>": 1},
+        "Fear": {"Fear": 1, "<invalid>": 1},
+    }
+    assert acc.predictions == ("Joy", "Sad", "<invalid>", "Fear", "<invalid>")
+    empty = score([], [], labels)
+    assert empty.accuracy == 0.0 and empty.n == 0
+    with pytest.raises(ValueError):
+        score(["Joy"], ["Joy", "Sad"], labels)
+
+
+def test_parity_fp32(tiny_model_dir, splits, tmp_path):
+    out = tmp_path / "fp32"
+    export_model(tiny_model_dir, out, ExportSpec(precision="fp32"), work_dir=tmp_path / "work")
+    prompts, _ = _prompts(splits)
+    parity = parity_check(tiny_model_dir, out, prompts[:4], new_tokens=6)
+    assert parity.n == 4
+    assert parity.ok, parity.mismatched
+
+
+# --------------------------------------------------------------------------- candidates and caching
+
+
+def _workspace(root, base, splits) -> Workspace:
+    return Workspace(root=root, base=base, splits=splits, threads=THREADS, latency=FAST_LATENCY, max_eval=8)
+
+
+def test_run_candidate_caches(base, splits, tmp_path):
+    ws = _workspace(tmp_path / "ws", base, splits)
+    spec = CandidateSpec(train=SHORT, export=ExportSpec(precision="int4"))
+    stages = []
+    first = run_candidate(ws, spec, on_stage=lambda stage, fraction, detail: stages.append(stage))
+    assert first.cached == ()
+    assert {"train", "merge", "export", "measure"} <= set(stages)
+    assert {"train", "merge", "export", "load", "accuracy", "latency"} <= set(first.stage_seconds)
+    assert (first.model_dir / "genai_config.json").is_file()
+    assert first.model_dir == ws.model_dir(spec)
+    assert first.measurement.accuracy.n == 8
+    assert first.train is not None and len(first.train.losses) == SHORT.steps
+    assert not list(ws.root.rglob("*.tmp-*"))
+    assert not list(ws.root.glob("merge-*"))
+
+    second = run_candidate(_workspace(tmp_path / "ws", base, splits), spec)
+    assert set(second.cached) == {"train", "export", "measure"}
+    assert second.stage_seconds == {}
+    assert second.model_dir == first.model_dir
+    assert second.measurement == first.measurement
+    assert second.train.losses == first.train.losses
+    json.dumps(second.to_dict())
+
+    # Same training, another precision: the adapter is reused, the export is new.
+    fp32 = CandidateSpec(train=SHORT, export=ExportSpec(precision="fp32"))
+    third = run_candidate(ws, fp32, with_latency=False)
+    assert "train" in third.cached
+    assert "export" not in third.cached and "measure" not in third.cached
+    assert third.model_dir != first.model_dir
+    assert third.measurement.latency is None
+    # fp32 ignores the quantization options: an equivalent spec hits the same folder.
+    same = CandidateSpec(train=SHORT, export=ExportSpec(precision="fp32", block_size=128))
+    assert ws.model_dir(same) == third.model_dir
+
+
+def test_run_candidate_zero_shot(base, splits, tmp_path):
+    ws = _workspace(tmp_path / "ws", base, splits)
+    result = run_candidate(ws, CandidateSpec(train=None, export=ExportSpec(precision="fp32")), with_latency=False)
+    assert result.train is None
+    assert "train" not in result.stage_seconds and "merge" not in result.stage_seconds
+    assert not (ws.root / "adapters").exists()
+    assert result.measurement.accuracy.n == 8
+    assert "zero-shot" in result.spec.describe()
+
+
+def test_workspace_sweeps_partials(base, splits, tmp_path):
+    root = tmp_path / "ws"
+    (root / "adapters" / "abc.tmp-1234abcd").mkdir(parents=True)
+    (root / "adapters" / "abc.tmp-1234abcd" / "adapter_model.safetensors").write_text("half")
+    (root / "models" / "def.tmp-deadbeef" / "inner.tmp-00000000").mkdir(parents=True)
+    (root / "measurements").mkdir()
+    (root / "measurements" / "k.json.tmp-cafebabe").write_text("{")
+    (root / "measurements" / "k.json").write_text("{}")
+    (root / "adapters" / "good").mkdir()
+    _workspace(root, base, splits)
+    assert not list(root.rglob("*.tmp-*"))
+    assert (root / "measurements" / "k.json").is_file()
+    assert (root / "adapters" / "good").is_dir()
+
+
+def test_atomic_dir_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "out" / "artifact"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "file").write_text("partial")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path):
+    target = tmp_path / "artifact"
+    with atomic_dir(target) as tmp:
+        (tmp / "v").write_text("1")
+    assert (target / "v").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "v").write_text("2")
+            raise RuntimeError("boom")
+    assert (target / "v").read_text() == "1"
+    with atomic_dir(target) as tmp:
+        (tmp / "w").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["w"]
+    assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
