@@ -28,7 +28,7 @@ from autotune.data import Splits
 from autotune.export import ExportSpec, check_free_disk, export_model, merge_adapter
 from autotune.measure import Accuracy, Latency, LatencySettings, Measurement, measure
 from autotune.models import BaseModel
-from autotune.train import TrainResult, TrainSpec, read_train_log, render_prompt, train_adapter
+from autotune.train import TrainResult, TrainSpec, check_memory, read_train_log, render_prompt, train_adapter
 
 # Called as on_stage(stage, fraction_done, detail); stages: train, merge, export, measure.
 StageCallback = Callable[[str, float, str], None]
@@ -86,6 +86,7 @@ class Workspace:
     trust_remote_code: bool = False
     latency: LatencySettings = field(default_factory=LatencySettings)
     max_eval: int | None = None  # score on the first N prompts of a split (balanced by the splitter)
+    memory_headroom: float = 0.8  # fraction of free RAM / VRAM a candidate may use (from the profile)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -140,6 +141,7 @@ def run_candidate(
             cached.append("train")
             train_result = read_train_log(adapter)
         elif not (model_dir / "genai_config.json").is_file():
+            check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom)
             notify("train", 0.0, "loading base model")
             start = time.perf_counter()
             with atomic_dir(adapter) as tmp:

@@ -187,6 +187,7 @@ def _workspace(args, out: Path, profile):
         threads=choose_threads(args.threads),
         trust_remote_code=args.trust_remote_code,
         max_eval=args.max_eval,
+        memory_headroom=profile.memory_headroom,
     )
 
 

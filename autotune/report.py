@@ -10,6 +10,7 @@ import csv
 import importlib.metadata
 import json
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -103,8 +104,14 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def redact(text: str) -> str:
+    """Hide the password of any URL (``postgresql://user:secret@host`` -> ``user:***@host``)."""
+    return re.sub(r"(\w+://[^:/@\s]+):[^\s/]*@", r"\1:***@", text)
+
+
 def reproduce_command(argv: list[str]) -> str:
-    return "autotune " + " ".join(shlex.quote(a) for a in argv)
+    """The command line that reproduces this run, with credentials removed."""
+    return redact("autotune " + " ".join(shlex.quote(a) for a in argv))
 
 
 def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[FrontMember], chosen: FrontMember,

@@ -28,6 +28,7 @@ from autotune.space import SearchSpace
 LATENCY_METRICS = {"ttft": "ttft_ms", "p50": "token_p50_ms", "p90": "token_p90_ms"}
 SAMPLERS = ("tpe", "nsga2", "random")
 METRIC_NAMES = ("accuracy", "latency_ms")
+INTERRUPTED = "interrupted before it finished"
 DIRECTIONS = ("maximize", "minimize")
 
 
@@ -132,6 +133,9 @@ class Search:
         except MemoryError as exc:
             trial.set_user_attr("fail_reason", "out of memory")
             raise CandidateError("out of memory while building the candidate") from exc
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", INTERRUPTED)  # Optuna marks it FAIL; a rerun retries it
+            raise
         for key, value in trial_attrs(result, self.ws).items():
             trial.set_user_attr(key, value)
         latency = latency_of(result, self.settings.latency_metric)
@@ -150,8 +154,10 @@ class Search:
                 self.study.enqueue_trial({**train_params, "precision": precision}, skip_if_exists=True)
 
     def remaining(self) -> int:
+        """Trials still to run; interrupted ones do not count (they are retried)."""
         done = [t for t in self.study.get_trials(deepcopy=False)
-                if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
+                if t.state == optuna.trial.TrialState.COMPLETE
+                or (t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED)]
         return max(0, self.settings.trials - len(done))
 
     def run(self, on_stage: StageCallback | None = None,
@@ -200,13 +206,26 @@ def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[st
 
 
 def requeue_interrupted(study: optuna.Study) -> int:
-    """Fail trials a killed run left RUNNING and enqueue their parameters again."""
-    count = 0
+    """Retry what a stopped run did not finish (single-process storages only).
+
+    Trials left RUNNING by a killed process are marked failed; those and trials failed
+    by Ctrl-C get their parameters enqueued again, unless a later trial has them.
+    """
+    storage = study._storage  # Optuna exposes state changes of other trials only here
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted (process stopped)")
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params, skip_if_exists=False)
-        count += 1
+        storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED)
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    count = 0
+    for trial in trials:
+        if trial.state != optuna.trial.TrialState.FAIL or trial.user_attrs.get("fail_reason") != INTERRUPTED:
+            continue
+        retried = any(t.number > trial.number and t.params == trial.params for t in trials)
+        waiting = any(t.state == optuna.trial.TrialState.WAITING and t.system_attrs.get("fixed_params") == trial.params
+                      for t in trials)
+        if not retried and not waiting and trial.params:
+            study.enqueue_trial(trial.params)
+            count += 1
     return count
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from autotune.data import Example, Splits
-from autotune.errors import UserError
+from autotune.errors import CandidateError, UserError
 from autotune.models import BaseModel
 
 METHODS = ("lora", "qlora")
@@ -122,6 +122,33 @@ def load_base_for_training(base: BaseModel, spec: TrainSpec, device: str, dtype:
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
     return model.to(device)
+
+
+def check_memory(base: BaseModel, spec: TrainSpec, device: str, dtype: str, headroom: float) -> None:
+    """Refuse to start training that would not fit in free RAM / VRAM (before loading anything).
+
+    The estimate is the frozen weights at the training precision (nf4 for QLoRA) plus a
+    third for activations, LoRA weights and optimizer state, which is generous for the
+    short prompts of classification data.
+    """
+    import psutil
+
+    fp32_bytes = base.size_bytes
+    per_weight = 0.15 if spec.method == "qlora" else (0.5 if dtype in ("bfloat16", "float16") else 1.0)
+    need = fp32_bytes * per_weight * 1.33 + 2**28
+    if device == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info()[0]
+        where = "GPU memory"
+    else:
+        free = psutil.virtual_memory().available
+        where = "RAM"
+    if need > free * headroom:
+        raise CandidateError(
+            f"not enough free {where} to train {spec.method} on {base.name}: about {need / 2**30:.1f} GiB needed, "
+            f"{free / 2**30:.1f} GiB free ({headroom:.0%} usable); close other programs or use --method qlora"
+        )
 
 
 def train_adapter(
