@@ -137,39 +137,17 @@ def run_candidate(
 
     if spec.train is not None:
         adapter = ws.adapter_dir(spec.train)
-        if (adapter / "train_log.json").is_file():
+        with _lock(adapter):  # another worker may be training the same adapter right now
+            train_result, trained_s = _train_cached(ws, spec, adapter, model_dir, notify)
+        if trained_s is None:
             cached.append("train")
-            train_result = read_train_log(adapter)
-        elif not (model_dir / "genai_config.json").is_file():
-            check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom)
-            notify("train", 0.0, "loading base model")
-            start = time.perf_counter()
-            with atomic_dir(adapter) as tmp:
-                train_result = train_adapter(
-                    ws.base, ws.splits, spec.train, tmp,
-                    device=ws.train_device, dtype=ws.train_dtype, threads=ws.threads,
-                    trust_remote_code=ws.trust_remote_code,
-                    on_step=lambda step, loss: notify("train", step / spec.train.steps, f"step {step} loss {loss:.3f}"),
-                )
-            train_result = read_train_log(adapter)
-            seconds["train"] = time.perf_counter() - start
+        elif trained_s:
+            seconds["train"] = trained_s
 
-    if (model_dir / "genai_config.json").is_file():
+    with _lock(model_dir):
+        exported = _export_cached(ws, spec, model_dir, notify, seconds)
+    if not exported:
         cached.append("export")
-    else:
-        check_free_disk(model_dir.parent, ws.base, spec.export, merged=spec.train is not None)
-        with tempfile.TemporaryDirectory(prefix="merge-", dir=ws.root) as work:
-            source = ws.base.path
-            if spec.train is not None:
-                notify("merge", 0.0, "merging adapter into the base")
-                start = time.perf_counter()
-                source = merge_adapter(ws.base, ws.adapter_dir(spec.train), Path(work) / "merged",
-                                       trust_remote_code=ws.trust_remote_code)
-                seconds["merge"] = time.perf_counter() - start
-            notify("export", 0.0, f"onnxruntime-genai builder, {spec.export.label()}")
-            with atomic_dir(model_dir) as tmp:
-                seconds["export"] = export_model(source, tmp, spec.export, work_dir=Path(work) / "builder",
-                                                 trust_remote_code=ws.trust_remote_code)
 
     notify("measure", 0.0, f"accuracy on {split}" + (" + latency" if with_latency else ""))
     measurement, was_cached = _measure_cached(ws, spec, model_dir, split, with_latency)
@@ -179,6 +157,53 @@ def run_candidate(
         seconds.update(measurement.stage_seconds)
     notify("measure", 1.0, "done")
     return CandidateResult(spec, model_dir, measurement, train_result, seconds, tuple(cached))
+
+
+def _lock(path: Path):
+    """A cross-process lock beside an artifact (works on a shared folder too)."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
+
+
+def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: Path, notify):
+    """(result, seconds): seconds is None on a cache hit, 0.0 when the export makes training moot."""
+    if (adapter / "train_log.json").is_file():
+        return read_train_log(adapter), None
+    if (model_dir / "genai_config.json").is_file():
+        return None, 0.0
+    check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom)
+    notify("train", 0.0, "loading base model")
+    start = time.perf_counter()
+    with atomic_dir(adapter) as tmp:
+        train_adapter(
+            ws.base, ws.splits, spec.train, tmp,
+            device=ws.train_device, dtype=ws.train_dtype, threads=ws.threads,
+            trust_remote_code=ws.trust_remote_code,
+            on_step=lambda step, loss: notify("train", step / spec.train.steps, f"step {step} loss {loss:.3f}"),
+        )
+    return read_train_log(adapter), time.perf_counter() - start
+
+
+def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, seconds: dict) -> bool:
+    """Merge and export unless the folder exists; True if it was built now."""
+    if (model_dir / "genai_config.json").is_file():
+        return False
+    check_free_disk(model_dir.parent, ws.base, spec.export, merged=spec.train is not None)
+    with tempfile.TemporaryDirectory(prefix="merge-", dir=ws.root) as work:
+        source = ws.base.path
+        if spec.train is not None:
+            notify("merge", 0.0, "merging adapter into the base")
+            start = time.perf_counter()
+            source = merge_adapter(ws.base, ws.adapter_dir(spec.train), Path(work) / "merged",
+                                   trust_remote_code=ws.trust_remote_code)
+            seconds["merge"] = time.perf_counter() - start
+        notify("export", 0.0, f"onnxruntime-genai builder, {spec.export.label()}")
+        with atomic_dir(model_dir) as tmp:
+            seconds["export"] = export_model(source, tmp, spec.export, work_dir=Path(work) / "builder",
+                                             trust_remote_code=ws.trust_remote_code)
+    return True
 
 
 def _measure_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, split: str, with_latency: bool):

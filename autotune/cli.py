@@ -13,11 +13,12 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.errors import UserError
 
-SUBCOMMANDS = ("candidate", "profile", "dashboard", "search")
+SUBCOMMANDS = ("candidate", "profile", "dashboard", "search", "worker", "select")
 DEFAULT_OUTPUT = "autotune-out"
 
 
@@ -75,6 +76,7 @@ def _search_parser() -> argparse.ArgumentParser:
     g.add_argument("--space", help="search space YAML (default: search_spaces/default.yaml)")
     g.add_argument("--storage", help="Optuna storage URL (default: sqlite in the output folder)")
     g.add_argument("--study", default="autotune", help="study name (default: autotune)")
+    g.add_argument("--artifacts", help="folder for adapters and exported models that all workers reach (default: OUTPUT/cache)")
     g.add_argument("--keep-all", action="store_true", help="keep every candidate's model folder, not only the Pareto front's")
     g.add_argument("--no-siblings", action="store_true", help="do not queue a new adapter's other precisions as extra trials")
     return p
@@ -113,6 +115,20 @@ def _profile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autotune profile", description="Show the detected hardware and the profile chosen for --target.")
     p.add_argument("--target", default="auto", help="auto, cpu, cuda or dml (default: auto)")
     p.add_argument("--json", action="store_true", help="print as JSON")
+    return p
+
+
+def _worker_parser(prog: str, description: str, worker: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--storage", required=True, help="the study's Optuna storage URL, e.g. postgresql://user:pass@host/db")
+    p.add_argument("--study", default="autotune", help="study name (default: autotune)")
+    p.add_argument("--artifacts", help="shared folder for adapters and exported models (default: OUTPUT/cache)")
+    p.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help=f"local output folder (default: {DEFAULT_OUTPUT})")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores free now)")
+    if worker:
+        p.add_argument("--trials", type=int, help="override the study's total trial count")
+        p.add_argument("--per-profile", action="store_true",
+                       help="if this machine's hardware profile differs from the study's, join STUDY@PROFILE instead of refusing")
     return p
 
 
@@ -170,7 +186,7 @@ def _output_dir(path: str) -> Path:
     return out
 
 
-def _workspace(args, out: Path, profile):
+def _workspace(args, out: Path, profile, root: Path | None = None):
     from autotune.candidate import Workspace
     from autotune.data import load_splits
     from autotune.hardware import choose_threads
@@ -179,7 +195,7 @@ def _workspace(args, out: Path, profile):
     splits = load_splits(_data_config(args))  # cheap and most likely to be wrong: check first
     base = resolve_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     return Workspace(
-        root=out / "cache",
+        root=root or out / "cache",
         base=base,
         splits=splits,
         train_device=profile.train_device,
@@ -255,43 +271,92 @@ def default_space_path() -> Path:
     return default_profiles_dir().parent / "search_spaces" / "default.yaml"
 
 
-def cmd_search(args, argv: list[str]) -> int:
-    import optuna
-    from rich.console import Console
+# Flags a worker takes from the study instead of its own command line.
+SHARED_FLAGS = ("model", "data", "text_column", "label_column", "columns", "delimiter", "template", "chat_template",
+                "label_map", "max_per_label", "max_eval", "split_seed", "target", "trust_remote_code", "allow_pickle",
+                "max_latency", "latency_metric", "trials", "timeout", "sampler", "seed", "no_siblings", "keep_all")
+
+
+@dataclass
+class SearchContext:
+    """Everything a search, a worker or a selection needs, built once from the flags."""
+
+    args: argparse.Namespace
+    argv: list[str]
+    settings: object
+    info: object
+    profile: object
+    space: object
+    out: Path
+    ws: object
+    storage: str
+    study: object
+
+
+def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
+    import yaml
 
     from autotune import report
-    from autotune.candidate import CandidateSpec, run_candidate
     from autotune.hardware import qlora_enabled
-    from autotune.live import SearchView, console, trial_table
-    from autotune.search import Search, SearchSettings, open_study, requeue_interrupted
+    from autotune.search import SearchSettings, open_study
     from autotune.space import SearchSpace
 
     settings = SearchSettings(trials=args.trials, timeout_s=args.timeout, max_latency_ms=args.max_latency,
                               latency_metric=args.latency_metric, sampler=args.sampler, seed=args.seed,
                               siblings=not args.no_siblings)
     info, profile = _hardware(args.target)
-    space = SearchSpace.from_yaml(args.space or default_space_path()).restrict(
-        profile.precisions, qlora_enabled(profile, info), profile.execution_provider)
+    space_text = getattr(args, "space_text", None)
+    if space_text is None:
+        space_path = Path(args.space) if args.space else default_space_path()
+        space = SearchSpace.from_yaml(space_path)  # validates before anything is written
+        space_text = space_path.read_text()
+    else:
+        space = SearchSpace.from_dict(yaml.safe_load(space_text), where="the study's search space")
+    space = space.restrict(profile.precisions, qlora_enabled(profile, info), profile.execution_provider)
     out = _output_dir(args.output)
-    ws = _workspace(args, out, profile)
+    artifacts = Path(args.artifacts).expanduser() if getattr(args, "artifacts", None) else out / "cache"
+    ws = _workspace(args, out, profile, artifacts)
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    config = {k: getattr(args, k, None) for k in SHARED_FLAGS}
+    config["space_text"] = space_text
     attrs = {"model": ws.base.name, "data": ws.splits.summary(), "data_fingerprint": ws.splits.fingerprint,
              "target": args.target, "profile": profile.name, "latency_metric": settings.latency_metric,
              "max_latency_ms": settings.max_latency_ms, "hardware": info.to_dict(),
-             "versions": report.package_versions(), "command": report.reproduce_command(argv)}
+             "versions": report.package_versions(), "command": report.reproduce_command(argv), "config": config}
+    if join:  # a worker adds itself; the study's own record stays as its creator wrote it
+        attrs = {k: attrs[k] for k in ("profile", "model", "data_fingerprint", "latency_metric")}
     study = open_study(storage, args.study, settings, attrs)
-    if not args.storage:  # one process owns a local SQLite study: RUNNING trials there are dead
-        requeued = requeue_interrupted(study)
+    return SearchContext(args, argv, settings, info, profile, space, out, ws, storage, study)
+
+
+def _run_trials(ctx: SearchContext) -> None:
+    from autotune.live import SearchView, console
+    from autotune.search import Search, requeue_interrupted
+
+    if not ctx.args.storage:  # one process owns a local SQLite study: RUNNING trials there are dead
+        requeued = requeue_interrupted(ctx.study)
         if requeued:
             console.print(f"resuming: {requeued} interrupted trial(s) queued again")
-    search = Search(ws, space, profile.execution_provider, settings, study)
-    done_before = settings.trials - search.remaining()
-    console.print(f"[bold]data[/] {ws.splits.summary()}   [bold]model[/] {ws.base.name}   "
-                  f"[bold]profile[/] {profile.name}, {ws.threads} thread(s)   [bold]study[/] {storage.split('://')[0]}"
+    search = Search(ctx.ws, ctx.space, ctx.profile.execution_provider, ctx.settings, ctx.study)
+    done_before = ctx.settings.trials - search.remaining()
+    console.print(f"[bold]data[/] {ctx.ws.splits.summary()}   [bold]model[/] {ctx.ws.base.name}   "
+                  f"[bold]profile[/] {ctx.profile.name}, {ctx.ws.threads} thread(s)   "
+                  f"[bold]study[/] {ctx.args.study} ({ctx.storage.split('://')[0]})"
                   + (f"   resuming with {done_before} trial(s) done" if done_before else ""))
-    with SearchView(study, settings.latency_metric, settings.max_latency_ms, settings.trials, settings.timeout_s) as view:
+    s = ctx.settings
+    with SearchView(ctx.study, s.latency_metric, s.max_latency_ms, s.trials, s.timeout_s) as view:
         search.run(on_stage=view.on_stage, on_trial=view.on_trial)
 
+
+def _select(ctx: SearchContext) -> int:
+    import optuna
+    from rich.console import Console
+
+    from autotune import report
+    from autotune.candidate import CandidateSpec, run_candidate
+    from autotune.live import console, trial_table
+
+    study, settings, out, ws = ctx.study, ctx.settings, ctx.out, ctx.ws
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     out_console = Console(width=None if sys.stdout.isatty() else 140)
@@ -323,9 +388,9 @@ def cmd_search(args, argv: list[str]) -> int:
     study.set_user_attr("chosen_trial", chosen.trial.number)
     study.set_user_attr("chosen_test_accuracy", test.measurement.accuracy.accuracy)
     study.set_user_attr("zero_shot_test_accuracy", zero_shot.measurement.accuracy.accuracy)
-    result = report.write_outputs(out, ws, study, front, chosen, test, zero_shot, info.to_dict(), profile.to_dict(),
-                                  settings.latency_metric, settings.max_latency_ms, argv)
-    if not args.keep_all:
+    result = report.write_outputs(out, ws, study, front, chosen, test, zero_shot, ctx.info.to_dict(),
+                                  ctx.profile.to_dict(), settings.latency_metric, settings.max_latency_ms, ctx.argv)
+    if not ctx.args.keep_all:
         report.prune(ws, study, [m.trial for m in front])
     c = result["chosen"]
     out_console.print(
@@ -334,8 +399,66 @@ def cmd_search(args, argv: list[str]) -> int:
         f"zero-shot base (test) {c['zero_shot_test_accuracy']:.3f}\n"
         f"  {settings.latency_metric} {chosen.latency_ms:.1f} ms   size {chosen.size_mb:.0f} MB\n"
         f"  wrote {out / 'best'} (load with og.Model), report.json, MODEL_CARD.md, pareto.csv, pareto.png\n"
-        f"  compare candidates: autotune dashboard {out}")
+        f"  compare candidates: autotune dashboard {out}" + (f" --storage URL" if ctx.args.storage else ""))
     return 0
+
+
+def cmd_search(args, argv: list[str]) -> int:
+    ctx = _prepare_search(args, argv)
+    _run_trials(ctx)
+    return _select(ctx)
+
+
+def _args_from_study(args) -> argparse.Namespace:
+    """A worker's or selector's flags: the study's recorded config plus its own local ones."""
+    import optuna
+
+    from autotune.search import open_storage
+
+    try:
+        summaries = optuna.study.get_all_study_summaries(open_storage(args.storage))
+    except Exception as exc:
+        raise UserError(f"--storage: cannot reach the study storage ({str(exc).splitlines()[0]}); check the URL") from exc
+    summary = next((s for s in summaries if s.study_name == args.study), None)
+    if summary is None:
+        names = ", ".join(s.study_name for s in summaries) or "none"
+        raise UserError(f"no study '{args.study}' in that storage (studies: {names}); start it with autotune --storage ... --study {args.study}")
+    config = summary.user_attrs.get("config")
+    if not config:
+        raise UserError(f"study '{args.study}' has no recorded settings (not started by autotune)")
+    merged = argparse.Namespace(**config)
+    for key in ("storage", "study", "output", "artifacts", "threads"):
+        setattr(merged, key, getattr(args, key, None))
+    merged.space = None
+    return merged
+
+
+def cmd_worker(args) -> int:
+    from autotune.live import console
+
+    joined = _args_from_study(args)
+    if args.trials:
+        joined.trials = args.trials
+    try:
+        ctx = _prepare_search(joined, [], join=True)
+    except UserError as exc:
+        if "was run with profile=" in str(exc) and args.per_profile:
+            joined.study = args.study = f"{args.study}@{_hardware(joined.target)[1].name}"
+            console.print(f"this machine's profile differs; joining the per-profile study {args.study}")
+            ctx = _prepare_search(joined, [], join=False)
+        elif "was run with profile=" in str(exc):
+            raise UserError(f"{exc}. A study measures latency on one kind of hardware: "
+                            "pass --per-profile to join a study of this machine's profile instead") from exc
+        else:
+            raise
+    _run_trials(ctx)
+    return 0
+
+
+def cmd_select(args) -> int:
+    joined = _args_from_study(args)
+    ctx = _prepare_search(joined, ["select", "--storage", args.storage, "--study", args.study], join=True)
+    return _select(ctx)
 
 
 def cmd_dashboard(args) -> int:
@@ -349,11 +472,18 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "search"
     if argv and argv[0] in SUBCOMMANDS:
         argv = argv[1:]
-    parser = {"candidate": _candidate_parser, "profile": _profile_parser,
-              "dashboard": _dashboard_parser, "search": _search_parser}[command]()
+    parser = {
+        "candidate": _candidate_parser, "profile": _profile_parser, "dashboard": _dashboard_parser,
+        "search": _search_parser,
+        "worker": lambda: _worker_parser("autotune worker", "Join a study from another process or machine; "
+                                         "model, data, space and target come from the study.", worker=True),
+        "select": lambda: _worker_parser("autotune select", "Choose, test and write the best model of a study "
+                                         "(same outputs as a single-machine run).", worker=False),
+    }[command]()
     args = parser.parse_args(argv)
     _quiet_libraries()
     handlers = {"candidate": cmd_candidate, "profile": cmd_profile, "dashboard": cmd_dashboard,
+                "worker": cmd_worker, "select": cmd_select,
                 "search": lambda a: cmd_search(a, list(sys.argv[1:] if not argv else argv))}
     try:
         return handlers[command](args)

@@ -22,7 +22,7 @@ def serve(args) -> int:
     from rich.console import Console
 
     url = storage_url(args.output, args.storage)
-    shown = "localhost" if args.host in ("127.0.0.1", "localhost") else args.host
+    shown = "127.0.0.1" if args.host in ("127.0.0.1", "localhost") else args.host
     Console(stderr=True).print(
         f"optuna-dashboard on [bold]http://{shown}:{args.port}/dashboard[/] (Ctrl-C stops it)"
         + ("" if args.host in ("127.0.0.1", "localhost") else "  [yellow]reachable from other machines[/]")

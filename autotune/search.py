@@ -29,6 +29,7 @@ LATENCY_METRICS = {"ttft": "ttft_ms", "p50": "token_p50_ms", "p90": "token_p90_m
 SAMPLERS = ("tpe", "nsga2", "random")
 METRIC_NAMES = ("accuracy", "latency_ms")
 INTERRUPTED = "interrupted before it finished"
+MAX_DUPLICATES = 50  # in a row: the sampler keeps proposing done candidates, so the space is exhausted
 DIRECTIONS = ("maximize", "minimize")
 
 
@@ -120,10 +121,27 @@ class Search:
         self.execution_provider = execution_provider
         self.settings = settings
         self.study = study
+        self._duplicates = 0  # consecutive duplicate proposals: a sign the space is exhausted
+
+    def _same_candidate(self, number: int, key: str) -> int | None:
+        """The earliest other trial that measured, or is measuring, the same model."""
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+        for t in self.study.get_trials(deepcopy=False, states=states):
+            if t.number < number and t.user_attrs.get("model_key") == key and "duplicate_of" not in t.user_attrs:
+                return t.number
+        return None
 
     def objective(self, trial: optuna.Trial, on_stage: StageCallback | None = None) -> tuple[float, float]:
         spec = self.space.suggest(trial, self.execution_provider)
+        key = self.ws.export_key(spec)
         trial.set_user_attr("candidate", spec.describe())
+        trial.set_user_attr("model_key", key)
+        earlier = self._same_candidate(trial.number, key)
+        if earlier is not None:  # the sampler proposed a candidate that is done or under way
+            trial.set_user_attr("duplicate_of", earlier)
+            self._duplicates += 1
+            raise optuna.TrialPruned(f"same candidate as trial {earlier}")
+        self._duplicates = 0
         fresh_adapter = spec.train is not None and not (self.ws.adapter_dir(spec.train) / "train_log.json").is_file()
         try:
             result = run_candidate(self.ws, spec, on_stage=on_stage)
@@ -163,14 +181,23 @@ class Search:
     def run(self, on_stage: StageCallback | None = None,
             on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> None:
         """Run trials until ``settings.trials`` are done (counting earlier runs) or the timeout."""
-        n = self.remaining()
-        if n == 0:
+        if self.remaining() == 0:
             return
-        callbacks = [on_trial] if on_trial else []
+
+        def stop_when_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            # Counted study-wide, so several workers stop together; duplicates don't count.
+            size = self.space.size()
+            measured = {t.user_attrs.get("model_key") for t in study.get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))}
+            exhausted = size is not None and len(measured) >= size
+            if self.remaining() == 0 or exhausted or self._duplicates >= MAX_DUPLICATES:
+                study.stop()
+
+        callbacks = [stop_when_done] + ([on_trial] if on_trial else [])
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study.optimize(
             lambda trial: self.objective(trial, on_stage),
-            n_trials=n,
+            n_trials=None,
             timeout=self.settings.timeout_s,
             catch=(CandidateError,),
             callbacks=callbacks,
@@ -187,13 +214,13 @@ def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[st
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.create_study(
-            storage=storage, study_name=name, directions=list(DIRECTIONS),
+            storage=open_storage(storage), study_name=name, directions=list(DIRECTIONS),
             sampler=make_sampler(settings), load_if_exists=True,
         )
     except Exception as exc:  # sqlalchemy raises many kinds; the message says which
         raise UserError(f"--storage: cannot open the study storage ({_first_line(exc)}); check the URL and that the server is up") from exc
     existing = study.user_attrs
-    for key in ("profile", "model", "data", "latency_metric"):
+    for key in ("profile", "model", "data_fingerprint", "latency_metric"):
         if key in existing and key in attrs and existing[key] != attrs[key]:
             raise UserError(
                 f"study '{name}' was run with {key}={existing[key]!r}, this run has {attrs[key]!r}; "
@@ -203,6 +230,27 @@ def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[st
     for key, value in attrs.items():
         study.set_user_attr(key, value)
     return study
+
+
+HEARTBEAT_S = 10
+GRACE_S = 30
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage for ``url``.
+
+    Shared (non-SQLite) storages get heartbeats: a worker that dies mid-trial stops
+    beating, and after the grace period any worker marks its trial failed and
+    ``RetryFailedTrialCallback`` queues the same parameters again.
+    """
+    if url.startswith("sqlite"):
+        return optuna.storages.RDBStorage(url)
+    from optuna.storages import RetryFailedTrialCallback
+
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+        failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+    )
 
 
 def requeue_interrupted(study: optuna.Study) -> int:

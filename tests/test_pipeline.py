@@ -14,7 +14,7 @@ from autotune.data import DataConfig, load_splits
 from autotune.export import ExportSpec, export_model, merge_adapter
 from autotune.measure import LatencySettings, measure, normalize_answer, parity_check, score
 from autotune.models import resolve_model
-from autotune.train import TrainSpec, read_train_log, train_adapter
+from autotune.train import TrainSpec, load_base_for_training, read_train_log, train_adapter
 from conftest import LABELS, write_jsonl
 
 THREADS = 2
@@ -132,6 +132,12 @@ def test_qlora_trains_merges_exports(base, splits, tmp_path):
     from transformers import AutoModelForCausalLM
 
     spec = TrainSpec(method="qlora", rank=4, alpha=8.0, steps=3, batch_size=4, learning_rate=1e-3)
+    # QLoRA really trains on a 4-bit base on the CPU.
+    import bitsandbytes as bnb
+
+    four_bit = load_base_for_training(base, spec, "cpu", "float32", False)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in four_bit.modules())
+    del four_bit
     result = train_adapter(base, splits, spec, tmp_path / "adapter", threads=THREADS)
     assert all(math.isfinite(loss) for loss in result.losses)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
@@ -319,7 +325,8 @@ def test_run_candidate_caches(base, splits, tmp_path):
     assert set(second.cached) == {"train", "export", "measure"}
     assert second.stage_seconds == {}
     assert second.model_dir == first.model_dir
-    assert second.measurement == first.measurement
+    # The stored record leaves out the per-prompt predictions; everything else round-trips.
+    assert second.measurement.to_dict() == first.measurement.to_dict()
     assert second.train.losses == first.train.losses
     json.dumps(second.to_dict())
 

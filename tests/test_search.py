@@ -1,0 +1,288 @@
+"""The search, end to end through the real CLI on the tiny random Llama (no mocks).
+
+Most checks read the shared ``tiny_search`` output (a finished 6-trial search); the
+resume, infeasible and --keep-all checks run their own small searches.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import optuna
+import pytest
+
+from conftest import run_cli
+
+MEASURED_ATTRS = ("ttft_ms", "token_p50_ms", "tokens_per_s", "peak_rss_mb", "size_mb", "feasible", "spec", "constraint")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def search_args(model: Path, data: Path, space: Path, out: Path, *extra: str, trials: int = 6,
+                max_latency: str = "1000") -> list[str]:
+    """The arguments ``tiny_search`` ran with, for another output folder."""
+    return ["--model", str(model), "--data", str(data), "--space", str(space), "--trials", str(trials),
+            "--max-latency", max_latency, "--threads", "1", "-o", str(out), *extra]
+
+
+def load_study(out: Path) -> optuna.Study:
+    return optuna.load_study(storage=f"sqlite:///{(out / 'study.db').resolve()}", study_name="autotune")
+
+
+def complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def adapters(out: Path) -> dict[str, float]:
+    """Trained adapters in the workspace: folder name -> mtime of its train_log.json."""
+    root = out / "cache" / "adapters"
+    return {d.name: (d / "train_log.json").stat().st_mtime_ns
+            for d in root.iterdir() if (d / "train_log.json").is_file()} if root.is_dir() else {}
+
+
+def model_folders(out: Path) -> set[str]:
+    return {d.name for d in (out / "cache" / "models").iterdir() if d.is_dir()}
+
+
+def train_key(trial: optuna.trial.FrozenTrial) -> str:
+    return json.dumps(trial.user_attrs["spec"]["train"], sort_keys=True)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_clean_failure(proc, code: int) -> str:
+    """Exit ``code`` with exactly one ``error:`` line and no traceback; return that line."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------- 1. outputs
+
+
+def test_outputs_exist_and_load(tiny_search: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
+    import onnxruntime_genai as og
+
+    out = tiny_search
+    assert (out / "best" / "genai_config.json").is_file()
+    og.Model(str(out / "best"))  # loads as is
+
+    report = json.loads((out / "report.json").read_text())
+    chosen = report["chosen"]
+    for key in ("test_accuracy", "validation_accuracy", "zero_shot_test_accuracy"):
+        assert 0.0 <= chosen[key] <= 1.0, key
+    assert chosen["latency_p50_ms"] > 0
+    assert chosen["latency_spread_ms"] >= 0
+    for key in ("ttft_ms", "token_p50_ms", "token_p90_ms", "tokens_per_s", "peak_rss_mb", "size_mb"):
+        assert chosen["measured"][key] > 0, key
+    assert report["versions"]["onnxruntime-genai"] and report["versions"]["optuna"]
+    expected = search_args(tiny_model_dir, tiny_dataset, tiny_space, out)
+    assert report["command"] == "autotune " + shlex.join(expected)
+    assert report["trials"]["complete"] == 6
+    assert any(m["trial"] == chosen["trial"] for m in report["pareto"])
+
+    card = (out / "MODEL_CARD.md").read_text()
+    assert f"| test accuracy | {chosen['test_accuracy']:.3f} |" in card
+    assert report["command"] in card
+
+    rows = (out / "pareto.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["trial", "candidate", "accuracy"]
+    assert len(rows) >= 2 and len(rows) - 1 == len(report["pareto"])
+    assert (out / "pareto.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_study_records(tiny_search: Path) -> None:
+    study = load_study(tiny_search)
+    done = complete(study)
+    assert len(done) == 6
+    assert study.metric_names == ["accuracy", "latency_ms"]
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    for t in done:
+        missing = [k for k in MEASURED_ATTRS if k not in t.user_attrs]
+        assert not missing, (t.number, missing)
+        assert t.user_attrs["feasible"] is True  # 1000 ms is far above the tiny model's latency
+        assert t.user_attrs["constraint"][0] <= 0
+        assert t.values[1] == pytest.approx(t.user_attrs["token_p50_ms"])
+    attrs = study.user_attrs
+    for key in ("model", "data", "profile", "hardware", "versions", "chosen_trial", "chosen_test_accuracy"):
+        assert key in attrs, key
+    report = json.loads((tiny_search / "report.json").read_text())
+    assert attrs["chosen_trial"] == report["chosen"]["trial"]
+    assert attrs["chosen_test_accuracy"] == pytest.approx(report["chosen"]["test_accuracy"])
+
+
+# --------------------------------------------------------------------------- 2. train once, export many
+
+
+def test_train_once_export_many(tiny_search: Path) -> None:
+    done = complete(load_study(tiny_search))
+    pairs = {(t.user_attrs["spec"]["train"]["method"], t.user_attrs["spec"]["train"]["rank"]) for t in done}
+    n_adapters = len(adapters(tiny_search))
+    # Siblings: every new adapter brings its other two precisions as the next trials.
+    assert n_adapters == len({train_key(t) for t in done}) == len(pairs)
+    assert n_adapters <= 2  # 6 trials / 3 precisions
+    trained = [t for t in done if "train" in t.user_attrs["stage_seconds"]]
+    assert len(trained) == n_adapters  # each adapter trained exactly once
+    for t in done:
+        if t not in trained:
+            assert "train" in t.user_attrs["cached"], t.number
+    # With this seed the sampler picks two (method, rank) pairs; all three precisions of each ran.
+    assert n_adapters == 2
+    per_adapter: dict[str, set] = {}
+    for t in done:
+        per_adapter.setdefault(train_key(t), set()).add(t.user_attrs["spec"]["export"]["precision"])
+    assert all(p == {"int4", "int8", "fp32"} for p in per_adapter.values())
+
+
+# --------------------------------------------------------------------------- 5. pruning
+
+
+def test_prune_keeps_only_the_front(tiny_search: Path) -> None:
+    report = json.loads((tiny_search / "report.json").read_text())
+    by_number = {t.number: t for t in complete(load_study(tiny_search))}
+    front_keys = {by_number[m["trial"]].user_attrs["model_key"] for m in report["pareto"]}
+    folders = model_folders(tiny_search)
+    assert folders == front_keys
+    assert 1 <= len(folders) <= len(report["pareto"])
+
+
+def test_keep_all(tmp_path: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
+    out = tmp_path / "out"
+    proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--keep-all", trials=2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = complete(load_study(out))
+    assert len(done) == 2
+    trial_keys = {t.user_attrs["model_key"] for t in done}
+    assert len(trial_keys) == 2
+    folders = model_folders(out)
+    report = json.loads((out / "report.json").read_text())
+    assert trial_keys <= folders
+    assert len(folders) == len(trial_keys) + 1  # and the zero-shot base the test split was scored with
+    assert len(report["pareto"]) >= 1
+
+
+# --------------------------------------------------------------------------- 3. resume
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, tiny_search: Path, tiny_model_dir, tiny_dataset, tiny_space):
+    """A copy of ``tiny_search`` resumed with --trials 8, with what it held before."""
+    out = tmp_path_factory.mktemp("resume") / "out"
+    shutil.copytree(tiny_search, out)
+    study = load_study(out)
+    before = {t.number: (t.params, t.values, train_key(t)) for t in complete(study)}
+    adapters_before = adapters(out)
+    args = search_args(tiny_model_dir, tiny_dataset, tiny_space, out, trials=8)
+    proc = run_cli(*args)
+    return out, args, before, adapters_before, proc
+
+
+def test_resume_adds_only_missing_trials(resumed) -> None:
+    out, _, before, adapters_before, proc = resumed
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming with 6 trial(s) done" in proc.stderr
+    done = {t.number: t for t in complete(load_study(out))}
+    assert len(done) == 8
+    for number, (params, values, _) in before.items():  # nothing completed is lost or changed
+        assert number in done and done[number].params == params and done[number].values == values
+    new = [t for n, t in done.items() if n not in before]
+    assert len(new) == 2
+
+    adapters_after = adapters(out)
+    for name, mtime in adapters_before.items():  # never retrained
+        assert adapters_after[name] == mtime, name
+    assert len(adapters_after) == len({train_key(t) for t in done.values()})
+    old_train = {key for _, _, key in before.values()}
+    for t in new:
+        if train_key(t) in old_train:
+            assert "train" in t.user_attrs["cached"], (t.number, t.user_attrs["cached"])
+            assert "train" not in t.user_attrs["stage_seconds"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["trials"]["complete"] == 8
+
+
+def test_resume_when_done_runs_nothing(resumed) -> None:
+    out, args, _, _, first = resumed
+    assert first.returncode == 0, first.stderr[-3000:]
+    trials_before = {t.number: t.state for t in load_study(out).get_trials(deepcopy=False)}
+    report_mtime = (out / "report.json").stat().st_mtime_ns
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming with 8 trial(s) done" in proc.stderr
+    trials_after = {t.number: t.state for t in load_study(out).get_trials(deepcopy=False)}
+    assert trials_after == trials_before  # no new trial, none changed state
+    assert (out / "report.json").stat().st_mtime_ns > report_mtime  # outputs written again
+    assert json.loads((out / "report.json").read_text())["trials"]["complete"] == 8
+    assert (out / "best" / "genai_config.json").is_file()
+
+
+# --------------------------------------------------------------------------- 4. infeasible
+
+
+def test_infeasible_bound_exits_3(tmp_path: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
+    out = tmp_path / "out"
+    proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, trials=2, max_latency="0.001"))
+    line = assert_clean_failure(proc, 3)
+    match = re.fullmatch(r"error: no candidate met --max-latency 0\.001 ms; the fastest found was #(\d+) (.+) "
+                         r"at ([\d.]+) ms \(p50\); raise the bound or search faster precisions", line)
+    assert match, line
+    done = complete(load_study(out))
+    assert len(done) == 2
+    fastest = min(done, key=lambda t: t.values[1])
+    assert int(match.group(1)) == fastest.number
+    assert match.group(2) == fastest.user_attrs["candidate"]
+    assert all(t.user_attrs["feasible"] is False for t in done)
+    report = json.loads((out / "report.json").read_text())
+    assert report["chosen"] is None
+    assert len(report["trials"]) == 2
+    assert not (out / "best").exists()
+
+
+# --------------------------------------------------------------------------- 6. help
+
+
+def test_help() -> None:
+    search = run_cli("--help")
+    assert search.returncode == 0, search.stderr
+    assert "--max-latency" in search.stdout and "--keep-all" in search.stdout
+    candidate = run_cli("candidate", "--help")
+    assert candidate.returncode == 0, candidate.stderr
+    assert "--precision" in candidate.stdout
+
+
+# --------------------------------------------------------------------------- 7. settings validation
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-latency", "0"], "error: --max-latency must be a positive number of milliseconds, got 0"),
+    (["--max-latency", "-5"], "error: --max-latency must be a positive number of milliseconds, got -5"),
+    (["--target", "tpu"], "error: unknown --target 'tpu' (choose from auto, cpu, cuda, dml)"),
+])
+def test_bad_settings_exit_2(tmp_path: Path, tiny_model_dir, tiny_dataset, args, message) -> None:
+    out = tmp_path / "out"
+    proc = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_dataset), "-o", str(out), *args)
+    assert assert_clean_failure(proc, 2) == message
+    assert proc.stderr.strip() == message  # nothing else printed
+    assert not out.exists()  # refused before touching the output folder
+
+
+def test_settings_validation_in_process() -> None:
+    from autotune.errors import UserError
+    from autotune.search import SearchSettings
+
+    for kwargs in ({"max_latency_ms": 0.0}, {"max_latency_ms": -5.0}, {"max_latency_ms": float("nan")},
+                   {"trials": 0}, {"sampler": "grid"}, {"latency_metric": "p99"}):
+        with pytest.raises(UserError) as exc:
+            SearchSettings(**kwargs)
+        assert exc.value.exit_code == 2 and "\n" not in str(exc.value)
+    assert SearchSettings(max_latency_ms=0.5).max_latency_ms == 0.5

@@ -1,0 +1,214 @@
+"""The search space: YAML parsing, hardware restriction, sampling (autotune.space)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+
+from autotune.candidate import CandidateSpec
+from autotune.errors import UserError
+from autotune.hardware import VALID_PRECISIONS
+from autotune.space import Choice, Range, SearchSpace
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPACE = ROOT / "search_spaces" / "default.yaml"
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _study(seed: int = 0) -> optuna.Study:
+    return optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@pytest.mark.skipif(not DEFAULT_SPACE.is_file(), reason="search_spaces/default.yaml not written yet")
+def test_default_space_loads_and_samples():
+    space = SearchSpace.from_yaml(DEFAULT_SPACE)
+    assert space.source == str(DEFAULT_SPACE)
+    cpu = space.restrict(VALID_PRECISIONS["cpu"], qlora=True, execution_provider="cpu")
+    study = _study()
+    for _ in range(5):
+        trial = study.ask()
+        spec = cpu.suggest(trial, "cpu")
+        assert isinstance(spec, CandidateSpec)
+        assert spec.export.precision in VALID_PRECISIONS["cpu"]
+        study.tell(trial, 0.5)
+
+
+def test_from_yaml(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(
+        "method: [lora, qlora]\n"
+        "rank: {low: 4, high: 64, log: true}\n"
+        "alpha_ratio: [0.5, 1, 2]\n"
+        "learning_rate: {low: 1.0e-4, high: 1.0e-3, log: true}\n"
+        "precision: [int4, int8, fp32]\n"
+        "block_size: [32, 128]\n"
+        "accuracy_level: [0, 4]\n"
+        "seed: 3\n"
+    )
+    space = SearchSpace.from_yaml(path)
+    assert space.method == Choice(("lora", "qlora"))
+    assert space.rank == Range(4, 64, True, None) and space.rank.is_int
+    assert isinstance(space.learning_rate, Range) and not space.learning_rate.is_int
+    assert space.precision == Choice(("int4", "int8", "fp32"))
+    assert space.seed == 3
+    assert space.source == str(path)
+    assert set(space.train_param_names()) == {"method", "rank", "alpha_ratio", "learning_rate"}
+    assert space.size() is None  # ranges have no finite count
+
+
+@pytest.mark.parametrize("text,match", [
+    ("- a\n- b\n", "mapping"),
+    ("rank: [4\n", "YAML"),
+])
+def test_from_yaml_errors(tmp_path, text, match):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=match):
+        SearchSpace.from_yaml(path)
+
+
+def test_from_yaml_missing(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        SearchSpace.from_yaml(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("raw,match", [
+    ({"ranks": [4, 8]}, "unknown key 'ranks'"),
+    ({"rank": []}, "empty list"),
+    ({"learning_rate": {"low": 1e-3, "high": 1e-4}}, "range is empty"),
+    ({"rank": {"low": 16, "high": 4}}, "range is empty"),
+    ({"rank": {"low": 4}}, "needs low and high"),
+    ({"rank": {"low": 4, "high": 8, "scale": 2}}, "needs low and high"),
+    ({"precision": {"low": 4, "high": 8}}, "categorical"),
+    ({"method": {"low": 0, "high": 1}}, "categorical"),
+    ({"precision": ["int4", "int3"]}, "int3"),
+    ({"method": ["lora", "full"]}, "full"),
+    ({"block_size": [48]}, "48"),
+    ({"rank": [0, 8]}, "positive"),
+    ({"learning_rate": {"low": 0, "high": 1e-3, "log": True}}, "log range"),
+    ({"alpha": [16], "alpha_ratio": [2]}, "either"),
+])
+def test_from_dict_errors(raw, match):
+    with pytest.raises(UserError, match=match) as info:
+        SearchSpace.from_dict(raw, where="space.yaml")
+    assert str(info.value).startswith("space.yaml: ")
+    assert "\n" not in str(info.value)
+
+
+def test_from_dict_scalar_is_one_choice():
+    space = SearchSpace.from_dict({"rank": 8, "precision": "fp32", "dropout": [0, 0.1]})
+    assert space.rank == Choice((8,))
+    assert space.precision == Choice(("fp32",))
+    assert space.dropout == Choice((0, 0.1))
+
+
+def test_alpha_replaces_ratio():
+    space = SearchSpace.from_dict({"alpha": [8, 16]})
+    assert space.alpha == Choice((8, 16)) and space.alpha_ratio is None
+
+
+# --------------------------------------------------------------------------- hardware
+
+
+def test_restrict_drops_what_cannot_run():
+    space = SearchSpace.from_dict({"method": ["lora", "qlora"], "precision": ["fp16", "int4", "fp32"],
+                                   "accuracy_level": [0, 4]})
+    cpu = space.restrict(VALID_PRECISIONS["cpu"], qlora=False, execution_provider="cpu")
+    assert cpu.precision == Choice(("int4", "fp32"))
+    assert cpu.method == Choice(("lora",))
+    assert cpu.accuracy_level == Choice((0, 4))
+    assert cpu.source == space.source
+
+    with_qlora = space.restrict(VALID_PRECISIONS["cpu"], qlora=True, execution_provider="cpu")
+    assert with_qlora.method == Choice(("lora", "qlora"))
+
+    cuda = space.restrict(VALID_PRECISIONS["cuda"], qlora=True, execution_provider="cuda")
+    assert cuda.precision == Choice(("fp16", "int4", "fp32"))
+    assert cuda.accuracy_level == Choice((0,))
+
+
+def test_restrict_raises_when_nothing_left():
+    with pytest.raises(UserError, match="fp16"):
+        SearchSpace.from_dict({"precision": ["fp16", "bf16"]}).restrict(VALID_PRECISIONS["cpu"], True, "cpu")
+    with pytest.raises(UserError, match="QLoRA"):
+        SearchSpace.from_dict({"method": ["qlora"]}).restrict(VALID_PRECISIONS["cpu"], False, "cpu")
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_suggest_fp32_samples_no_quantization_options():
+    space = SearchSpace.from_dict({
+        "rank": [4, 8, 16], "alpha_ratio": [0.5, 1, 2], "precision": ["fp32"],
+        "block_size": [32, 128], "accuracy_level": [0, 4], "algo": ["default", "rtn"],
+    })
+    study = _study()
+    for _ in range(6):
+        trial = study.ask()
+        spec = space.suggest(trial, "cpu")
+        assert isinstance(spec, CandidateSpec)
+        assert spec.export.precision == "fp32"
+        assert spec.export == spec.export.normalized()
+        assert set(trial.params) == {"rank", "alpha_ratio"}
+        assert spec.train.rank == trial.params["rank"]
+        assert spec.train.alpha == pytest.approx(trial.params["alpha_ratio"] * trial.params["rank"])
+        study.tell(trial, 0.0)
+
+
+def test_suggest_quantization_options_only_when_quantized():
+    space = SearchSpace.from_dict({
+        "precision": ["int4", "int8", "fp32"], "block_size": [32, 128], "accuracy_level": [0, 4],
+        "algo": ["default", "rtn"], "learning_rate": {"low": 1.0e-4, "high": 1.0e-3, "log": True},
+        "rank": {"low": 4, "high": 32}, "steps": [10, 20],
+    })
+    study = _study(seed=1)
+    precisions = set()
+    for _ in range(20):
+        trial = study.ask()
+        spec = space.suggest(trial, "cpu")
+        precision = trial.params["precision"]
+        precisions.add(precision)
+        assert spec.export.precision == precision
+        quant_params = {"block_size", "accuracy_level", "algo"} & set(trial.params)
+        if precision == "fp32":
+            assert not quant_params
+        else:
+            assert quant_params == {"block_size", "accuracy_level", "algo"}
+            assert spec.export.block_size == trial.params["block_size"]
+            assert spec.export.accuracy_level == trial.params["accuracy_level"]
+            assert spec.export.algo == trial.params["algo"]
+        assert 1e-4 <= spec.train.learning_rate <= 1e-3
+        assert isinstance(spec.train.rank, int) and 4 <= spec.train.rank <= 32
+        assert spec.train.alpha == pytest.approx(2.0 * spec.train.rank)  # default ratio 2
+        assert spec.train.steps in (10, 20)
+        assert spec.train.seed == space.seed
+        study.tell(trial, 0.0)
+    assert precisions == {"int4", "int8", "fp32"}
+
+
+def test_suggest_fixed_alpha_and_fixed_space():
+    space = SearchSpace.from_dict({"alpha": [24], "rank": [8], "method": ["qlora"], "seed": 7})
+    trial = _study().ask()
+    spec = space.suggest(trial, "cpu")
+    assert trial.params == {}
+    assert spec.train.alpha == 24.0 and spec.train.rank == 8
+    assert spec.train.method == "qlora" and spec.train.seed == 7
+    assert spec.export.precision == "int4" and spec.export.block_size == 32
+
+
+def test_size_counts_categorical_space():
+    space = SearchSpace.from_dict({
+        "rank": [4, 8], "alpha_ratio": [1, 2], "learning_rate": [1.0e-4, 3.0e-4, 1.0e-3],
+        "precision": ["int4", "fp32"], "block_size": [32, 128], "accuracy_level": [0, 4],
+    })
+    # training: 2 ranks x 2 ratios x 3 rates = 12; export: int4 2x2 + fp32 1 = 5
+    assert space.size() == 12 * 5
+    assert SearchSpace.from_dict({"precision": ["fp32", "int8"]}).size() == 1 + 1
+    assert SearchSpace().size() == 1
+    assert SearchSpace.from_dict({"steps": {"low": 10, "high": 20}}).size() is None
