@@ -232,6 +232,7 @@ def measurement_from_dict(record: dict) -> Measurement:
         threads=record["threads"],
         provider=record["provider"],
         stage_seconds=record.get("stage_seconds", {}),
+        gpu_memory_mb=record.get("gpu_memory_mb"),
     )
 
 

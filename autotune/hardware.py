@@ -376,9 +376,17 @@ def _installed(distribution: str) -> bool:
 
 def _genai_providers(has_gpu: bool) -> tuple[str, ...]:
     providers = ["cpu"]  # every onnxruntime-genai build runs on CPU
-    if has_gpu and _installed(_GENAI_CUDA_DIST):
+    # The CPU and CUDA wheels install the same module, so ask the module itself which
+    # providers it was built with; the distribution names are the fallback for old versions.
+    try:
+        import onnxruntime_genai as og
+
+        cuda, dml = og.is_cuda_available(), og.is_dml_available()
+    except (ImportError, AttributeError):
+        cuda, dml = _installed(_GENAI_CUDA_DIST), _installed(_GENAI_DML_DIST)
+    if has_gpu and cuda:
         providers.append("cuda")
-    if _os_name() == "windows" and _installed(_GENAI_DML_DIST):
+    if _os_name() == "windows" and dml:
         providers.append("dml")
     return tuple(providers)
 
@@ -697,7 +705,7 @@ def choose_profile(info: HardwareInfo, target: str, profiles: list[Profile]) -> 
         if "cuda" not in info.genai_providers:
             raise UserError(
                 f"--target cuda: GPU found ({info.gpus[0].name}) but onnxruntime-genai-cuda is not installed; "
-                "pip install 'autotune[cuda]'"
+                "pip uninstall -y onnxruntime-genai && pip install 'autotune[cuda]' (the CPU and CUDA wheels share one module)"
             )
     if target == "dml":
         if info.os != "windows":

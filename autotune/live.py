@@ -101,6 +101,8 @@ class SearchView:
     def __exit__(self, *exc) -> None:
         self.live.update(self._render(final=True))
         self.live.__exit__(*exc)
+        if not console.is_terminal:  # rich ends the last render with a newline only on terminals
+            console.line()
 
     def on_stage(self, stage: str, fraction: float, detail: str) -> None:
         self.stages(stage, fraction, detail)

@@ -78,6 +78,7 @@ class Measurement:
     threads: int
     provider: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    gpu_memory_mb: float | None = None  # device memory of the measuring process (CUDA, via NVML)
 
     def to_dict(self) -> dict:
         record = asdict(self)
@@ -132,6 +133,7 @@ def measure(
         size_mb=folder_size(model_dir) / 2**20,
         seconds=raw["seconds"],
         stage_seconds=raw["stage_seconds"],
+        gpu_memory_mb=raw.get("gpu_memory_mb"),
         threads=threads,
         provider=provider,
     )
@@ -304,6 +306,7 @@ def _child(request: dict) -> dict:
         return tokens, ttft, steps
 
     loaded = time.perf_counter()
+    gpu_peak = [_gpu_memory_mb()] if request["provider"] == "cuda" else None
     answers, token_ids = [], []
     for prompt in request["prompts"]:
         tokens, _, _ = generate(tokenizer.encode(prompt), max_new, force_length=False)
@@ -319,14 +322,37 @@ def _child(request: dict) -> dict:
             generate(ids, settings["new_tokens"], force_length=True)
         runs = [generate(ids, settings["new_tokens"], force_length=True) for _ in range(settings["repeats"])]
         latency = {"ttft_s": [r[1] for r in runs], "step_s": [r[2] for r in runs], "prompt_tokens": len(ids)}
+    if gpu_peak is not None:
+        gpu_peak.append(_gpu_memory_mb())
     return {
         "answers": answers,
         "token_ids": token_ids,
         "latency": latency,
         "peak_rss_mb": _peak_rss_mb(),
+        "gpu_memory_mb": max((g for g in gpu_peak or [] if g is not None), default=None),
         "seconds": time.perf_counter() - start,
         "stage_seconds": {"load": loaded - start, "accuracy": scored - loaded, "latency": time.perf_counter() - scored},
     }
+
+
+def _gpu_memory_mb() -> float | None:
+    """GPU memory this process holds now (NVML, from nvidia-ml-py); None if unavailable.
+
+    onnxruntime's CUDA arena keeps what it took, so the value after generation is the peak.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        used = 0
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == os.getpid() and proc.usedGpuMemory:
+                    used += proc.usedGpuMemory
+        return used / 2**20
+    except Exception:  # no NVML, no driver, no permission: the figure is simply absent
+        return None
 
 
 def _peak_rss_mb() -> float:

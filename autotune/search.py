@@ -91,6 +91,7 @@ def trial_attrs(result: CandidateResult, ws: Workspace) -> dict[str, Any]:
         "token_spread_ms": latency.token_spread_ms,
         "tokens_per_s": latency.tokens_per_s,
         "peak_rss_mb": m.peak_rss_mb,
+        "gpu_memory_mb": m.gpu_memory_mb,
         "size_mb": m.size_mb,
         "invalid_answers": m.accuracy.invalid,
         "eval_examples": m.accuracy.n,

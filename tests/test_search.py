@@ -202,11 +202,15 @@ def test_resume_adds_only_missing_trials(resumed) -> None:
     for name, mtime in adapters_before.items():  # never retrained
         assert adapters_after[name] == mtime, name
     assert len(adapters_after) == len({train_key(t) for t in done.values()})
-    old_train = {key for _, _, key in before.values()}
+    # A new trial whose adapter an earlier trial (of either run) trained reuses it.
     for t in new:
-        if train_key(t) in old_train:
+        earlier = {train_key(o) for o in done.values() if o.number < t.number}
+        if train_key(t) in earlier:
             assert "train" in t.user_attrs["cached"], (t.number, t.user_attrs["cached"])
             assert "train" not in t.user_attrs["stage_seconds"]
+        else:
+            assert "train" in t.user_attrs["stage_seconds"], t.number
+    assert sum("train" in t.user_attrs["stage_seconds"] for t in new) == len(adapters_after) - len(adapters_before)
     report = json.loads((out / "report.json").read_text())
     assert report["trials"]["complete"] == 8
 

