@@ -165,12 +165,13 @@ def _parse(text: str, kind: str, config: DataConfig, where: str) -> list[tuple[i
             raise UserError(f"{where}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise UserError(f"{where}: a .json dataset must be a list of objects; use .jsonl for one object per line")
-        rows = [(i, r) for i, r in enumerate(data, start=1)]
+        rows = [(i, r) for i, r in enumerate(data, start=1)]  # "file:N" names the N-th object here
     else:
         delimiter = config.delimiter or _sniff_delimiter(text)
         reader = csv.reader(io.StringIO(text), delimiter=delimiter)
         header = list(config.columns) or None
-        for line_no, values in enumerate(reader, start=1):
+        for values in reader:
+            line_no = reader.line_num  # the physical line: quoted fields may span several
             if not any(v.strip() for v in values):
                 continue
             if header is None:

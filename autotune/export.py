@@ -96,9 +96,20 @@ def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_re
     return out_dir
 
 
+def _checkpoint_bytes_per_param(base: BaseModel) -> float:
+    import json
+
+    try:
+        config = json.loads((base.path / "config.json").read_text())
+    except (OSError, ValueError):
+        return 4.0
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    return 2.0 if dtype in ("float16", "bfloat16") else 4.0
+
+
 def check_free_disk(folder: Path, base: BaseModel, spec: ExportSpec, merged: bool = True) -> None:
     """Refuse an export that cannot fit, before starting it, rather than die halfway."""
-    params = base.size_bytes / 4  # converted checkpoints are fp32
+    params = base.size_bytes / _checkpoint_bytes_per_param(base)
     need = params * _BYTES_PER_PARAM[spec.precision] + (base.size_bytes if merged else 0)
     need *= 1.3  # builder temp files
     probe = folder

@@ -113,7 +113,7 @@ def measure(
     Raises:
         CandidateError: the runtime could not load or run the model.
     """
-    if latency is not None and latency_prompt is None:
+    if latency is not None and latency_prompt is None and prompts:
         latency_prompt = sorted(prompts, key=len)[len(prompts) // 2]
     request = {
         "model_dir": str(model_dir),

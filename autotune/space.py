@@ -67,9 +67,9 @@ class Range:
 
 Param = Union[Choice, Range]
 
-# key -> (allowed values or None for numeric, integer only)
 _TRAIN_KEYS = ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "steps", "batch_size", "dropout", "target_modules")
 _EXPORT_KEYS = ("precision", "block_size", "accuracy_level", "algo")
+_WHOLE = ("rank", "steps", "batch_size")
 _ALLOWED = {
     "method": METHODS,
     "target_modules": tuple(TARGET_MODULES),
@@ -123,7 +123,9 @@ class SearchSpace:
             if key not in known:
                 raise UserError(f"{where}: unknown key '{key}' (known: {', '.join(known)})")
             if key == "seed":
-                params[key] = int(value)
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise UserError(f"{where}: 'seed' must be a whole number, got {value!r}")
+                params[key] = value
                 continue
             params[key] = _parse_param(key, value, where)
         if "alpha" in params and "alpha_ratio" in params:
@@ -232,6 +234,11 @@ def _parse_param(key: str, value: Any, where: str) -> Param:
             raise UserError(f"{where}: '{key}' range is empty or not numeric (low {low}, high {high}); make low <= high")
         if value.get("log") and low <= 0:
             raise UserError(f"{where}: '{key}' log range must start above 0")
+        step = value.get("step")
+        if step is not None and (value.get("log") or not isinstance(step, (int, float)) or step <= 0):
+            raise UserError(f"{where}: '{key}' step must be a positive number and cannot go with log: true")
+        if key in _WHOLE and not (isinstance(low, int) and isinstance(high, int)):
+            raise UserError(f"{where}: '{key}' range must have whole-number ends, got {low} and {high}")
         return Range(low, high, bool(value.get("log", False)), value.get("step"))
     values = tuple(value) if isinstance(value, list) else (value,)
     if not values:
@@ -241,6 +248,11 @@ def _parse_param(key: str, value: Any, where: str) -> Param:
         bad = [v for v in values if v not in allowed]
         if bad:
             raise UserError(f"{where}: '{key}' value {bad[0]!r} is not one of {', '.join(map(str, allowed))}")
-    elif not all(isinstance(v, (int, float)) and v > 0 or (key == "dropout" and v == 0) for v in values):
+    elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 or key == "dropout" and v == 0)
+                 for v in values):
         raise UserError(f"{where}: '{key}' values must be positive numbers, got {list(values)}")
+    if key in _WHOLE and not all(isinstance(v, int) for v in values):
+        raise UserError(f"{where}: '{key}' values must be whole numbers, got {list(values)}")
+    if key == "dropout" and not all(0 <= v < 1 for v in values):
+        raise UserError(f"{where}: 'dropout' values must be in [0, 1), got {list(values)}")
     return Choice(values)
