@@ -4,6 +4,8 @@
     autotune candidate --method lora --rank 16 --precision int4     one candidate
     autotune profile                                                 detected hardware
     autotune dashboard [OUT | --storage URL]                         optuna-dashboard
+    autotune worker --storage URL --study NAME                       join a study from another machine
+    autotune select --storage URL --study NAME                       choose and write the best of a study
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def _search_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autotune",
         description="Search LoRA/QLoRA fine-tunes and onnxruntime-genai exports for the most accurate model "
-        "that meets a latency bound on this hardware. Subcommands: candidate, profile, dashboard.",
+        "that meets a latency bound on this hardware. Subcommands: candidate, profile, dashboard, worker, select "
+        "(autotune SUBCOMMAND --help).",
     )
     _add_model_data_args(p)
     g = p.add_argument_group("search")
@@ -364,7 +367,7 @@ def _select(ctx: SearchContext) -> int:
         out_console.print(trial_table(trials, settings.latency_metric, settings.max_latency_ms, title="All trials failed"))
         report.write_failure_report(out, trials, "every candidate failed")
         raise UserError(f"every candidate failed; reasons are in {out / 'report.json'}", exit_code=1)
-    front_trials = [t for t in report.pareto_trials(study) if t.user_attrs.get("feasible")]
+    front_trials = report.feasible_front(study, settings.max_latency_ms)
     if not front_trials:
         fastest = min(complete, key=lambda t: t.values[1])
         out_console.print(trial_table(complete, settings.latency_metric, settings.max_latency_ms, title="No feasible trial"))
@@ -391,7 +394,7 @@ def _select(ctx: SearchContext) -> int:
     result = report.write_outputs(out, ws, study, front, chosen, test, zero_shot, ctx.info.to_dict(),
                                   ctx.profile.to_dict(), settings.latency_metric, settings.max_latency_ms, ctx.argv)
     if not ctx.args.keep_all:
-        report.prune(ws, study, [m.trial for m in front])
+        report.prune(ws, study, [m.trial for m in front], keep_specs=[zero_shot.spec])
     c = result["chosen"]
     out_console.print(
         f"[bold green]chosen[/] #{chosen.trial.number} {c['candidate']}\n"
@@ -413,16 +416,20 @@ def _args_from_study(args) -> argparse.Namespace:
     """A worker's or selector's flags: the study's recorded config plus its own local ones."""
     import optuna
 
-    from autotune.search import open_storage
+    from autotune.search import _first_line, open_storage
 
     try:
-        summaries = optuna.study.get_all_study_summaries(open_storage(args.storage))
-    except Exception as exc:
-        raise UserError(f"--storage: cannot reach the study storage ({str(exc).splitlines()[0]}); check the URL") from exc
+        summaries = optuna.study.get_all_study_summaries(open_storage(args.storage), include_best_trial=False)
+    except UserError:
+        raise
+    except Exception as exc:  # sqlalchemy and the drivers raise many kinds; the message says which
+        raise UserError(f"--storage: cannot reach the study storage ({_first_line(exc)}); "
+                        "check the URL and that the server is up") from exc
     summary = next((s for s in summaries if s.study_name == args.study), None)
     if summary is None:
         names = ", ".join(s.study_name for s in summaries) or "none"
-        raise UserError(f"no study '{args.study}' in that storage (studies: {names}); start it with autotune --storage ... --study {args.study}")
+        raise UserError(f"no study '{args.study}' in that storage (studies: {names}); "
+                        f"start it with autotune --storage ... --study {args.study}")
     config = summary.user_attrs.get("config")
     if not config:
         raise UserError(f"study '{args.study}' has no recorded settings (not started by autotune)")
@@ -430,27 +437,36 @@ def _args_from_study(args) -> argparse.Namespace:
     for key in ("storage", "study", "output", "artifacts", "threads"):
         setattr(merged, key, getattr(args, key, None))
     merged.space = None
+    merged.study_profile = summary.user_attrs.get("profile")  # not a flag: read by cmd_worker
+    merged.study_names = {s.study_name for s in summaries}
     return merged
 
 
 def cmd_worker(args) -> int:
+    import secrets
+
     from autotune.live import console
 
     joined = _args_from_study(args)
-    if args.trials:
+    if args.trials is not None:
         joined.trials = args.trials
-    try:
-        ctx = _prepare_search(joined, [], join=True)
-    except UserError as exc:
-        if "was run with profile=" in str(exc) and args.per_profile:
-            joined.study = args.study = f"{args.study}@{_hardware(joined.target)[1].name}"
-            console.print(f"this machine's profile differs; joining the per-profile study {args.study}")
-            ctx = _prepare_search(joined, [], join=False)
-        elif "was run with profile=" in str(exc):
-            raise UserError(f"{exc}. A study measures latency on one kind of hardware: "
-                            "pass --per-profile to join a study of this machine's profile instead") from exc
-        else:
-            raise
+    join = True
+    _, profile = _hardware(joined.target)
+    if joined.study_profile and joined.study_profile != profile.name:
+        per_profile = f"{args.study}@{profile.name}"
+        if not args.per_profile:
+            raise UserError(f"study '{args.study}' measures latency on hardware profile {joined.study_profile}, "
+                            f"this machine's profile is {profile.name}; pass --per-profile to join the study "
+                            f"'{per_profile}' for this hardware instead")
+        console.print(f"this machine's profile ({profile.name}) differs from the study's "
+                      f"({joined.study_profile}); joining the per-profile study {per_profile}")
+        join = per_profile in joined.study_names  # the first worker of a profile records the settings
+        joined.study = args.study = per_profile
+    if join:
+        # Every worker samples with its own seed: with the study's, all workers would propose the
+        # same candidates at the same moments, and all but one of those trials would be duplicates.
+        joined.seed = secrets.randbelow(2**31)
+    ctx = _prepare_search(joined, [], join=join)
     _run_trials(ctx)
     return 0
 

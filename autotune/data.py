@@ -221,7 +221,8 @@ def _split(examples: list[Example], config: DataConfig, where: str) -> Splits:
         by_label.setdefault(example.label, []).append(example)
     if len(by_label) < 2:
         only = next(iter(by_label), "none")
-        raise UserError(f"{where}: only one label ({only}); a classifier needs at least two")
+        raise UserError(f"{where}: only one label ({only}); a classifier needs at least two: add rows with another "
+                        "label, or check --label-column and --label-map")
     rng = random.Random(config.seed)
     train: list[Example] = []
     validation: list[Example] = []

@@ -118,9 +118,14 @@ def check_free_disk(folder: Path, base: BaseModel, spec: ExportSpec, merged: boo
     free = shutil.disk_usage(probe).free
     if free < need:
         raise UserError(
-            f"not enough free disk for a {spec.precision} export in {probe}: "
-            f"{free / 2**30:.1f} GiB free, about {need / 2**30:.1f} GiB needed; free space or choose --output elsewhere"
+            f"not enough free disk for the {spec.precision} export in {probe}: "
+            f"{_human_bytes(free)} free, about {_human_bytes(need)} needed; free space or choose --output elsewhere"
         )
+
+
+def _human_bytes(n: float) -> str:
+    """GiB for large sizes, MB below 1 GiB (so a small disk does not read '0.0 GiB free')."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
 def export_model(hf_dir: Path, out_dir: Path, spec: ExportSpec, *, work_dir: Path, trust_remote_code: bool = False) -> float:

@@ -152,7 +152,8 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
             f"--model {folder}: only pickled .bin weights, which can run code when loaded; "
             "convert them to safetensors or pass --allow-pickle if you trust the source"
         )
-    raise UserError(f"--model {folder}: no weights (*.safetensors) in the folder")
+    raise UserError(f"--model {folder}: no weights (*.safetensors) in the folder; copy the model's "
+                    "*.safetensors files there or pass another --model")
 
 
 def _download(repo_id: str, allow_pickle: bool) -> Path:
@@ -180,8 +181,8 @@ def _describe(name: str, path: Path, trust_remote_code: bool) -> BaseModel:
     architecture = (config.get("architectures") or ["?"])[0]
     if architecture not in SUPPORTED_ARCHITECTURES and not trust_remote_code:
         raise UserError(
-            f"--model {name}: architecture {architecture} is not one the onnxruntime-genai builder exports "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"--model {name}: architecture {architecture} is not one the onnxruntime-genai builder exports; "
+            f"choose a causal LM of a supported architecture ({', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     digest = hashlib.sha256((path / "config.json").read_bytes())

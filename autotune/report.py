@@ -53,9 +53,16 @@ def spec_from_attrs(attrs: dict[str, Any]) -> CandidateSpec:
     return CandidateSpec(train=train, export=ExportSpec(**spec["export"]))
 
 
-def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Optuna's Pareto front of the completed trials (feasible ones first, as Optuna ranks them)."""
-    return list(study.best_trials)
+def feasible_front(study: optuna.Study, limit: float | None) -> list[optuna.trial.FrozenTrial]:
+    """Non-dominated completed trials whose latency meets ``limit`` (the bound of *this* run:
+    a resumed study may have been started with another one)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if limit is None or t.values[1] <= limit]
+
+    def dominated(t) -> bool:
+        return any(o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in done)
+
+    return [t for t in done if not dominated(t)]
 
 
 def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: str, limit: float | None,
@@ -197,7 +204,7 @@ def model_card(report: dict) -> str:
     m = c["measured"]
     metric = report["latency_metric"]
     lines = [
-        f"# {report['model']} fine-tuned for {report['data'].split('labels ')[-1]}",
+        f"# {Path(report['model']).name} fine-tuned for {report['data'].split('labels ')[-1]}",
         "",
         f"Chosen by autotune from {report['trials']['complete']} measured candidates as the most accurate one "
         + (f"within {report['max_latency_ms']:g} ms ({report['latency_metric']})." if report["max_latency_ms"] else "found."),
@@ -233,16 +240,27 @@ def model_card(report: dict) -> str:
     return "\n".join(lines)
 
 
-def prune(ws: Workspace, study: optuna.Study, keep: list[optuna.trial.FrozenTrial]) -> int:
-    """Delete exported folders of candidates off the front; adapters and records stay."""
-    keep_dirs = {ws.model_dir(spec_from_attrs(t.user_attrs)).name for t in keep}
+def prune(ws: Workspace, study: optuna.Study, keep: list[optuna.trial.FrozenTrial], keep_specs=()) -> int:
+    """Delete this study's exported folders that are off the front; adapters and records stay.
+
+    Only folders of this study's finished trials go (a shared artifacts folder may hold other
+    studies' models, and running workers' exports), each under its lock.
+    """
+    from autotune.candidate import _lock
+
+    keep_keys = {t.user_attrs.get("model_key") for t in keep} | {ws.export_key(s) for s in keep_specs}
+    busy = {t.user_attrs.get("model_key") for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))}
     removed = 0
-    models = ws.root / "models"
-    if not models.is_dir():
-        return 0
-    for folder in models.iterdir():
-        if folder.is_dir() and folder.name not in keep_dirs:
-            shutil.rmtree(folder, ignore_errors=True)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)):
+        key = t.user_attrs.get("model_key")
+        if not key or key in keep_keys or key in busy:
+            continue
+        folder = ws.root / "models" / key
+        if folder.is_dir():
+            with _lock(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            Path(str(folder) + ".lock").unlink(missing_ok=True)
             removed += 1
     return removed
 
@@ -289,5 +307,5 @@ def write_failure_report(out: Path, trials, why: str) -> None:
     """A report.json that says why nothing was chosen, trial by trial."""
     rows = [{"number": t.number, "state": t.state.name, "candidate": t.user_attrs.get("candidate"),
              "values": t.values, "feasible": t.user_attrs.get("feasible"), "reason": t.user_attrs.get("fail_reason")}
-            for t in trials]
+            for t in trials if t.state != optuna.trial.TrialState.WAITING and "duplicate_of" not in t.user_attrs]
     atomic_write_text(out / "report.json", json.dumps({"chosen": None, "why": why, "trials": rows}, indent=1))

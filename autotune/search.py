@@ -15,13 +15,15 @@ measurement, not a training run.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
 
-from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, run_candidate
+from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, _lock, run_candidate
 from autotune.errors import CandidateError, UserError
 from autotune.space import SearchSpace
 
@@ -52,6 +54,8 @@ class SearchSettings:
             raise UserError(f"unknown --sampler '{self.sampler}' (choose from {', '.join(SAMPLERS)})")
         if self.max_latency_ms is not None and not self.max_latency_ms > 0:
             raise UserError(f"--max-latency must be a positive number of milliseconds, got {self.max_latency_ms:g}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout_s:g}")
         if self.trials < 1:
             raise UserError(f"--trials must be at least 1, got {self.trials}")
 
@@ -125,21 +129,26 @@ class Search:
         self._duplicates = 0  # consecutive duplicate proposals: a sign the space is exhausted
 
     def _same_candidate(self, number: int, key: str) -> int | None:
-        """The earliest other trial that measured, or is measuring, the same model."""
+        """Another trial that measured, or is measuring, the same model (call under the claim lock)."""
         states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
         for t in self.study.get_trials(deepcopy=False, states=states):
-            if t.number < number and t.user_attrs.get("model_key") == key and "duplicate_of" not in t.user_attrs:
+            if t.number != number and t.user_attrs.get("model_key") == key and "duplicate_of" not in t.user_attrs:
                 return t.number
         return None
 
     def objective(self, trial: optuna.Trial, on_stage: StageCallback | None = None) -> tuple[float, float]:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         spec = self.space.suggest(trial, self.execution_provider)
         key = self.ws.export_key(spec)
         trial.set_user_attr("candidate", spec.describe())
-        trial.set_user_attr("model_key", key)
-        earlier = self._same_candidate(trial.number, key)
-        if earlier is not None:  # the sampler proposed a candidate that is done or under way
-            trial.set_user_attr("duplicate_of", earlier)
+        # Claim the candidate: check and mark under a lock in the shared artifacts folder, so two
+        # workers proposing the same candidate at once cannot both miss the other's claim.
+        with _lock(self.ws.root / "claims" / key):
+            earlier = self._same_candidate(trial.number, key)
+            trial.set_user_attr("model_key", key)
+            if earlier is not None:  # the sampler proposed a candidate that is done or under way
+                trial.set_user_attr("duplicate_of", earlier)
+        if earlier is not None:
             self._duplicates += 1
             raise optuna.TrialPruned(f"same candidate as trial {earlier}")
         self._duplicates = 0
@@ -173,11 +182,8 @@ class Search:
                 self.study.enqueue_trial({**train_params, "precision": precision}, skip_if_exists=True)
 
     def remaining(self) -> int:
-        """Trials still to run; interrupted ones do not count (they are retried)."""
-        done = [t for t in self.study.get_trials(deepcopy=False)
-                if t.state == optuna.trial.TrialState.COMPLETE
-                or (t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED)]
-        return max(0, self.settings.trials - len(done))
+        """Trials still to run; interrupted ones and those of dead workers do not count (they are retried)."""
+        return max(0, self.settings.trials - len(counted_trials(self.study.get_trials(deepcopy=False))))
 
     def run(self, on_stage: StageCallback | None = None,
             on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> None:
@@ -188,8 +194,7 @@ class Search:
         def stop_when_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # Counted study-wide, so several workers stop together; duplicates don't count.
             size = self.space.size()
-            measured = {t.user_attrs.get("model_key") for t in study.get_trials(
-                deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL))}
+            measured = {t.user_attrs.get("model_key") for t in counted_trials(study.get_trials(deepcopy=False))}
             exhausted = size is not None and len(measured) >= size
             if self.remaining() == 0 or exhausted or self._duplicates >= MAX_DUPLICATES:
                 study.stop()
@@ -206,6 +211,20 @@ class Search:
         )
 
 
+def counted_trials(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count towards ``--trials``: complete ones, and failures that stay failed.
+
+    Not counted: trials interrupted by Ctrl-C (a rerun retries them) and trials of a worker that
+    died (its heartbeat stopped; ``RetryFailedTrialCallback`` queued a retry that lists it in
+    its ``retry_history``).
+    """
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    return [t for t in trials
+            if t.state == optuna.trial.TrialState.COMPLETE
+            or (t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED
+                and t.number not in retried)]
+
+
 def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[str, Any]) -> optuna.Study:
     """Create the study, or load it to resume; refuse to mix hardware profiles or settings.
 
@@ -218,6 +237,8 @@ def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[st
             storage=open_storage(storage), study_name=name, directions=list(DIRECTIONS),
             sampler=make_sampler(settings), load_if_exists=True,
         )
+    except UserError:
+        raise
     except Exception as exc:  # sqlalchemy raises many kinds; the message says which
         raise UserError(f"--storage: cannot open the study storage ({_first_line(exc)}); check the URL and that the server is up") from exc
     existing = study.user_attrs
@@ -233,8 +254,21 @@ def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[st
     return study
 
 
-HEARTBEAT_S = 10
-GRACE_S = 30
+HEARTBEAT_S = 10  # env AUTOTUNE_HEARTBEAT_S overrides
+GRACE_S = 30  # env AUTOTUNE_GRACE_S overrides: a trial whose worker is silent this long is failed and retried
+
+
+def _seconds_from_env(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise UserError(f"{name}={value!r} must be a whole number of seconds") from None
+    if seconds < 1:
+        raise UserError(f"{name}={value!r} must be at least 1 second")
+    return seconds
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
@@ -248,10 +282,33 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(url)
     from optuna.storages import RetryFailedTrialCallback
 
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
-    )
+    url = _with_driver(url)
+    heartbeat = _seconds_from_env("AUTOTUNE_HEARTBEAT_S", HEARTBEAT_S)
+    grace = _seconds_from_env("AUTOTUNE_GRACE_S", GRACE_S)
+    if grace <= heartbeat:
+        raise UserError(f"AUTOTUNE_GRACE_S ({grace}) must be longer than AUTOTUNE_HEARTBEAT_S ({heartbeat})")
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=heartbeat, grace_period=grace,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+        )
+    except ImportError as exc:  # Optuna's message does not say which module is missing
+        raise UserError(f"--storage: the database driver for this URL is not installed ({exc.__cause__ or exc}); "
+                        "for PostgreSQL: pip install psycopg2-binary") from exc
+
+
+def _with_driver(url: str) -> str:
+    """``url`` with an installed PostgreSQL driver named: SQLAlchemy 2.1 reads a bare postgresql://
+    as psycopg 3, while the ``postgres`` extra installs psycopg2 (and postgres:// is Heroku's alias)."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    for driver in ("psycopg2", "psycopg"):
+        if importlib.util.find_spec(driver) is not None:
+            return f"postgresql+{driver}://{rest}"
+    raise UserError("--storage: PostgreSQL needs a driver: pip install psycopg2-binary (or autotune[postgres])")
 
 
 def requeue_interrupted(study: optuna.Study) -> int:

@@ -108,9 +108,13 @@ class SearchSpace:
         try:
             raw = yaml.safe_load(path.read_text())
         except FileNotFoundError as exc:
-            raise UserError(f"--space {path}: no such file") from exc
+            raise UserError(f"--space {path}: no such file; check the path, or leave --space out for the default space") from exc
         except yaml.YAMLError as exc:
-            raise UserError(f"--space {path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UserError(f"--space {path}: not valid YAML{at} ({problem}); fix the syntax: each choice is "
+                            "'key: [a, b]' or 'key: {low: x, high: y}'") from exc
         if not isinstance(raw, dict):
             raise UserError(f"--space {path}: must be a mapping of choice -> list or range")
         return cls.from_dict(raw, where=str(path))
