@@ -82,7 +82,8 @@ class Workspace:
     splits: Splits
     train_device: str = "cpu"
     train_dtype: str = "float32"
-    threads: int | None = None
+    threads: int | None = None  # measuring threads: fixed for a study, so latencies compare
+    train_threads: int | None = None  # None: the cores free when each training starts
     trust_remote_code: bool = False
     latency: LatencySettings = field(default_factory=LatencySettings)
     max_eval: int | None = None  # score on the first N prompts of a split (balanced by the splitter)
@@ -179,7 +180,7 @@ def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: 
     with atomic_dir(adapter) as tmp:
         train_adapter(
             ws.base, ws.splits, spec.train, tmp,
-            device=ws.train_device, dtype=ws.train_dtype, threads=ws.threads,
+            device=ws.train_device, dtype=ws.train_dtype, threads=ws.train_threads,
             trust_remote_code=ws.trust_remote_code,
             on_step=lambda step, loss: notify("train", step / spec.train.steps, f"step {step} loss {loss:.3f}"),
         )
@@ -191,7 +192,8 @@ def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, 
     if (model_dir / "genai_config.json").is_file():
         return False
     check_free_disk(model_dir.parent, ws.base, spec.export, merged=spec.train is not None)
-    with tempfile.TemporaryDirectory(prefix="merge-", dir=ws.root) as work:
+    # Named like every partial artifact (*.tmp-*) so a killed run's merged copy is swept on the next start.
+    with tempfile.TemporaryDirectory(prefix="merge.tmp-", dir=ws.root) as work:
         source = ws.base.path
         if spec.train is not None:
             notify("merge", 0.0, "merging adapter into the base")

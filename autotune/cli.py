@@ -204,6 +204,7 @@ def _workspace(args, out: Path, profile, root: Path | None = None):
         train_device=profile.train_device,
         train_dtype=profile.train_dtype,
         threads=choose_threads(args.threads),
+        train_threads=args.threads,
         trust_remote_code=args.trust_remote_code,
         max_eval=args.max_eval,
         memory_headroom=profile.memory_headroom,
