@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,16 +79,34 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def sweep_partials(folder: Path) -> int:
-    """Remove half-written artifacts that killed runs left below ``folder``."""
+def sweep_partials(folder: Path, min_age_s: float = 600.0) -> int:
+    """Remove half-written artifacts that killed runs left below ``folder``.
+
+    The folder may be shared by workers that are writing right now: a partial folder goes
+    only if its artifact's lock (``<target>.lock``) is free, a partial file only once it is
+    older than ``min_age_s`` (file writes take milliseconds).
+    """
+    from filelock import FileLock, Timeout
+
     removed = 0
     if not folder.is_dir():
         return 0
-    for path in folder.rglob(f"*{_TMP_MARK}*"):
+    now = time.time()
+    for path in list(folder.rglob(f"*{_TMP_MARK}*")):
         if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
+            target = str(path).rsplit(_TMP_MARK, 1)[0]
+            try:
+                with FileLock(target + ".lock", timeout=0):
+                    shutil.rmtree(path, ignore_errors=True)
+            except Timeout:
+                continue  # a live worker is building it
         else:
-            path.unlink(missing_ok=True)
+            try:
+                if now - path.stat().st_mtime < min_age_s:
+                    continue
+                path.unlink()
+            except OSError:
+                continue
         removed += 1
     return removed
 

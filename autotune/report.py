@@ -128,7 +128,8 @@ def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[Fro
     with atomic_dir(out / "best") as tmp:
         shutil.copytree(ws.model_dir(chosen.spec), tmp, dirs_exist_ok=True)
     trials = study.get_trials(deepcopy=False)
-    failed = [{"number": t.number, "candidate": t.user_attrs.get("candidate"), "reason": t.user_attrs.get("fail_reason", "?")}
+    failed = [{"number": t.number, "candidate": t.user_attrs.get("candidate"),
+               "reason": t.user_attrs.get("fail_reason", "worker stopped sending heartbeats (killed?); retried")}
               for t in trials if t.state == optuna.trial.TrialState.FAIL]
     report = {
         "chosen": {
@@ -258,9 +259,8 @@ def prune(ws: Workspace, study: optuna.Study, keep: list[optuna.trial.FrozenTria
             continue
         folder = ws.root / "models" / key
         if folder.is_dir():
-            with _lock(folder):
+            with _lock(folder):  # the lock file stays: deleting it could let two holders in
                 shutil.rmtree(folder, ignore_errors=True)
-            Path(str(folder) + ".lock").unlink(missing_ok=True)
             removed += 1
     return removed
 

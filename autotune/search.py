@@ -200,7 +200,9 @@ class Search:
                 study.stop()
 
         callbacks = [stop_when_done] + ([on_trial] if on_trial else [])
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # ERROR, not WARNING: a failed candidate is shown in the trial table with its reason (fail_reason);
+        # Optuna's "Trial N failed" warning would print the whole traceback on top.
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         self.study.optimize(
             lambda trial: self.objective(trial, on_stage),
             n_trials=None,
@@ -291,6 +293,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=heartbeat, grace_period=grace,
             failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+            # A host that drops packets would otherwise hang until the OS gives up.
+            engine_kwargs={"connect_args": {"connect_timeout": 10}} if url.startswith("postgres") else None,
         )
     except ImportError as exc:  # Optuna's message does not say which module is missing
         raise UserError(f"--storage: the database driver for this URL is not installed ({exc.__cause__ or exc}); "

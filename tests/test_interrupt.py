@@ -1,0 +1,361 @@
+"""Crashes and interruptions lose nothing: real searches, real signals, real reruns.
+
+Every test starts the real search (``python -m autotune.cli``) on the tiny random Llama
+in its own session, watches it from outside and stops it at a chosen point:
+
+* ``kill -9`` of the whole process group while an adapter is being trained
+  (``cache/adapters/*.tmp-*`` exists), while a model is being exported
+  (``cache/models/*.tmp-*``), while a model is being measured (an ``autotune.measure``
+  child process exists) and between trials (the COMPLETE count in study.db just rose);
+* Ctrl-C (SIGINT to the process group) mid-export.
+
+Every kill comes after at least one trial finished, so there is something to lose.
+The same command is then run again to completion, and the rerun must keep every
+finished trial with its values, retrain no finished adapter, leave no partial artifact
+and write a loadable ``best/``. A search whose every candidate fails (a model the
+builder cannot export) must end with exit code 1 and a report of the reasons.
+
+Training in these searches takes 20 optimizer steps (a few seconds) so the training
+window is wide; the export (~2 s) and measuring (~1 s) windows are wide enough for
+the 0.05 s polling as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+
+from autotune.search import INTERRUPTED
+
+TRIALS = 6
+POLL_S = 0.05
+# The tiny space, but training long enough to be caught in the act.
+SLOW_TRAIN_SPACE = """\
+method: [lora, qlora]
+rank: [4, 8]
+alpha_ratio: [2]
+learning_rate: [1.0e-3]
+steps: [20]
+batch_size: [4]
+precision: [int4, int8, fp32]
+block_size: [32]
+accuracy_level: [4]
+"""
+
+# Filled by the tests, printed at the end of the module: the reliability figures.
+FIGURES: dict[str, dict] = {}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(scope="module")
+def slow_space(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("space") / "slow-train.yaml"
+    path.write_text(SLOW_TRAIN_SPACE)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_figures():
+    yield
+    if FIGURES:
+        lines = ["", "reliability figures (tests/test_interrupt.py):"]
+        for point, f in FIGURES.items():
+            lines.append("  " + point + ": " + ", ".join(f"{k}={v}" for k, v in f.items()))
+        print("\n".join(lines))
+
+
+def search_command(model: Path, data: Path, space: Path, out: Path, trials: int = TRIALS) -> list[str]:
+    return [sys.executable, "-m", "autotune.cli", "--model", str(model), "--data", str(data), "--space", str(space),
+            "--trials", str(trials), "--max-latency", "1000", "--threads", "1", "-o", str(out)]
+
+
+def start(command: list[str], logs: Path) -> subprocess.Popen:
+    """Start a search in its own process group (so a signal reaches all of it, children too)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(command, stdout=open(logs / "stdout.txt", "w"), stderr=open(logs / "stderr.txt", "w"),
+                            start_new_session=True, env=os.environ.copy())
+
+
+def complete_count(out: Path) -> int:
+    """COMPLETE trials in the study, read without disturbing the writer (0 if not there yet)."""
+    db = out / "study.db"
+    if not db.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.Error:  # not created yet, or locked for a moment
+        return 0
+
+
+def measuring(proc: subprocess.Popen) -> bool:
+    """Whether the search has a ``python -m autotune.measure`` child right now."""
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        return False
+    for child in children:
+        try:
+            if "autotune.measure" in child.cmdline():
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def wait_for(proc: subprocess.Popen, condition: Callable[[], bool], timeout: float, what: str, logs: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the search ended (exit {proc.returncode}) before {what}:\n{_tail(logs)}")
+        time.sleep(POLL_S)
+    stop_group(proc, signal.SIGKILL)
+    pytest.fail(f"{what} did not happen within {timeout:.0f} s:\n{_tail(logs)}")
+
+
+def stop_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def wait_group_gone(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Wait for the leader and every process of its group (the measuring child too)."""
+    proc.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in psutil.process_iter(["pid"]) if _pgid(p.info["pid"]) == proc.pid]
+        if not alive:
+            return
+        time.sleep(POLL_S)
+    raise AssertionError(f"processes of the killed group still alive: {alive}")
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _tail(logs: Path, n: int = 3000) -> str:
+    parts = []
+    for name in ("stdout.txt", "stderr.txt"):
+        path = logs / name
+        if path.is_file():
+            parts.append(f"--- {name}\n{path.read_text()[-n:]}")
+    return "\n".join(parts)
+
+
+def load_trials(out: Path) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'study.db').resolve()}")
+    return optuna.load_study(storage=storage, study_name="autotune").get_trials(deepcopy=False)
+
+
+def finished(trials) -> dict[int, tuple]:
+    """number -> (values, params) of the COMPLETE trials."""
+    return {t.number: (tuple(t.values), dict(t.params), t.user_attrs.get("model_key"))
+            for t in trials if t.state == optuna.trial.TrialState.COMPLETE}
+
+
+def trained_adapters(out: Path) -> dict[str, int]:
+    """adapter folder -> mtime (ns) of its train_log.json, for every finished adapter."""
+    root = out / "cache" / "adapters"
+    if not root.is_dir():
+        return {}
+    return {d.name: (d / "train_log.json").stat().st_mtime_ns for d in root.iterdir()
+            if d.is_dir() and (d / "train_log.json").is_file()}
+
+
+def partials(out: Path) -> list[Path]:
+    cache = out / "cache"
+    return sorted(cache.rglob("*.tmp-*")) if cache.is_dir() else []
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def assert_resumed_without_loss(out: Path, before: dict[int, tuple], adapters_before: dict[str, int],
+                                rerun: subprocess.CompletedProcess) -> dict:
+    """The checks after every rerun; returns the figures."""
+    where = f"stdout:\n{rerun.stdout[-3000:]}\nstderr:\n{rerun.stderr[-3000:]}"
+    assert "Traceback" not in rerun.stderr, where
+    assert rerun.returncode == 0, where
+    trials = load_trials(out)
+    after = finished(trials)
+    assert len(after) >= TRIALS, f"only {len(after)} COMPLETE trials after the rerun"
+    lost = [n for n, record in before.items() if after.get(n) != record]
+    assert not lost, f"trials finished before the kill changed or vanished: {lost}"
+    assert not partials(out), partials(out)
+    adapters_after = trained_adapters(out)
+    retrained = [name for name, mtime in adapters_before.items() if adapters_after.get(name) != mtime]
+    assert not retrained, f"adapters trained before the kill were trained again: {retrained}"
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING], "a trial was left RUNNING"
+    import onnxruntime_genai as og
+
+    og.Model(str(out / "best"))
+    return {"complete_before": len(before), "complete_after": len(after), "lost": len(lost),
+            "adapters_kept": len(adapters_before), "retrained": len(retrained)}
+
+
+# --------------------------------------------------------------------------- kill -9
+
+
+def _training(out, proc):
+    return any((out / "cache" / "adapters").glob("*.tmp-*"))
+
+
+def _exporting(out, proc):
+    return any((out / "cache" / "models").glob("*.tmp-*"))
+
+
+def _measuring(out, proc):
+    return measuring(proc)
+
+
+KILL_POINTS = {
+    "training": _training,
+    "exporting": _exporting,
+    "measuring": _measuring,
+    "between-trials": None,  # right after the COMPLETE count rises past the first trial
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_kill_9_then_rerun_loses_nothing(point: str, tmp_path: Path, tiny_model_dir, tiny_dataset, slow_space) -> None:
+    out = tmp_path / "out"
+    command = search_command(tiny_model_dir, tiny_dataset, slow_space, out)
+    proc = start(command, tmp_path / "first")
+    try:
+        wait_for(proc, lambda: complete_count(out) >= 1, 300, "the first trial finished", tmp_path / "first")
+        if KILL_POINTS[point] is None:
+            wait_for(proc, lambda: complete_count(out) >= 2, 300, "a second trial finished", tmp_path / "first")
+        else:
+            condition = KILL_POINTS[point]
+            wait_for(proc, lambda: condition(out, proc), 300, f"{point} after a finished trial", tmp_path / "first")
+        stop_group(proc, signal.SIGKILL)
+        wait_group_gone(proc)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    trials = load_trials(out)
+    before = finished(trials)
+    running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    adapters_before = trained_adapters(out)
+    left = partials(out)
+    if point in ("training", "exporting"):
+        assert left, f"killed while {point}, yet no partial artifact was on disk: the kill missed its window"
+    assert before, "nothing had finished before the kill"
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    figures = assert_resumed_without_loss(out, before, adapters_before, rerun)
+    if running:  # the trial the kill cut short was retried, not lost
+        assert "interrupted trial(s) queued again" in rerun.stderr + rerun.stdout
+        retried = [t for t in load_trials(out) if t.number in running]
+        assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("fail_reason") == INTERRUPTED
+                   for t in retried)
+    FIGURES[f"kill -9 {point}"] = {**figures, "partials_at_kill": len(left), "running_at_kill": len(running),
+                                   "survived": True}
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+
+def test_ctrl_c_keeps_finished_work_and_resumes(tmp_path: Path, tiny_model_dir, tiny_dataset, slow_space) -> None:
+    out = tmp_path / "out"
+    command = search_command(tiny_model_dir, tiny_dataset, slow_space, out)
+    logs = tmp_path / "first"
+    proc = start(command, logs)
+    try:
+        wait_for(proc, lambda: complete_count(out) >= 1, 300, "the first trial finished", logs)
+        wait_for(proc, lambda: _exporting(out, proc), 300, "an export after a finished trial", logs)
+        stop_group(proc, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc, signal.SIGKILL)
+            proc.wait()
+    stderr = (logs / "stderr.txt").read_text()
+    assert "Traceback" not in stderr, _tail(logs)
+    assert proc.returncode == 130, _tail(logs)
+    line = last_line(stderr)
+    assert line.startswith("interrupted:") and "kept" in line and "rerun" in line, line
+    assert not partials(out), f"Ctrl-C left partial artifacts: {partials(out)}"
+
+    trials = load_trials(out)
+    before = finished(trials)
+    interrupted = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
+                   and t.user_attrs.get("fail_reason") == INTERRUPTED]
+    assert len(interrupted) == 1, [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    adapters_before = trained_adapters(out)
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    figures = assert_resumed_without_loss(out, before, adapters_before, rerun)
+    assert "1 interrupted trial(s) queued again" in rerun.stderr + rerun.stdout
+    retried = [t for t in load_trials(out) if t.state == optuna.trial.TrialState.COMPLETE
+               and t.number > interrupted[0].number and t.params == interrupted[0].params]
+    assert retried, "the interrupted candidate was not retried"
+    FIGURES["ctrl-c exporting"] = {**figures, "exit_code": proc.returncode, "retried_as": retried[0].number,
+                                   "survived": True}
+
+
+# --------------------------------------------------------------------------- every candidate fails
+
+
+def test_every_candidate_failing_exits_1_with_reasons(tmp_path: Path, tiny_model_dir, tiny_dataset) -> None:
+    """A Llama with tanh activations: peft trains it, the genai builder cannot export it."""
+    model = tmp_path / "tanh-llama"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["hidden_act"] = "tanh"
+    (model / "config.json").write_text(json.dumps(config))
+    space = tmp_path / "space.yaml"
+    space.write_text("method: [lora]\nrank: [4]\nsteps: [2]\nbatch_size: [4]\nprecision: [int4, fp32]\n"
+                     "block_size: [32]\naccuracy_level: [4]\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(search_command(model, tiny_dataset, space, out, trials=4),
+                          capture_output=True, text=True, timeout=600)
+    where = f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, where
+    assert proc.returncode == 1, where
+    line = last_line(proc.stderr)
+    assert line.startswith("error: every candidate failed") and "report.json" in line, where
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["chosen"] is None and "failed" in report["why"]
+    assert report["trials"], report
+    for row in report["trials"]:
+        assert row["state"] == "FAIL", row
+        assert row["reason"] and "tanh activation" in row["reason"], row
+        assert row["candidate"], row
+    labels = {p for row in report["trials"] for p in ("int4", "fp32") if f" {p}" in row["candidate"]}
+    assert {"int4", "fp32"} <= labels, labels  # both precisions were tried, and both failed
+    trials = load_trials(out)
+    assert all(t.state == optuna.trial.TrialState.FAIL and "tanh" in t.user_attrs.get("fail_reason", "")
+               for t in trials), [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+    assert not partials(out), partials(out)
+    assert not (out / "best").exists()
+    FIGURES["every candidate fails"] = {"trials": len(trials), "exit_code": proc.returncode}
