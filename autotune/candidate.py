@@ -88,6 +88,7 @@ class Workspace:
     latency: LatencySettings = field(default_factory=LatencySettings)
     max_eval: int | None = None  # score on the first N prompts of a split (balanced by the splitter)
     memory_headroom: float = 0.8  # fraction of free RAM / VRAM a candidate may use (from the profile)
+    measure_timeout_s: float = 900.0  # a model that slow to score is a failed candidate, not a hung search
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -192,8 +193,9 @@ def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, 
     if (model_dir / "genai_config.json").is_file():
         return False
     check_free_disk(model_dir.parent, ws.base, spec.export, merged=spec.train is not None)
-    # Named like every partial artifact (*.tmp-*) so a killed run's merged copy is swept on the next start.
-    with tempfile.TemporaryDirectory(prefix="merge.tmp-", dir=ws.root) as work:
+    # Named <model>.tmp-merge-*: a partial of this model, under its lock (held here), so the next start's
+    # sweep removes a killed run's merged copy but never a live worker's.
+    with tempfile.TemporaryDirectory(prefix=f"{model_dir.name}.tmp-merge-", dir=model_dir.parent) as work:
         source = ws.base.path
         if spec.train is not None:
             notify("merge", 0.0, "merging adapter into the base")
@@ -217,7 +219,8 @@ def _measure_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, split: 
     path = ws.root / "measurements" / f"{key}.json"
     if path.is_file():
         return measurement_from_dict(json.loads(path.read_text())), True
-    result = measure(model_dir, prompts, answers, ws.splits.labels, provider=provider, threads=threads, latency=latency)
+    result = measure(model_dir, prompts, answers, ws.splits.labels, provider=provider, threads=threads, latency=latency,
+                     timeout_s=ws.measure_timeout_s)
     atomic_write_text(path, json.dumps(result.to_dict(), indent=1))
     return result, False
 

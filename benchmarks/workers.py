@@ -24,17 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-SPACE = """\
-method: [lora, qlora]
-rank: [4, 8]
-alpha_ratio: [2]
-learning_rate: [1.0e-3]
-steps: [3]
-batch_size: [4]
-precision: [int4, int8, fp32]
-block_size: [32]
-accuracy_level: [4]
-"""
+from conftest import TINY_SPACE as SPACE  # the tests' categorical space: 12 candidates, 4 adapters
 
 
 def cli(*args: str, log: Path) -> subprocess.Popen:

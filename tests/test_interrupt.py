@@ -225,7 +225,8 @@ def _training(out, proc):
 
 
 def _exporting(out, proc):
-    return any((out / "cache" / "models").glob("*.tmp-*"))
+    """The builder is writing a model folder (not merely merging: ``<key>.tmp-merge-*``)."""
+    return any(".tmp-merge-" not in p.name for p in (out / "cache" / "models").glob("*.tmp-*"))
 
 
 def _measuring(out, proc):
