@@ -93,6 +93,8 @@ def sweep_partials(folder: Path, min_age_s: float = 600.0) -> int:
         return 0
     now = time.time()
     for path in list(folder.rglob(f"*{_TMP_MARK}*")):
+        if not path.exists():  # inside a partial folder removed a moment ago
+            continue
         if path.is_dir():
             target = str(path).rsplit(_TMP_MARK, 1)[0]
             try:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import json
 import math
 from pathlib import Path
@@ -358,11 +361,15 @@ def test_workspace_sweeps_partials(base, splits, tmp_path):
     (root / "adapters" / "abc.tmp-1234abcd" / "adapter_model.safetensors").write_text("half")
     (root / "models" / "def.tmp-deadbeef" / "inner.tmp-00000000").mkdir(parents=True)
     (root / "measurements").mkdir()
-    (root / "measurements" / "k.json.tmp-cafebabe").write_text("{")
+    stale = root / "measurements" / "k.json.tmp-cafebabe"
+    stale.write_text("{")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))  # a killed run's, an hour ago
+    fresh = root / "measurements" / "other.json.tmp-0badf00d"
+    fresh.write_text("{")  # another worker may be writing it right now: left alone
     (root / "measurements" / "k.json").write_text("{}")
     (root / "adapters" / "good").mkdir()
     _workspace(root, base, splits)
-    assert not list(root.rglob("*.tmp-*"))
+    assert list(root.rglob("*.tmp-*")) == [fresh]
     assert (root / "measurements" / "k.json").is_file()
     assert (root / "adapters" / "good").is_dir()
 
