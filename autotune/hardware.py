@@ -401,18 +401,23 @@ def _ort_providers() -> tuple[str, ...]:
 
 
 def free_cores() -> int:
-    """Cores free right now: usable CPUs under 50% busy over 0.2 s.
+    """Cores that other processes leave free right now (sampled over 0.2 s).
 
-    At least 1, at most the usable physical cores (two threads sharing a core's
-    SIMD units gain little for training and export).
+    This process's own load (imports, progress rendering) does not count against it.
+    At least 1, at most the usable physical cores (two threads sharing a core's SIMD
+    units gain little for training and export).
     """
     logical = _usable_logical_cores()
     physical = _guard(lambda: _physical_cores(logical), logical)
     try:
+        me = psutil.Process()
+        me.cpu_percent(None)  # starts this process's own measurement window
         percents = psutil.cpu_percent(interval=0.2, percpu=True)
+        own = me.cpu_percent(None) / 100  # in cores
         ids = _usable_cpu_ids()
         usable = [percents[i] for i in ids if i < len(percents)] or percents
-        free = sum(1 for p in usable if p < _BUSY_PERCENT)
+        busy_by_others = max(0.0, sum(usable) / 100 - own)
+        free = len(usable) - int(busy_by_others + 1 - _BUSY_PERCENT / 100)  # a core over half busy is taken
     except Exception as exc:
         _logger.debug("cpu_percent failed: %r", exc)
         free = physical
