@@ -16,7 +16,6 @@ Workspace layout below ``root``::
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -239,8 +238,3 @@ def measurement_from_dict(record: dict) -> Measurement:
         stage_seconds=record.get("stage_seconds", {}),
         gpu_memory_mb=record.get("gpu_memory_mb"),
     )
-
-
-def remove_model(ws: Workspace, spec: CandidateSpec) -> None:
-    """Delete a candidate's exported folder (its measurements stay)."""
-    shutil.rmtree(ws.model_dir(spec), ignore_errors=True)

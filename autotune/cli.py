@@ -403,7 +403,7 @@ def _select(ctx: SearchContext) -> int:
         f"zero-shot base (test) {c['zero_shot_test_accuracy']:.3f}\n"
         f"  {settings.latency_metric} {chosen.latency_ms:.1f} ms   size {chosen.size_mb:.0f} MB\n"
         f"  wrote {out / 'best'} (load with og.Model), report.json, MODEL_CARD.md, pareto.csv, pareto.png\n"
-        f"  compare candidates: autotune dashboard {out}" + (f" --storage URL" if ctx.args.storage else ""))
+        f"  compare candidates: autotune dashboard {out}" + (" --storage URL" if ctx.args.storage else ""))
     return 0
 
 

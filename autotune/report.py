@@ -9,12 +9,10 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import json
-import platform
 import re
 import shlex
 import shutil
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import optuna
 from rich.table import Table
 
 from autotune.cache import atomic_dir, atomic_write_text
-from autotune.candidate import CandidateResult, CandidateSpec, Workspace, run_candidate
+from autotune.candidate import CandidateResult, CandidateSpec, Workspace
 from autotune.export import ExportSpec
 from autotune.live import fmt
 from autotune.measure import LatencySettings, run_child, summarize_latency
@@ -297,10 +295,6 @@ def candidate_table(results: list[CandidateResult], split: str) -> Table:
     for name, get in rows:
         table.add_row(name, *(get(r) for r in results))
     return table
-
-
-def platform_summary() -> str:
-    return f"{platform.system()} {platform.machine()}, Python {sys.version.split()[0]}"
 
 
 def write_failure_report(out: Path, trials, why: str) -> None:
