@@ -24,7 +24,7 @@ from autotune.cache import atomic_dir, atomic_write_text
 from autotune.candidate import CandidateResult, CandidateSpec, Workspace
 from autotune.export import ExportSpec
 from autotune.live import fmt
-from autotune.measure import LatencySettings, run_child, summarize_latency
+from autotune.measure import LatencySettings, measure
 from autotune.search import LATENCY_METRICS
 from autotune.train import TrainSpec
 
@@ -74,13 +74,9 @@ def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: 
     for _ in range(rounds):
         for t in members:
             spec = spec_from_attrs(t.user_attrs)
-            raw = run_child({
-                "model_dir": str(ws.model_dir(spec)), "provider": spec.export.execution_provider,
-                "threads": ws.threads or 1, "prompts": [], "labels": ws.splits.labels,
-                "latency": {"new_tokens": settings.new_tokens, "warmup": settings.warmup, "repeats": settings.repeats},
-                "latency_prompt": prompt,
-            })
-            samples[t.number].append(getattr(summarize_latency(raw["latency"]), LATENCY_METRICS[metric]))
+            timed = measure(ws.model_dir(spec), [], [], ws.splits.labels, provider=spec.export.execution_provider,
+                            threads=ws.threads or 1, latency=settings, latency_prompt=prompt)
+            samples[t.number].append(getattr(timed.latency, LATENCY_METRICS[metric]))
     result = []
     for t in members:
         values = samples[t.number]
