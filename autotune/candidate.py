@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from autotune.cache import atomic_dir, atomic_write_text, content_key, sweep_partials
-from autotune.data import Splits
+from autotune.data import Splits, instruction_prompt
 from autotune.export import ExportSpec, check_free_disk, export_model, merge_adapter
-from autotune.measure import Accuracy, Latency, LatencySettings, Measurement, measure
+from autotune.measure import MEASURE_VERSION, LatencySettings, Measurement, measure
 from autotune.models import BaseModel
 from autotune.train import TrainResult, TrainSpec, check_memory, read_train_log, render_prompt, train_adapter
 
@@ -92,7 +92,7 @@ class Workspace:
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         sweep_partials(self.root)  # half-written artifacts of a killed run are never trusted
-        self._prompts: dict[str, tuple[list[str], list[str]]] = {}
+        self._prompts: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
 
     def train_key(self, spec: TrainSpec) -> str:
         return content_key("adapter", self.base.fingerprint, self.splits.fingerprint, spec, self.train_device, self.train_dtype)
@@ -107,18 +107,26 @@ class Workspace:
     def model_dir(self, spec: CandidateSpec) -> Path:
         return self.root / "models" / self.export_key(spec)
 
-    def prompts(self, split: str) -> tuple[list[str], list[str]]:
-        """Rendered prompts and true labels of a split (chat template applied if asked)."""
-        if split not in self._prompts:
+    def prompts(self, split: str, style: str = "template") -> tuple[list[str], list[str]]:
+        """Rendered prompts and true labels of a split.
+
+        ``style="template"``: the data template (chat template applied if asked), what candidates
+        are trained on; ``"instruction"``: an instruction naming the labels, in the model's chat
+        template where it has one (the zero-shot baselines).
+        """
+        if (split, style) not in self._prompts:
             examples = list(getattr(self.splits, split))[: self.max_eval]
             tokenizer = None
-            if self.splits.config.chat_template:
+            if self.splits.config.chat_template or style == "instruction":
                 from autotune.train import load_tokenizer
 
                 tokenizer = load_tokenizer(self.base, self.trust_remote_code)
-            rendered = [render_prompt(e.prompt, tokenizer, self.splits.config.chat_template) for e in examples]
-            self._prompts[split] = (rendered, [e.label for e in examples])
-        return self._prompts[split]
+            if style == "instruction":
+                rendered = [instruction_prompt(e.prompt, self.splits.labels, tokenizer) for e in examples]
+            else:
+                rendered = [render_prompt(e.prompt, tokenizer, self.splits.config.chat_template) for e in examples]
+            self._prompts[split, style] = (rendered, [e.label for e in examples])
+        return self._prompts[split, style]
 
 
 def run_candidate(
@@ -128,8 +136,14 @@ def run_candidate(
     split: str = "validation",
     with_latency: bool = True,
     on_stage: StageCallback | None = None,
+    prompt_style: str = "template",
+    restrict_to_labels: bool = False,
 ) -> CandidateResult:
-    """Build (or reuse) the candidate's model folder and measure it on ``split``."""
+    """Build (or reuse) the candidate's model folder and measure it on ``split``.
+
+    ``prompt_style`` and ``restrict_to_labels`` choose how it is asked and how it answers
+    (see :meth:`Workspace.prompts` and :func:`autotune.measure.measure`); the baselines use them.
+    """
     notify = on_stage or (lambda stage, fraction, detail: None)
     seconds: dict[str, float] = {}
     cached: list[str] = []
@@ -151,7 +165,7 @@ def run_candidate(
         cached.append("export")
 
     notify("measure", 0.0, f"accuracy on {split}" + (" + latency" if with_latency else ""))
-    measurement, was_cached = _measure_cached(ws, spec, model_dir, split, with_latency)
+    measurement, was_cached = _measure_cached(ws, spec, model_dir, split, with_latency, prompt_style, restrict_to_labels)
     if was_cached:
         cached.append("measure")
     else:
@@ -209,32 +223,18 @@ def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, 
     return True
 
 
-def _measure_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, split: str, with_latency: bool):
-    prompts, answers = ws.prompts(split)
+def _measure_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, split: str, with_latency: bool,
+                    prompt_style: str = "template", restrict_to_labels: bool = False):
+    prompts, answers = ws.prompts(split, prompt_style)
     latency = ws.latency if with_latency else None
     provider = spec.export.execution_provider
     threads = ws.threads or 1
-    key = content_key("measure", ws.export_key(spec), prompts, answers, latency, provider, threads)
+    key = content_key("measure", MEASURE_VERSION, ws.export_key(spec), prompts, answers, latency, provider, threads,
+                      restrict_to_labels)
     path = ws.root / "measurements" / f"{key}.json"
-    if path.is_file():
-        return measurement_from_dict(json.loads(path.read_text())), True
+    if path.is_file():  # scored again from the stored raw answers: a changed scoring rule applies at once
+        return Measurement.from_dict(json.loads(path.read_text()), answers, ws.splits.labels), True
     result = measure(model_dir, prompts, answers, ws.splits.labels, provider=provider, threads=threads, latency=latency,
-                     timeout_s=ws.measure_timeout_s)
+                     restrict_to_labels=restrict_to_labels, timeout_s=ws.measure_timeout_s)
     atomic_write_text(path, json.dumps(result.to_dict(), indent=1))
     return result, False
-
-
-def measurement_from_dict(record: dict) -> Measurement:
-    """Inverse of :meth:`Measurement.to_dict`."""
-    latency = Latency(**record["latency"]) if record.get("latency") else None
-    return Measurement(
-        accuracy=Accuracy(**record["accuracy"]),
-        latency=latency,
-        peak_rss_mb=record["peak_rss_mb"],
-        size_mb=record["size_mb"],
-        seconds=record["seconds"],
-        threads=record["threads"],
-        provider=record["provider"],
-        stage_seconds=record.get("stage_seconds", {}),
-        gpu_memory_mb=record.get("gpu_memory_mb"),
-    )

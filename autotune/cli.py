@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.errors import UserError
+from autotune.measure import LATENCY_METRICS
 
 SUBCOMMANDS = ("candidate", "profile", "dashboard", "search", "worker", "select")
 DEFAULT_OUTPUT = "autotune-out"
@@ -70,8 +71,11 @@ def _search_parser() -> argparse.ArgumentParser:
     )
     _add_model_data_args(p)
     g = p.add_argument_group("search")
-    g.add_argument("--max-latency", type=float, help="hard latency bound in ms (of --latency-metric)")
-    g.add_argument("--latency-metric", default="p50", choices=["ttft", "p50", "p90"], help="ttft, or per-token p50/p90 (default: p50)")
+    g.add_argument("--max-latency", type=float, help="hard latency bound in ms: the p50 across validation prompts of "
+                   "--latency-metric (default metric: the whole request)")
+    g.add_argument("--latency-metric", default="request", choices=list(LATENCY_METRICS),
+                   help="request (tokenize, prefill, generation to the stop, decode), ttft (time to first token) "
+                   "or token (per-token decode); p50 across prompts (default: request)")
     g.add_argument("--trials", type=int, default=12, help="candidates to evaluate in all, counting a resumed study's (default: 12)")
     g.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     g.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"], help="constrained multivariate TPE (default), NSGA-II or random")
@@ -108,8 +112,9 @@ def _candidate_parser() -> argparse.ArgumentParser:
     e.add_argument("--accuracy-level", type=int, default=4, help="int4/int8 MatMul accuracy level: 0 builder default, 1 fp32 .. 4 int8 (default: 4)")
     e.add_argument("--algo", default="default", choices=["default", "rtn", "k_quant"], help="int4/int8 quantization algorithm (default: default)")
     o = p.add_argument_group("output")
-    o.add_argument("--split", default="test", choices=["validation", "test"], help="split to score on (default: test)")
-    o.add_argument("--no-baseline", action="store_true", help="skip the zero-shot base")
+    o.add_argument("--split", default="validation", choices=["validation", "test"],
+                   help="split to score on (default: validation; test only to report a final choice)")
+    o.add_argument("--no-baseline", action="store_true", help="skip the baselines (majority class, and the base told the labels)")
     o.add_argument("--json", action="store_true", help="print the measured record as JSON on stdout")
     return p
 
@@ -217,8 +222,8 @@ def _workspace(args, out: Path, profile, root: Path | None = None):
 def cmd_candidate(args) -> int:
     from autotune.candidate import CandidateSpec, run_candidate
     from autotune.export import ExportSpec
-    from autotune.live import StageProgress, console
-    from autotune.report import candidate_table
+    from autotune.live import console, stage_view
+    from autotune.report import baselines, candidate_table
     from autotune.train import TrainSpec
 
     info, profile = _hardware(args.target)
@@ -233,26 +238,26 @@ def cmd_candidate(args) -> int:
     export = ExportSpec(precision=args.precision, execution_provider=profile.execution_provider,
                         block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo).normalized()
     out = _output_dir(args.output)
+    if args.json:  # stdout carries the JSON record only
+        console.file = sys.stderr
     ws = _workspace(args, out, profile)
     console.print(f"[bold]data[/] {ws.splits.summary()}   [bold]model[/] {ws.base.name} ({ws.base.architecture})   "
                   f"[bold]profile[/] {profile.name}, {ws.threads} thread(s)")
-    specs = [CandidateSpec(train, export)]
-    if not args.no_baseline:
-        specs.append(CandidateSpec(None, export))
-    results = []
-    progress = StageProgress()
-    with progress.progress:
-        for spec in specs:
-            progress.start_candidate(spec.describe())
-            console.print(f"[bold]candidate[/] {spec.describe()}")
-            results.append(run_candidate(ws, spec, split=args.split, on_stage=progress))
+    spec = CandidateSpec(train, export)
+    floors = []
+    with stage_view() as progress:
+        progress.start_candidate(spec.describe())
+        result = run_candidate(ws, spec, split=args.split, on_stage=progress)
+        if not args.no_baseline:
+            progress.start_candidate(f"baselines: {CandidateSpec(None, export).describe()}")
+            floors = baselines(ws, export, args.split, on_stage=progress)
     if args.json:
-        print(json.dumps({"profile": profile.name, "split": args.split, "candidate": results[0].to_dict(),
-                          "zero_shot": results[1].to_dict() if len(results) > 1 else None}, indent=1))
+        print(json.dumps({"profile": profile.name, "split": args.split, "candidate": result.to_dict(),
+                          "baselines": [b.to_dict() for b in floors]}, indent=1))
     else:
         from rich.console import Console
 
-        Console(width=None if sys.stdout.isatty() else 140).print(candidate_table(results, args.split))
+        Console(width=None if sys.stdout.isatty() else 140).print(candidate_table(result, floors, args.split))
     return 0
 
 
@@ -334,7 +339,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
 
 
 def _run_trials(ctx: SearchContext) -> None:
-    from autotune.live import SearchView, console
+    from autotune.live import console, search_view
     from autotune.search import Search, requeue_interrupted
 
     if not ctx.args.storage:  # one process owns a local SQLite study: RUNNING trials there are dead
@@ -348,63 +353,16 @@ def _run_trials(ctx: SearchContext) -> None:
                   f"[bold]study[/] {ctx.args.study} ({ctx.storage.split('://')[0]})"
                   + (f"   resuming with {done_before} trial(s) done" if done_before else ""))
     s = ctx.settings
-    with SearchView(ctx.study, s.latency_metric, s.max_latency_ms, s.trials, s.timeout_s) as view:
+    with search_view(ctx.study, s.latency_metric, s.max_latency_ms, s.trials, s.timeout_s) as view:
         search.run(on_stage=view.on_stage, on_trial=view.on_trial)
 
 
 def _select(ctx: SearchContext) -> int:
-    import optuna
-    from rich.console import Console
+    from autotune.report import select_and_write
 
-    from autotune import report
-    from autotune.candidate import CandidateSpec, run_candidate
-    from autotune.live import console, trial_table
-
-    study, settings, out, ws = ctx.study, ctx.settings, ctx.out, ctx.ws
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    out_console = Console(width=None if sys.stdout.isatty() else 140)
-    if not complete:
-        out_console.print(trial_table(trials, settings.latency_metric, settings.max_latency_ms, title="All trials failed"))
-        report.write_failure_report(out, trials, "every candidate failed")
-        raise UserError(f"every candidate failed; reasons are in {out / 'report.json'}", exit_code=1)
-    front_trials = report.feasible_front(study, settings.max_latency_ms)
-    if not front_trials:
-        fastest = min(complete, key=lambda t: t.values[1])
-        out_console.print(trial_table(complete, settings.latency_metric, settings.max_latency_ms, title="No feasible trial"))
-        report.write_failure_report(out, trials, "no candidate met --max-latency")
-        raise UserError(
-            f"no candidate met --max-latency {settings.max_latency_ms:g} ms; the fastest found was #{fastest.number} "
-            f"{fastest.user_attrs.get('candidate')} at {fastest.values[1]:.1f} ms ({settings.latency_metric}); "
-            "raise the bound or search faster precisions", exit_code=3)
-    console.print(f"re-benchmarking {len(front_trials)} Pareto candidate(s), interleaved ...")
-    front = report.rebenchmark(ws, front_trials, settings.latency_metric, settings.max_latency_ms)
-    chosen = report.choose(front)
-    out_console.print(report.final_table(front, chosen, settings.latency_metric))
-    if chosen is None:
-        report.write_failure_report(out, trials, "no Pareto candidate met --max-latency when re-benchmarked")
-        raise UserError(f"re-benchmarked, no candidate stays within --max-latency {settings.max_latency_ms:g} ms "
-                        "(the first timings were optimistic); raise the bound a little", exit_code=3)
-    console.print("scoring the chosen model and the zero-shot base on the held-out test split ...")
-    test = run_candidate(ws, chosen.spec, split="test", with_latency=False)
-    zero_shot = run_candidate(ws, CandidateSpec(None, chosen.spec.export), split="test", with_latency=False)
-    # Finished trials are immutable in Optuna; the choice is recorded on the study.
-    study.set_user_attr("chosen_trial", chosen.trial.number)
-    study.set_user_attr("chosen_test_accuracy", test.measurement.accuracy.accuracy)
-    study.set_user_attr("zero_shot_test_accuracy", zero_shot.measurement.accuracy.accuracy)
-    result = report.write_outputs(out, ws, study, front, chosen, test, zero_shot, ctx.info.to_dict(),
-                                  ctx.profile.to_dict(), settings.latency_metric, settings.max_latency_ms, ctx.argv)
-    if not ctx.args.keep_all:
-        report.prune(ws, study, [m.trial for m in front], keep_specs=[zero_shot.spec])
-    c = result["chosen"]
-    out_console.print(
-        f"[bold green]chosen[/] #{chosen.trial.number} {c['candidate']}\n"
-        f"  test accuracy [bold]{c['test_accuracy']:.3f}[/]   validation {c['validation_accuracy']:.3f}   "
-        f"zero-shot base (test) {c['zero_shot_test_accuracy']:.3f}\n"
-        f"  {settings.latency_metric} {chosen.latency_ms:.1f} ms   size {chosen.size_mb:.0f} MB\n"
-        f"  wrote {out / 'best'} (load with og.Model), report.json, MODEL_CARD.md, pareto.csv, pareto.png\n"
-        f"  compare candidates: autotune dashboard {out}" + (" --storage URL" if ctx.args.storage else ""))
-    return 0
+    return select_and_write(ctx.study, ctx.ws, ctx.settings, ctx.out, hardware=ctx.info.to_dict(),
+                            profile=ctx.profile.to_dict(), argv=ctx.argv, keep_all=ctx.args.keep_all,
+                            shared_storage=bool(ctx.args.storage))
 
 
 def cmd_search(args, argv: list[str]) -> int:

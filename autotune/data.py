@@ -30,6 +30,7 @@ from autotune.errors import UserError
 
 DEFAULT_TEMPLATE = "### Text: {text}\n### The tone is:\n{label}"
 DEMO_DATASET = "demo"
+INSTRUCTION = "Classify the text as one of: {labels}. Answer with the label only."
 
 
 @dataclass(frozen=True)
@@ -273,3 +274,19 @@ def parse_label_map(text: str) -> tuple[tuple[str, str], ...]:
             raise UserError(f"--label-map item '{item}' has an empty side; write e.g. sadness=Sad")
         pairs.append((source, target))
     return tuple(pairs)
+
+
+def instruction_prompt(prompt: str, labels: tuple[str, ...] | list[str], tokenizer=None) -> str:
+    """The zero-shot baseline's prompt: an instruction that names the labels, then the example.
+
+    With a tokenizer that has a chat template, the instruction and the example are the user's
+    turn and the template's answer cue (the prompt's last line, e.g. ``### The tone is:``,
+    without heading marks) opens the assistant's answer, so a base model answers with a label
+    rather than with a sentence about it. Without a chat template, plain text.
+    """
+    instruction = INSTRUCTION.format(labels=", ".join(labels))
+    body, _, cue = prompt.rstrip("\n").rpartition("\n")
+    if not getattr(tokenizer, "chat_template", None) or not body:
+        return f"{instruction}\n\n{prompt}"
+    messages = [{"role": "user", "content": f"{instruction}\n\n{body}"}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + cue.lstrip("# ")

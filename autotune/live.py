@@ -1,4 +1,5 @@
-"""What the user watches: rich progress for the stages and a live trial table.
+"""What the user watches: rich progress for the stages and a live trial table on a terminal,
+one plain line per stage and per trial elsewhere (a log file, a pipe, CI).
 
 Nothing here decides anything; it renders what the candidate and search stages report
 through their callbacks.
@@ -6,9 +7,10 @@ through their callbacks.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import optuna
 from rich.console import Console, Group
@@ -16,8 +18,13 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-# Logs and CI are not terminals; give tables room there instead of rich's 80 columns.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+from autotune.search import best_trial, counted_trials
+
+# On a terminal, progress goes to stderr and redraws in place. When stdout is not a terminal
+# (``autotune ... > log.txt``, CI, nohup), progress is plain lines on stdout, so the log holds it;
+# tables get room there instead of rich's 80 columns, and rich writes no control codes.
+INTERACTIVE = sys.stdout.isatty()
+console = Console(file=sys.stderr if INTERACTIVE else sys.stdout, width=None if INTERACTIVE else 140)
 STAGES = ("train", "merge", "export", "measure")
 
 
@@ -33,11 +40,20 @@ class StageProgress:
         self.tasks: dict[str, int] = {}
         self.title = ""
 
+    def __enter__(self) -> "StageProgress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
     def start_candidate(self, title: str) -> None:
         for task in self.tasks.values():
             self.progress.remove_task(task)
         self.tasks.clear()
         self.title = title
+        if title:
+            self.progress.console.print(f"[bold]candidate[/] {title}")
 
     def __call__(self, stage: str, fraction: float, detail: str) -> None:
         if stage not in self.tasks:
@@ -57,7 +73,7 @@ def trial_table(trials: Sequence[optuna.trial.FrozenTrial], metric: str, limit: 
     table = Table(title=title, title_justify="left", header_style="bold")
     table.add_column("#", justify="right")
     table.add_column("candidate", no_wrap=True, overflow="ellipsis", max_width=46)
-    for column in ("val acc", f"{metric} ms", "TTFT ms", "tok/s", "MB", "feasible"):
+    for column in ("val acc", f"{metric} ms", "TTFT ms", "req p90 ms", "MB", "feasible"):
         table.add_column(column, justify="right")
     table.add_column("state", no_wrap=True, overflow="ellipsis", max_width=30)
     rows = list(trials)[-last:] if last else list(trials)
@@ -71,8 +87,8 @@ def trial_table(trials: Sequence[optuna.trial.FrozenTrial], metric: str, limit: 
             attrs.get("candidate", "-"),
             fmt(t.values[0] if t.values else None),
             fmt(t.values[1] if t.values else None, ".1f"),
-            fmt(attrs.get("ttft_ms"), ".1f"),
-            fmt(attrs.get("tokens_per_s"), ".0f"),
+            fmt(attrs.get("ttft_p50_ms"), ".1f"),
+            fmt(attrs.get("request_p90_ms"), ".1f"),
             fmt(attrs.get("size_mb"), ".0f"),
             "-" if feasible is None else ("[green]yes[/]" if feasible else "[red]no[/]"),
             state,
@@ -120,7 +136,7 @@ class SearchView:
         if self.timeout_s:
             left = f", {max(0, self.timeout_s - elapsed) / 60:.1f} min left of the timeout"
         header = f"[bold]trial {min(done + 1, self.total)} of {self.total}[/] ({elapsed / 60:.1f} min elapsed{left})"
-        best = best_feasible(trials)
+        best = best_trial(trials)
         best_line = "best so far: -" if best is None else (
             f"best so far: #{best.number} {best.user_attrs.get('candidate')} "
             f"acc {best.values[0]:.3f}, {self.metric} {best.values[1]:.1f} ms"
@@ -131,7 +147,80 @@ class SearchView:
         return Group(*parts)
 
 
-def best_feasible(trials: Iterable[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
-    """The most accurate feasible trial (ties: lower latency)."""
-    ok = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
-    return max(ok, key=lambda t: (t.values[0], -t.values[1]), default=None)
+class PlainStages:
+    """Stage progress as plain lines: one when a candidate starts, one when each of its stages does."""
+
+    def __init__(self, started: float | None = None, prefix: str = "") -> None:
+        self.started = time.monotonic() if started is None else started
+        self.prefix = prefix
+        self.stage: str | None = None
+
+    def __enter__(self) -> "PlainStages":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def line(self, text: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[{elapsed // 60:3.0f}:{elapsed % 60:04.1f}] {text}", file=console.file, flush=True)
+
+    def start_candidate(self, title: str) -> None:
+        self.stage = None
+        if title:
+            self.line(f"candidate {title}")
+
+    def __call__(self, stage: str, fraction: float, detail: str) -> None:
+        if stage != self.stage:  # training reports every step; a log wants the stage once
+            self.stage = stage
+            self.line(f"{self.prefix}{stage}: {detail}")
+
+
+class PlainView:
+    """A running search as plain lines: each stage as it starts, each trial as it ends."""
+
+    def __init__(self, study: optuna.Study, metric: str, limit: float | None, total: int,
+                 timeout_s: float | None) -> None:
+        self.study = study
+        self.metric = metric
+        self.total = total
+        self.stages = PlainStages()
+
+    def __enter__(self) -> "PlainView":
+        self.stages.line(f"search: {self.total} trial(s), latency metric {self.metric}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def on_stage(self, stage: str, fraction: float, detail: str) -> None:
+        if stage != self.stages.stage:
+            running = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            mine = [t for t in running if t.user_attrs.get("worker", "").endswith(f":{os.getpid()}")]
+            self.stages.prefix = f"trial {mine[-1].number} " if mine else ""
+        self.stages(stage, fraction, detail)
+
+    def on_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.stages.start_candidate("")
+        attrs = trial.user_attrs
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            outcome = (f"acc {trial.values[0]:.3f}  {self.metric} {trial.values[1]:.1f} ms  "
+                       f"{'feasible' if attrs.get('feasible') else 'over the bound'}")
+        elif trial.state == optuna.trial.TrialState.PRUNED:
+            outcome = f"skipped (same candidate as trial {attrs.get('duplicate_of')})"
+        else:
+            outcome = f"failed: {attrs.get('fail_reason', trial.state.name.lower())}"
+        done = len(counted_trials(study.get_trials(deepcopy=False)))
+        took = f" in {trial.duration.total_seconds():.0f} s" if trial.duration else ""
+        self.stages.line(f"trial {trial.number} ({done} of {self.total} done){took}: {attrs.get('candidate', '-')}  {outcome}")
+
+
+def stage_view() -> StageProgress | PlainStages:
+    """Stage progress for ``autotune candidate``: bars on a terminal, plain lines elsewhere."""
+    return StageProgress() if INTERACTIVE else PlainStages()
+
+
+def search_view(study: optuna.Study, metric: str, limit: float | None, total: int,
+                timeout_s: float | None) -> SearchView | PlainView:
+    """The live view of a search on a terminal, plain lines elsewhere."""
+    return (SearchView if INTERACTIVE else PlainView)(study, metric, limit, total, timeout_s)

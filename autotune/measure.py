@@ -1,69 +1,125 @@
-"""Measure an exported model with onnxruntime-genai: task accuracy and latency.
+"""Measure an exported model with onnxruntime-genai: task accuracy and per-request latency.
 
 Measuring runs in a child process (``python -m autotune.measure``) that imports only
 onnxruntime-genai, as a deployed app would. That keeps the peak-memory figure honest
 (no torch in the process), isolates a crashing runtime from the search, and pins the
 thread count.
 
-Accuracy: greedy generation for each prompt; the first line of the answer, stripped of
-punctuation, must equal a label (case-insensitive). Anything else is an invalid answer
-and counts as wrong. Latency: after warm-up, a fixed prompt generates a fixed number of
-tokens several times; time to first token (prefill + first sample) and every decode
-step are timed.
+Each prompt is one request, timed as an app runs it: tokenize, prefill, greedy
+generation to the stop (a newline or the token budget), decode. Accuracy: the first
+line of the answer, stripped of punctuation, must equal a label (case-insensitive);
+anything else is an invalid answer and counts as wrong. Latency: the requests' own
+times, after untimed warm-up ones: request, time to first token and per-token decode,
+as p50/p90 across prompts. The raw answers are kept, so a changed scoring rule
+re-scores a stored measurement without generating again.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from autotune.cache import folder_size
 from autotune.errors import CandidateError
 
+# Bump when the child's generation, stop rule, label scoring or timing changes: it is part of
+# the measurement cache key. A change in normalize_answer/score needs no bump (answers are re-scored on load).
+MEASURE_VERSION = 2
+# --latency-metric -> the Latency field it optimises and bounds (--max-latency).
+LATENCY_METRICS = {"request": "request_p50_ms", "ttft": "ttft_p50_ms", "token": "token_p50_ms"}
+Z_95 = 1.959964  # two-sided 95% normal quantile
+
+
+def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95% by default); (0, 1) when ``n`` is 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
 
 @dataclass(frozen=True)
 class LatencySettings:
-    """How latency is sampled: ``repeats`` timed runs after ``warmup`` untimed ones."""
+    """How latency is sampled: ``warmup`` untimed requests before the timed ones; the front's
+    re-benchmark times ``sample`` prompts spread over lengths, ``rounds`` times, interleaved."""
 
-    new_tokens: int = 32
     warmup: int = 2
-    repeats: int = 5
+    sample: int = 16
+    rounds: int = 3
 
 
 @dataclass(frozen=True)
 class Accuracy:
-    """Exact-label accuracy by greedy generation."""
+    """Exact-label accuracy by greedy generation, with its sample size."""
 
     accuracy: float
     n: int
+    correct: int
     invalid: int
     confusion: dict[str, dict[str, int]]  # true label -> predicted label (or "<invalid>") -> count
     predictions: tuple[str, ...] = ()
 
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95% Wilson interval of the accuracy."""
+        return wilson_interval(self.correct, self.n)
+
+    def describe(self) -> str:
+        """``0.449 (n=136, 95% CI 0.37-0.53)``."""
+        low, high = self.interval
+        return f"{self.accuracy:.3f} (n={self.n}, 95% CI {low:.2f}-{high:.2f})"
+
+    def to_dict(self) -> dict:
+        """The figures without the per-prompt predictions, plus the interval."""
+        record = {k: v for k, v in asdict(self).items() if k != "predictions"}
+        record["interval"] = list(self.interval)
+        return record
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt's own request, as the accuracy loop ran it (times in milliseconds)."""
+
+    answer: str  # the raw generated text (or the chosen label, when answers are restricted to labels)
+    prompt_tokens: int
+    request_ms: float  # tokenize + prefill + generation to the stop + decode
+    ttft_ms: float  # tokenize + prefill + first token
+    token_ms: tuple[float, ...]  # each decode step after the first token
+
 
 @dataclass(frozen=True)
 class Latency:
-    """Latency figures of one model on one prompt, in milliseconds.
+    """Latency across the timed requests, in milliseconds: p50/p90 across prompts.
 
-    ``*_spread`` is the interquartile range over the timed runs (TTFT) or over all
-    decode steps (per-token), so two candidates can be compared with their noise.
+    ``token_*`` pools every decode step of every request; ``prompt_tokens_*`` says how
+    long the timed prompts were.
     """
 
-    ttft_ms: float
-    ttft_spread_ms: float
+    request_p50_ms: float
+    request_p90_ms: float
+    ttft_p50_ms: float
+    ttft_p90_ms: float
     token_p50_ms: float
     token_p90_ms: float
-    token_spread_ms: float
     tokens_per_s: float
-    prompt_tokens: int
-    runs: int
+    prompt_tokens_p50: float
+    prompt_tokens_p90: float
+    requests: int
+
+    def metric(self, name: str) -> float:
+        """The figure ``--latency-metric name`` optimises (request, ttft or token)."""
+        return getattr(self, LATENCY_METRICS[name])
 
 
 @dataclass(frozen=True)
@@ -79,11 +135,21 @@ class Measurement:
     provider: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
     gpu_memory_mb: float | None = None  # device memory of the measuring process (CUDA, via NVML)
+    requests: tuple[Request, ...] = ()  # per prompt, in prompt order: raw answer and timings
 
     def to_dict(self) -> dict:
         record = asdict(self)
-        record["accuracy"].pop("predictions", None)
+        record["accuracy"] = self.accuracy.to_dict()
         return record
+
+    @classmethod
+    def from_dict(cls, record: dict, answers: Sequence[str], labels: Sequence[str]) -> "Measurement":
+        """Inverse of :meth:`to_dict`; the accuracy is scored again from the stored raw answers."""
+        requests = tuple(Request(**{**r, "token_ms": tuple(r["token_ms"])}) for r in record["requests"])
+        values = {f.name: record[f.name] for f in fields(cls) if f.name in record}
+        return cls(**{**values, "requests": requests,
+                      "accuracy": score([r.answer for r in requests], answers, labels),
+                      "latency": Latency(**record["latency"]) if record.get("latency") else None})
 
 
 def measure(
@@ -95,10 +161,10 @@ def measure(
     provider: str = "cpu",
     threads: int = 1,
     latency: LatencySettings | None = LatencySettings(),
-    latency_prompt: str | None = None,
+    restrict_to_labels: bool = False,
     timeout_s: float | None = None,
 ) -> Measurement:
-    """Score ``prompts`` against ``answers`` and time generation, in a fresh process.
+    """Score ``prompts`` against ``answers``, timing each request, in a fresh process.
 
     Args:
         model_dir: an onnxruntime-genai folder (``genai_config.json`` inside).
@@ -107,28 +173,29 @@ def measure(
         labels: the label set (for validity and the confusion table).
         provider: execution provider: ``cpu``, ``cuda`` or ``dml``.
         threads: intra-op threads of the session.
-        latency: sampling settings; ``None`` skips the latency runs.
-        latency_prompt: the prompt to time; default the median-length prompt.
+        latency: warm-up settings; ``None`` skips the warm-up and the latency summary
+            (the per-request times are still kept).
+        restrict_to_labels: instead of generating, answer with the label whose tokens
+            the model scores highest after the prompt (teacher-forced total log-prob).
 
     Raises:
         CandidateError: the runtime could not load or run the model.
     """
-    if latency is not None and latency_prompt is None and prompts:
-        latency_prompt = sorted(prompts, key=len)[len(prompts) // 2]
     request = {
         "model_dir": str(model_dir),
         "provider": provider,
         "threads": threads,
         "prompts": list(prompts),
         "labels": list(labels),
-        "latency": asdict(latency) if latency else None,
-        "latency_prompt": latency_prompt,
+        "warmup": latency.warmup if latency and prompts else 0,
+        "restrict_to_labels": restrict_to_labels,
     }
     raw = run_child(request, timeout_s)
-    accuracy = score(raw["answers"], answers, labels)
+    requests = tuple(Request(r["answer"], r["prompt_tokens"], r["request_s"] * 1000, r["ttft_s"] * 1000,
+                             tuple(t * 1000 for t in r["step_s"])) for r in raw["requests"])
     return Measurement(
-        accuracy=accuracy,
-        latency=summarize_latency(raw["latency"]) if raw["latency"] else None,
+        accuracy=score([r.answer for r in requests], answers, labels),
+        latency=summarize_latency(requests) if latency is not None and requests else None,
         peak_rss_mb=raw["peak_rss_mb"],
         size_mb=folder_size(model_dir) / 2**20,
         seconds=raw["seconds"],
@@ -136,6 +203,7 @@ def measure(
         gpu_memory_mb=raw.get("gpu_memory_mb"),
         threads=threads,
         provider=provider,
+        requests=requests,
     )
 
 
@@ -190,7 +258,7 @@ def score(generated: Sequence[str], answers: Sequence[str], labels: Sequence[str
         correct += predicted == truth
         predictions.append(key)
     n = len(answers)
-    return Accuracy(correct / n if n else 0.0, n, invalid, confusion, tuple(predictions))
+    return Accuracy(correct / n if n else 0.0, n, correct, invalid, confusion, tuple(predictions))
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -200,20 +268,23 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return statistics.quantiles(ordered, n=100, method="inclusive")[int(q) - 1] if 1 <= q <= 99 else ordered[-1]
 
 
-def summarize_latency(raw: dict) -> Latency:
-    ttft = [t * 1000 for t in raw["ttft_s"]]
-    steps = [t * 1000 for run in raw["step_s"] for t in run]
-    if not steps:  # the model stopped at once every time: no decode step to time
-        steps = ttft
+def summarize_latency(requests: Sequence[Request]) -> Latency:
+    """p50/p90 across the requests; decode steps are pooled over all of them."""
+    totals = [r.request_ms for r in requests]
+    ttft = [r.ttft_ms for r in requests]
+    steps = [t for r in requests for t in r.token_ms] or ttft  # every answer stopped at once: no step to time
+    lengths = [float(r.prompt_tokens) for r in requests]
     return Latency(
-        ttft_ms=statistics.median(ttft),
-        ttft_spread_ms=_percentile(ttft, 75) - _percentile(ttft, 25),
+        request_p50_ms=statistics.median(totals),
+        request_p90_ms=_percentile(totals, 90),
+        ttft_p50_ms=statistics.median(ttft),
+        ttft_p90_ms=_percentile(ttft, 90),
         token_p50_ms=statistics.median(steps),
         token_p90_ms=_percentile(steps, 90),
-        token_spread_ms=_percentile(steps, 75) - _percentile(steps, 25),
         tokens_per_s=1000 / statistics.fmean(steps),
-        prompt_tokens=raw["prompt_tokens"],
-        runs=len(ttft),
+        prompt_tokens_p50=statistics.median(lengths),
+        prompt_tokens_p90=_percentile(lengths, 90),
+        requests=len(requests),
     )
 
 
@@ -241,7 +312,8 @@ def parity_check(hf_dir: Path, model_dir: Path, prompts: Sequence[str], *, new_t
 
     raw = run_child({
         "model_dir": str(model_dir), "provider": "cpu", "threads": 1, "prompts": list(prompts),
-        "labels": ["x"], "latency": None, "max_new_tokens": new_tokens, "stop_at_newline": False,
+        "labels": ["x"], "warmup": 0, "restrict_to_labels": False, "max_new_tokens": new_tokens,
+        "stop_at_newline": False,
     })
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
@@ -265,7 +337,7 @@ def parity_check(hf_dir: Path, model_dir: Path, prompts: Sequence[str], *, new_t
 
 
 def _child(request: dict) -> dict:
-    """The measuring loop: a model folder in, a generator loop out (onnxruntime-genai only)."""
+    """The measuring loop: a model folder in, one timed request per prompt out (onnxruntime-genai only)."""
     import time
 
     import onnxruntime_genai as og
@@ -279,60 +351,85 @@ def _child(request: dict) -> dict:
     config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
-    label_len = max(len(tokenizer.encode(label)) for label in request["labels"])
-    max_new = request.get("max_new_tokens") or label_len + 3  # room for a label, punctuation, end token
+    labels = request["labels"]
+    label_ids = [[int(t) for t in tokenizer.encode(label)] for label in labels]
+    max_new = request.get("max_new_tokens") or max(map(len, label_ids)) + 3  # a label, punctuation, end token
     stop_at_newline = request.get("stop_at_newline", True)
 
-    def generate(ids, new_tokens: int, force_length: bool) -> tuple[list[int], float, list[float]]:
-        params = og.GeneratorParams(model)
-        options = {"do_sample": False, "max_length": len(ids) + new_tokens}
-        if force_length:  # latency runs time a fixed number of decode steps
-            options["min_length"] = len(ids) + new_tokens
-        params.set_search_options(**options)
-        generator = og.Generator(model, params)
+    def run(prompt: str) -> tuple[dict, list[int]]:
+        """One request, timed as an app runs it: tokenize, prefill, generate to the stop, decode."""
         t0 = time.perf_counter()
+        ids = tokenizer.encode(prompt)
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + max_new)
+        generator = og.Generator(model, params)
         generator.append_tokens(ids)  # prefill
-        generator.generate_next_token()
-        ttft = time.perf_counter() - t0
-        tokens = [int(generator.get_next_tokens()[0])]
-        steps = []
-        while not generator.is_done() and len(tokens) < new_tokens:
-            t0 = time.perf_counter()
+        tokens: list[int] = []
+        steps: list[float] = []
+        if request["restrict_to_labels"]:
+            answer = labels[_best_label(generator, len(ids), label_ids)]
+            ttft = time.perf_counter() - t0
+        else:
             generator.generate_next_token()
-            steps.append(time.perf_counter() - t0)
+            ttft = time.perf_counter() - t0
             tokens.append(int(generator.get_next_tokens()[0]))
-            if stop_at_newline and not force_length and "\n" in tokenizer.decode(tokens).lstrip():
-                break
-        return tokens, ttft, steps
+            while not generator.is_done() and len(tokens) < max_new:
+                t1 = time.perf_counter()
+                generator.generate_next_token()
+                steps.append(time.perf_counter() - t1)
+                tokens.append(int(generator.get_next_tokens()[0]))
+                if stop_at_newline and "\n" in tokenizer.decode(tokens).lstrip():
+                    break
+            answer = tokenizer.decode(tokens)
+        timing = {"answer": answer, "prompt_tokens": len(ids), "request_s": time.perf_counter() - t0,
+                  "ttft_s": ttft, "step_s": steps}
+        return timing, tokens
 
     loaded = time.perf_counter()
     gpu_peak = [_gpu_memory_mb()] if request["provider"] == "cuda" else None
-    answers, token_ids = [], []
+    for _ in range(request["warmup"]):  # first requests pay one-off allocations; they are not timed
+        run(request["prompts"][0])
+    warm = time.perf_counter()
+    requests, token_ids = [], []
     for prompt in request["prompts"]:
-        tokens, _, _ = generate(tokenizer.encode(prompt), max_new, force_length=False)
+        timing, tokens = run(prompt)
+        requests.append(timing)
         token_ids.append(tokens)
-        answers.append(tokenizer.decode(tokens))
-    scored = time.perf_counter()
-
-    latency = None
-    if request["latency"]:
-        settings = request["latency"]
-        ids = tokenizer.encode(request["latency_prompt"])
-        for _ in range(settings["warmup"]):
-            generate(ids, settings["new_tokens"], force_length=True)
-        runs = [generate(ids, settings["new_tokens"], force_length=True) for _ in range(settings["repeats"])]
-        latency = {"ttft_s": [r[1] for r in runs], "step_s": [r[2] for r in runs], "prompt_tokens": len(ids)}
     if gpu_peak is not None:
         gpu_peak.append(_gpu_memory_mb())
     return {
-        "answers": answers,
+        "requests": requests,
         "token_ids": token_ids,
-        "latency": latency,
         "peak_rss_mb": _peak_rss_mb(),
         "gpu_memory_mb": max((g for g in gpu_peak or [] if g is not None), default=None),
         "seconds": time.perf_counter() - start,
-        "stage_seconds": {"load": loaded - start, "accuracy": scored - loaded, "latency": time.perf_counter() - scored},
+        "stage_seconds": {"load": loaded - start, "warmup": warm - loaded, "requests": time.perf_counter() - warm},
     }
+
+
+def _best_label(generator, prompt_length: int, label_ids: list[list[int]]) -> int:
+    """Index of the label whose tokens have the highest total log-prob after the prompt (teacher-forced).
+
+    Called right after the prompt's prefill; each label is appended, scored from the logits
+    and rewound, so the prompt is computed once.
+    """
+    import numpy as np  # a dependency of onnxruntime-genai
+
+    def log_softmax(row):
+        row = row.astype(np.float64) - row.max()
+        return row - np.log(np.exp(row).sum())
+
+    first = log_softmax(generator.get_output("logits")[0, -1])
+    scores = []
+    for ids in label_ids:
+        total = first[ids[0]]
+        if len(ids) > 1:
+            generator.append_tokens(ids)
+            logits = generator.get_output("logits")[0]  # row k predicts token k + 1 of the label
+            total += sum(log_softmax(logits[k])[ids[k + 1]] for k in range(len(ids) - 1))
+            generator.rewind_to(prompt_length)
+        scores.append(total)
+    return int(np.argmax(scores))
 
 
 def _gpu_memory_mb() -> float | None:

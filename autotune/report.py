@@ -1,7 +1,8 @@
-"""After the search: re-benchmark the front, choose, test, and write what ships.
+"""After the search: re-benchmark the front, choose, test beside honest baselines, and write what ships.
 
 Outputs in ``OUT/``: ``best/`` (the chosen onnxruntime-genai folder, loadable as is),
-``report.json``, ``MODEL_CARD.md``, ``pareto.csv`` and ``pareto.png``.
+``report.json``, ``MODEL_CARD.md``, ``pareto.csv`` and ``pareto.png``. Every accuracy
+goes with its n and a 95% Wilson interval.
 """
 
 from __future__ import annotations
@@ -13,36 +14,59 @@ import re
 import shlex
 import shutil
 import statistics
-from dataclasses import dataclass
+import sys
+from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import optuna
+from rich.console import Console
 from rich.table import Table
 
 from autotune.cache import atomic_dir, atomic_write_text
-from autotune.candidate import CandidateResult, CandidateSpec, Workspace
+from autotune.candidate import CandidateResult, CandidateSpec, Workspace, run_candidate
+from autotune.errors import UserError
 from autotune.export import ExportSpec
-from autotune.live import fmt
-from autotune.measure import LatencySettings, measure
-from autotune.search import LATENCY_METRICS
+from autotune.live import console, fmt, trial_table
+from autotune.measure import Accuracy, Latency, LatencySettings, measure, score, wilson_interval
+from autotune.search import SearchSettings, preference
 from autotune.train import TrainSpec
 
 PACKAGES = ("autotune", "torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "onnxruntime-genai",
             "onnxruntime-genai-cuda", "onnxruntime-genai-directml", "optuna")
+LATENCY_FIELDS = tuple(f.name for f in fields(Latency))
 
 
-@dataclass
+@dataclass(frozen=True)
 class FrontMember:
     """A Pareto-front trial with its re-benchmarked latency."""
 
     trial: optuna.trial.FrozenTrial
     spec: CandidateSpec
     accuracy: float
-    latency_ms: float
-    latency_spread_ms: float
+    n: int  # validation prompts behind the accuracy
+    latency_ms: float  # the objective (--latency-metric), median of the re-benchmark rounds
+    latency_spread_ms: float  # its range over the rounds
+    latency: dict[str, float]  # every Latency figure, median of the rounds
     size_mb: float
     feasible: bool
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(round(self.accuracy * self.n), self.n)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What the task scores without fine-tuning, on the same prompts as the chosen model."""
+
+    name: str
+    detail: str
+    accuracy: Accuracy
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "detail": self.detail, **self.accuracy.to_dict()}
 
 
 def spec_from_attrs(attrs: dict[str, Any]) -> CandidateSpec:
@@ -63,36 +87,113 @@ def feasible_front(study: optuna.Study, limit: float | None) -> list[optuna.tria
     return [t for t in done if not dominated(t)]
 
 
-def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: str, limit: float | None,
-                rounds: int = 3) -> list[FrontMember]:
-    """Time the front members again, interleaved round by round, so slow drifts of the
-    machine (heat, other load) hit every member alike; the median of rounds counts."""
-    prompts, _ = ws.prompts("validation")
-    prompt = sorted(prompts, key=len)[len(prompts) // 2]
-    samples: dict[int, list[float]] = {t.number: [] for t in members}
-    settings = LatencySettings(new_tokens=ws.latency.new_tokens, warmup=1, repeats=ws.latency.repeats)
-    for _ in range(rounds):
+def benchmark_sample(prompts: list[str], answers: list[str], size: int) -> tuple[list[str], list[str]]:
+    """``size`` prompts spread evenly over the range of lengths (shortest to longest), fixed for a split."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i]))
+    if len(order) > size > 1:
+        order = [order[round(k * (len(order) - 1) / (size - 1))] for k in range(size)]
+    return [prompts[i] for i in order], [answers[i] for i in order]
+
+
+def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: str, limit: float | None) -> list[FrontMember]:
+    """Time the front members' requests again on a fixed sample of validation prompts, interleaved
+    round by round, so slow drifts of the machine (heat, other load) hit every member alike; the
+    median of the rounds counts, so one loaded moment does not decide."""
+    settings = LatencySettings(warmup=1, sample=ws.latency.sample, rounds=ws.latency.rounds)
+    prompts, answers = benchmark_sample(*ws.prompts("validation"), settings.sample)
+    rounds: dict[int, list[Latency]] = {t.number: [] for t in members}
+    for _ in range(settings.rounds):
         for t in members:
             spec = spec_from_attrs(t.user_attrs)
-            timed = measure(ws.model_dir(spec), [], [], ws.splits.labels, provider=spec.export.execution_provider,
-                            threads=ws.threads or 1, latency=settings, latency_prompt=prompt)
-            samples[t.number].append(getattr(timed.latency, LATENCY_METRICS[metric]))
+            timed = measure(ws.model_dir(spec), prompts, answers, ws.splits.labels, provider=spec.export.execution_provider,
+                            threads=ws.threads or 1, latency=settings, timeout_s=ws.measure_timeout_s)
+            rounds[t.number].append(timed.latency)
     result = []
     for t in members:
-        values = samples[t.number]
+        values = [lat.metric(metric) for lat in rounds[t.number]]
         latency = statistics.median(values)
         result.append(FrontMember(
-            trial=t, spec=spec_from_attrs(t.user_attrs), accuracy=t.values[0], latency_ms=latency,
-            latency_spread_ms=max(values) - min(values), size_mb=t.user_attrs.get("size_mb", 0.0),
-            feasible=limit is None or latency <= limit,
+            trial=t, spec=spec_from_attrs(t.user_attrs), accuracy=t.values[0], n=t.user_attrs.get("eval_examples", 0),
+            latency_ms=latency, latency_spread_ms=max(values) - min(values),
+            latency={k: statistics.median(getattr(lat, k) for lat in rounds[t.number]) for k in LATENCY_FIELDS},
+            size_mb=t.user_attrs.get("size_mb", 0.0), feasible=limit is None or latency <= limit,
         ))
     return result
 
 
 def choose(members: list[FrontMember]) -> FrontMember | None:
-    """The most accurate feasible member; ties: lower latency, then smaller size."""
-    feasible = [m for m in members if m.feasible]
-    return min(feasible, key=lambda m: (-m.accuracy, m.latency_ms, m.size_mb), default=None)
+    """The best feasible member, by the one rule the search uses too (:func:`autotune.search.preference`)."""
+    return min((m for m in members if m.feasible), key=lambda m: preference(m.accuracy, m.latency_ms, m.size_mb),
+               default=None)
+
+
+def baselines(ws: Workspace, export: ExportSpec, split: str, on_stage=None) -> list[Baseline]:
+    """The floor a fine-tune must clear, on ``split``: the majority class of the training split, the
+    base at ``export``'s precision told the labels in an instruction, and the same base with its
+    answer restricted to the label its logits score highest."""
+    _, answers = ws.prompts(split)
+    counts = Counter(e.label for e in ws.splits.train)
+    majority = max(ws.splits.labels, key=counts.__getitem__)
+    base = CandidateSpec(None, export)
+    told, restricted = (run_candidate(ws, base, split=split, with_latency=False, on_stage=on_stage,
+                                      prompt_style="instruction", restrict_to_labels=restrict).measurement.accuracy
+                        for restrict in (False, True))
+    return [
+        Baseline("majority class", f"always {majority} (most frequent in train)", score([majority] * len(answers), answers, ws.splits.labels)),
+        Baseline("base, labels named in an instruction", base.describe(), told),
+        Baseline("base, answer restricted to the labels", f"{base.describe()}, highest-scoring label", restricted),
+    ]
+
+
+def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSettings, out: Path, *, hardware: dict,
+                     profile: dict, argv: list[str], keep_all: bool = False, shared_storage: bool = False) -> int:
+    """The select stage: re-benchmark the feasible front, choose, score the choice and the baselines
+    on the test split, write the outputs and print the summary; 0, or a UserError saying why not."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    out_console = Console(width=None if sys.stdout.isatty() else 140)
+    metric, limit = settings.latency_metric, settings.max_latency_ms
+    if not complete:
+        out_console.print(trial_table(trials, metric, limit, title="All trials failed"))
+        write_failure_report(out, trials, "every candidate failed")
+        raise UserError(f"every candidate failed; reasons are in {out / 'report.json'}", exit_code=1)
+    front_trials = feasible_front(study, limit)
+    if not front_trials:
+        fastest = min(complete, key=lambda t: t.values[1])
+        out_console.print(trial_table(complete, metric, limit, title="No feasible trial"))
+        write_failure_report(out, trials, "no candidate met --max-latency")
+        raise UserError(
+            f"no candidate met --max-latency {limit:g} ms; the fastest found was #{fastest.number} "
+            f"{fastest.user_attrs.get('candidate')} at {fastest.values[1]:.1f} ms ({metric}); "
+            "raise the bound or search faster precisions", exit_code=3)
+    console.print(f"re-benchmarking {len(front_trials)} Pareto candidate(s), interleaved ...")
+    front = rebenchmark(ws, front_trials, metric, limit)
+    chosen = choose(front)
+    out_console.print(final_table(front, chosen, metric))
+    if chosen is None:
+        write_failure_report(out, trials, "no Pareto candidate met --max-latency when re-benchmarked")
+        raise UserError(f"re-benchmarked, no candidate stays within --max-latency {limit:g} ms "
+                        "(the first timings were optimistic); raise the bound a little", exit_code=3)
+    console.print("scoring the chosen model and the baselines on the held-out test split ...")
+    test = run_candidate(ws, chosen.spec, split="test", with_latency=False)
+    floors = baselines(ws, chosen.spec.export, "test")
+    # Finished trials are immutable in Optuna; the choice is recorded on the study.
+    study.set_user_attr("chosen_trial", chosen.trial.number)
+    study.set_user_attr("chosen_test_accuracy", test.measurement.accuracy.accuracy)
+    study.set_user_attr("baseline_test_accuracy", {b.name: b.accuracy.accuracy for b in floors})
+    result = write_outputs(out, ws, study, front, chosen, test, floors, hardware, profile, metric, limit, argv)
+    if not keep_all:
+        prune(ws, study, [m.trial for m in front], keep_specs=[CandidateSpec(None, chosen.spec.export)])
+    c = result["chosen"]
+    out_console.print(
+        f"[bold green]chosen[/] #{chosen.trial.number} {c['candidate']}\n"
+        f"  test accuracy [bold]{test.measurement.accuracy.describe()}[/]\n"
+        + "".join(f"  baseline: {b.name}: {b.accuracy.describe()}\n" for b in floors)
+        + f"  {metric} p50 {chosen.latency_ms:.1f} ms (re-benchmarked)   request p50/p90 "
+        f"{chosen.latency['request_p50_ms']:.1f} / {chosen.latency['request_p90_ms']:.1f} ms   size {chosen.size_mb:.0f} MB\n"
+        f"  wrote {out / 'best'} (load with og.Model), report.json, MODEL_CARD.md, pareto.csv, pareto.png\n"
+        f"  compare candidates: autotune dashboard {out}" + (" --storage URL" if shared_storage else ""))
+    return 0
 
 
 def package_versions() -> dict[str, str]:
@@ -116,7 +217,7 @@ def reproduce_command(argv: list[str]) -> str:
 
 
 def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[FrontMember], chosen: FrontMember,
-                  test: CandidateResult, zero_shot: CandidateResult, hardware: dict, profile: dict, metric: str,
+                  test: CandidateResult, floors: list[Baseline], hardware: dict, profile: dict, metric: str,
                   limit: float | None, argv: list[str]) -> dict:
     """Write best/, report.json, MODEL_CARD.md, pareto.csv and pareto.png; return the report."""
     with atomic_dir(out / "best") as tmp:
@@ -125,19 +226,15 @@ def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[Fro
     failed = [{"number": t.number, "candidate": t.user_attrs.get("candidate"),
                "reason": t.user_attrs.get("fail_reason", "worker stopped sending heartbeats (killed?); retried")}
               for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    accuracy = test.measurement.accuracy
     report = {
         "chosen": {
-            "trial": chosen.trial.number,
-            "candidate": chosen.spec.describe(),
+            **_member_dict(chosen),
             "spec": chosen.trial.user_attrs["spec"],
-            "validation_accuracy": chosen.accuracy,
-            "test_accuracy": test.measurement.accuracy.accuracy,
-            "test_confusion": test.measurement.accuracy.confusion,
-            "zero_shot_test_accuracy": zero_shot.measurement.accuracy.accuracy,
-            f"latency_{metric}_ms": chosen.latency_ms,
-            "latency_spread_ms": chosen.latency_spread_ms,
-            "measured": {k: chosen.trial.user_attrs.get(k) for k in
-                         ("ttft_ms", "ttft_spread_ms", "token_p50_ms", "token_p90_ms", "tokens_per_s", "peak_rss_mb", "size_mb")},
+            "test": accuracy.to_dict(),
+            "test_accuracy": accuracy.accuracy,
+            "baselines": [b.to_dict() for b in floors],
+            "measured": {k: chosen.trial.user_attrs.get(k) for k in (*LATENCY_FIELDS, "peak_rss_mb", "size_mb")},
         },
         "latency_metric": metric,
         "max_latency_ms": limit,
@@ -158,13 +255,15 @@ def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[Fro
 
 
 def _member_dict(m: FrontMember) -> dict:
-    return {"trial": m.trial.number, "candidate": m.spec.describe(), "accuracy": m.accuracy,
-            "latency_ms": m.latency_ms, "latency_spread_ms": m.latency_spread_ms, "size_mb": m.size_mb,
-            "feasible": m.feasible}
+    """A front member's figures: validation accuracy with n and interval, re-benchmarked latency."""
+    return {"trial": m.trial.number, "candidate": m.spec.describe(), "validation_accuracy": m.accuracy,
+            "validation_n": m.n, "validation_interval": list(m.interval), "latency_ms": m.latency_ms,
+            "latency_spread_ms": m.latency_spread_ms, **{k: m.latency[k] for k in LATENCY_FIELDS},
+            "size_mb": m.size_mb, "feasible": m.feasible}
 
 
 def _write_csv(path: Path, front: list[FrontMember]) -> None:
-    rows = [_member_dict(m) for m in front]
+    rows = [{k: json.dumps(v) if isinstance(v, list) else v for k, v in _member_dict(m).items()} for m in front]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
         writer.writeheader()
@@ -185,7 +284,7 @@ def _write_plot(path: Path, trials, front: list[FrontMember], chosen: FrontMembe
     ax.scatter([chosen.latency_ms], [chosen.accuracy], s=160, facecolors="none", edgecolors="#d62728", linewidths=2, label="chosen")
     if limit:
         ax.axvline(limit, ls="--", c="#d62728", lw=1, label=f"max latency {limit:g} ms")
-    ax.set_xlabel(f"latency {metric} (ms)")
+    ax.set_xlabel(f"{metric} p50 (ms)")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -194,15 +293,22 @@ def _write_plot(path: Path, trials, front: list[FrontMember], chosen: FrontMembe
     plt.close(fig)
 
 
+def _accuracy_text(record: dict) -> str:
+    """``0.449 (n=136, 95% CI 0.37-0.53)`` from a report's accuracy record."""
+    low, high = record["interval"]
+    return f"{record['accuracy']:.3f} (n={record['n']}, 95% CI {low:.2f}-{high:.2f})"
+
+
 def model_card(report: dict) -> str:
     c = report["chosen"]
     m = c["measured"]
     metric = report["latency_metric"]
+    val = {"accuracy": c["validation_accuracy"], "n": c["validation_n"], "interval": c["validation_interval"]}
     lines = [
         f"# {Path(report['model']).name} fine-tuned for {report['data'].split('labels ')[-1]}",
         "",
         f"Chosen by autotune from {report['trials']['complete']} measured candidates as the most accurate one "
-        + (f"within {report['max_latency_ms']:g} ms ({report['latency_metric']})." if report["max_latency_ms"] else "found."),
+        + (f"within {report['max_latency_ms']:g} ms ({metric} p50)." if report["max_latency_ms"] else "found."),
         "",
         "## Choices",
         "",
@@ -212,15 +318,19 @@ def model_card(report: dict) -> str:
     if spec.get("train"):
         lines += [f"- training: {', '.join(f'{k}={v}' for k, v in spec['train'].items())}"]
     lines += [f"- export: {', '.join(f'{k}={v}' for k, v in spec['export'].items())}", "",
-              "## Metrics", "", "| metric | value |", "| --- | --- |",
-              f"| test accuracy | {c['test_accuracy']:.3f} |",
-              f"| validation accuracy | {c['validation_accuracy']:.3f} |",
-              f"| zero-shot base, test accuracy | {c['zero_shot_test_accuracy']:.3f} |",
-              f"| time to first token | {fmt(m['ttft_ms'], '.1f')} ms (IQR {fmt(m['ttft_spread_ms'], '.1f')}) |",
-              f"| per-token latency p50 / p90 | {fmt(m['token_p50_ms'], '.1f')} / {fmt(m['token_p90_ms'], '.1f')} ms |",
-              f"| re-benchmarked {metric} | {c['latency_' + metric + '_ms']:.1f} ms "
-              f"(range {c['latency_spread_ms']:.1f}) |",
-              f"| tokens/s | {fmt(m['tokens_per_s'], '.0f')} |",
+              "## Accuracy", "", "Exact label by greedy generation; 95% Wilson intervals.", "",
+              "| model | accuracy |", "| --- | --- |",
+              f"| this model, test split | {_accuracy_text(c['test'])} |",
+              f"| this model, validation split | {_accuracy_text(val)} |"]
+    lines += [f"| baseline: {b['name']} ({b['detail']}), test split | {_accuracy_text(b)} |" for b in c["baselines"]]
+    lines += ["", "## Latency and size", "",
+              "Per request (tokenize, prefill, generation to the stop, decode), p50 / p90 across the validation prompts.", "",
+              "| metric | value |", "| --- | --- |",
+              f"| request | {fmt(m['request_p50_ms'], '.1f')} / {fmt(m['request_p90_ms'], '.1f')} ms |",
+              f"| time to first token | {fmt(m['ttft_p50_ms'], '.1f')} / {fmt(m['ttft_p90_ms'], '.1f')} ms |",
+              f"| decode per token | {fmt(m['token_p50_ms'], '.1f')} / {fmt(m['token_p90_ms'], '.1f')} ms |",
+              f"| prompt length | {fmt(m['prompt_tokens_p50'], '.0f')} / {fmt(m['prompt_tokens_p90'], '.0f')} tokens |",
+              f"| re-benchmarked {metric} p50 | {c['latency_ms']:.1f} ms (range {c['latency_spread_ms']:.1f}) |",
               f"| peak RSS of the measuring process | {fmt(m['peak_rss_mb'], '.0f')} MB |",
               f"| size on disk | {fmt(m['size_mb'], '.0f')} MB |", "",
               "## Data", "", report["data"], "",
@@ -259,37 +369,47 @@ def prune(ws: Workspace, study: optuna.Study, keep: list[optuna.trial.FrozenTria
     return removed
 
 
+def _interval_text(accuracy: float, interval) -> str:
+    return f"{accuracy:.3f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def final_table(front: list[FrontMember], chosen: FrontMember | None, metric: str) -> Table:
-    table = Table(title="Pareto front (latency re-benchmarked, interleaved)", title_justify="left", header_style="bold")
-    for column in ("#", "candidate", "val acc", f"{metric} ms", "range ms", "size MB", "feasible", ""):
+    table = Table(title=f"Pareto front (requests re-benchmarked, interleaved; objective {metric} p50)",
+                  title_justify="left", header_style="bold")
+    for column in ("#", "candidate", "val acc [95% CI]", "request p50/p90", "TTFT p50", "decode p50", "range", "MB",
+                   "feasible", ""):
         table.add_column(column, justify="left" if column in ("candidate", "") else "right")
     for m in sorted(front, key=lambda m: m.latency_ms):
-        table.add_row(str(m.trial.number), m.spec.describe(), f"{m.accuracy:.3f}", f"{m.latency_ms:.1f}",
-                      f"{m.latency_spread_ms:.1f}", f"{m.size_mb:.0f}", "yes" if m.feasible else "[red]no[/]",
+        lat = m.latency
+        table.add_row(str(m.trial.number), m.spec.describe(), _interval_text(m.accuracy, m.interval),
+                      f"{lat['request_p50_ms']:.1f} / {lat['request_p90_ms']:.1f}", f"{lat['ttft_p50_ms']:.1f}",
+                      f"{lat['token_p50_ms']:.1f}", f"{m.latency_spread_ms:.1f}", f"{m.size_mb:.0f}",
+                      "yes" if m.feasible else "[red]no[/]",
                       "[bold green]chosen[/]" if chosen is not None and m.trial.number == chosen.trial.number else "")
     return table
 
 
-def candidate_table(results: list[CandidateResult], split: str) -> Table:
-    """One measured candidate beside its zero-shot base."""
-    table = Table(title=f"Measured with onnxruntime-genai on the {split} split", title_justify="left", header_style="bold")
+def candidate_table(result: CandidateResult, floors: list[Baseline], split: str) -> Table:
+    """One measured candidate, its latency figures, and the baselines on the same prompts."""
+    table = Table(title=f"Measured with onnxruntime-genai on the {split} split (ms; p50 / p90 across prompts)",
+                  title_justify="left", header_style="bold")
     table.add_column("")
-    for r in results:
-        table.add_column("zero-shot base" if r.spec.train is None else "candidate", justify="right")
+    table.add_column(result.spec.describe())
+    m, lat = result.measurement, result.measurement.latency
     rows = [
-        ("model", lambda r: r.spec.describe()),
-        ("accuracy", lambda r: f"{r.measurement.accuracy.accuracy:.3f} ({r.measurement.accuracy.n} prompts)"),
-        ("invalid answers", lambda r: str(r.measurement.accuracy.invalid)),
-        ("time to first token", lambda r: f"{r.measurement.latency.ttft_ms:.1f} ms ± {r.measurement.latency.ttft_spread_ms:.1f}"),
-        ("per-token p50 / p90", lambda r: f"{r.measurement.latency.token_p50_ms:.1f} / {r.measurement.latency.token_p90_ms:.1f} ms"),
-        ("tokens/s", lambda r: f"{r.measurement.latency.tokens_per_s:.0f}"),
-        ("peak RSS", lambda r: f"{r.measurement.peak_rss_mb:.0f} MB"),
-        ("size on disk", lambda r: f"{r.measurement.size_mb:.0f} MB"),
-        ("final train loss", lambda r: fmt(r.train.final_loss if r.train else None)),
-        ("model folder", lambda r: str(r.model_dir)),
-    ]
-    for name, get in rows:
-        table.add_row(name, *(get(r) for r in results))
+        ("accuracy", m.accuracy.describe()),
+        ("invalid answers", str(m.accuracy.invalid)),
+        ("request", f"{lat.request_p50_ms:.1f} / {lat.request_p90_ms:.1f} ms"),
+        ("time to first token", f"{lat.ttft_p50_ms:.1f} / {lat.ttft_p90_ms:.1f} ms"),
+        ("decode per token", f"{lat.token_p50_ms:.1f} / {lat.token_p90_ms:.1f} ms"),
+        ("prompt length", f"{lat.prompt_tokens_p50:.0f} / {lat.prompt_tokens_p90:.0f} tokens"),
+        ("peak RSS", f"{m.peak_rss_mb:.0f} MB"),
+        ("size on disk", f"{m.size_mb:.0f} MB"),
+        ("final train loss", fmt(result.train.final_loss if result.train else None)),
+        ("model folder", str(result.model_dir)),
+    ] + [(f"baseline: {b.name}", b.accuracy.describe()) for b in floors]
+    for name, value in rows:
+        table.add_row(name, value)
     return table
 
 

@@ -1,6 +1,7 @@
 """The study: an Optuna multi-objective search over candidates.
 
-Objectives: maximise validation accuracy, minimise latency (per-token p50 by default).
+Objectives: maximise validation accuracy, minimise latency (``--latency-metric``: the p50
+across validation prompts of the whole request by default, or of TTFT or per-token decode).
 ``max_latency_ms`` is a constraint the sampler knows about (Optuna's
 ``constraints_func``), so infeasible trials are kept, marked and steered away from.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,9 +26,9 @@ import optuna
 
 from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, _lock, run_candidate
 from autotune.errors import CandidateError, UserError
+from autotune.measure import LATENCY_METRICS
 from autotune.space import SearchSpace
 
-LATENCY_METRICS = {"ttft": "ttft_ms", "p50": "token_p50_ms", "p90": "token_p90_ms"}
 SAMPLERS = ("tpe", "nsga2", "random")
 METRIC_NAMES = ("accuracy", "latency_ms")
 INTERRUPTED = "interrupted before it finished"
@@ -42,7 +43,7 @@ class SearchSettings:
     trials: int = 12
     timeout_s: float | None = None
     max_latency_ms: float | None = None
-    latency_metric: str = "p50"
+    latency_metric: str = "request"
     sampler: str = "tpe"
     seed: int = 0
     siblings: bool = True
@@ -77,28 +78,33 @@ def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
 
 def latency_of(result_or_attrs: Any, metric: str) -> float:
     """The latency objective (ms) of a measurement or of a trial's user attrs."""
-    key = LATENCY_METRICS[metric]
     if isinstance(result_or_attrs, dict):
-        return float(result_or_attrs[key])
-    return float(getattr(result_or_attrs.measurement.latency, key))
+        return float(result_or_attrs[LATENCY_METRICS[metric]])
+    return float(result_or_attrs.measurement.latency.metric(metric))
+
+
+def preference(accuracy: float, latency_ms: float, size_mb: float | None) -> tuple[float, float, float]:
+    """The one definition of "best": most accurate, ties to lower latency, then smaller (min() of this)."""
+    return -accuracy, latency_ms, size_mb or 0.0
+
+
+def best_trial(trials: Iterable[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
+    """The best complete, feasible trial by :func:`preference`."""
+    ok = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
+    return min(ok, key=lambda t: preference(t.values[0], t.values[1], t.user_attrs.get("size_mb")), default=None)
 
 
 def trial_attrs(result: CandidateResult, ws: Workspace) -> dict[str, Any]:
     """The measured figures a trial carries (shown in optuna-dashboard)."""
     m = result.measurement
-    latency = m.latency
     return {
-        "ttft_ms": latency.ttft_ms,
-        "ttft_spread_ms": latency.ttft_spread_ms,
-        "token_p50_ms": latency.token_p50_ms,
-        "token_p90_ms": latency.token_p90_ms,
-        "token_spread_ms": latency.token_spread_ms,
-        "tokens_per_s": latency.tokens_per_s,
+        **asdict(m.latency),
         "peak_rss_mb": m.peak_rss_mb,
         "gpu_memory_mb": m.gpu_memory_mb,
         "size_mb": m.size_mb,
         "invalid_answers": m.accuracy.invalid,
         "eval_examples": m.accuracy.n,
+        "accuracy_interval": list(m.accuracy.interval),
         "final_loss": result.train.final_loss if result.train else None,
         "stage_seconds": result.stage_seconds,
         "cached": list(result.cached),
