@@ -180,7 +180,7 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
     # Finished trials are immutable in Optuna; the choice is recorded on the study.
     study.set_user_attr("chosen_trial", chosen.trial.number)
     study.set_user_attr("chosen_test_accuracy", test.measurement.accuracy.accuracy)
-    study.set_user_attr("baseline_test_accuracy", {b.name: b.accuracy.accuracy for b in floors})
+    study.set_user_attr("chosen_baselines", {b.name: b.accuracy.accuracy for b in floors})
     result = write_outputs(out, ws, study, front, chosen, test, floors, hardware, profile, metric, limit, argv)
     if not keep_all:
         prune(ws, study, [m.trial for m in front], keep_specs=[CandidateSpec(None, chosen.spec.export)])

@@ -59,14 +59,14 @@ def main() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name="autotune", storage=f"sqlite:///{out / 'search' / 'study.db'}")
-    print(f"{'#':>3} {'candidate':<48}{'acc':>6}{'p50 ms':>8}{'ttft ms':>9}{'GPU MB':>8}  stage seconds")
+    print(f"{'#':>3} {'candidate':<48}{'acc':>6}{'req ms':>8}{'ttft ms':>9}{'GPU MB':>8}  stage seconds")
     for t in study.trials:
         a = t.user_attrs
         if t.state.name != "COMPLETE":
             print(f"{t.number:>3} {a.get('candidate', '-'):<48} {t.state.name} {a.get('fail_reason', '')}")
             continue
         stages = ", ".join(f"{k} {v:.1f}" for k, v in a.get("stage_seconds", {}).items())
-        print(f"{t.number:>3} {a['candidate']:<48}{t.values[0]:>6.3f}{a['token_p50_ms']:>8.2f}{a['ttft_ms']:>9.1f}"
+        print(f"{t.number:>3} {a['candidate']:<48}{t.values[0]:>6.3f}{a['request_p50_ms']:>8.2f}{a['ttft_p50_ms']:>9.1f}"
               f"{(a.get('gpu_memory_mb') or 0):>8.0f}  {stages}")
 
     # 2. one adapter, CPU vs CUDA exports
@@ -79,7 +79,8 @@ def main() -> None:
                                                                    accuracy_level=4 if provider == "cpu" else 0)))
         m = result.measurement
         rows.append({"provider": provider, "precision": precision, "accuracy": m.accuracy.accuracy,
-                     "ttft_ms": m.latency.ttft_ms, "token_p50_ms": m.latency.token_p50_ms,
+                     "request_p50_ms": m.latency.request_p50_ms, "ttft_ms": m.latency.ttft_p50_ms,
+                     "token_p50_ms": m.latency.token_p50_ms,
                      "tokens_per_s": m.latency.tokens_per_s, "gpu_memory_mb": m.gpu_memory_mb,
                      "size_mb": m.size_mb, "stage_seconds": result.stage_seconds})
     print(f"\nLoRA r16, {args.steps} steps trained on the GPU; validation ({args.max_eval} prompts)")
