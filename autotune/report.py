@@ -29,7 +29,7 @@ from autotune.candidate import CandidateResult, CandidateSpec, Workspace, run_ca
 from autotune.errors import UserError
 from autotune.export import ExportSpec
 from autotune.live import console, fmt, trial_table
-from autotune.measure import Accuracy, Latency, LatencySettings, measure, score, wilson_interval
+from autotune.measure import Accuracy, Latency, LatencySettings, format_accuracy, measure, score, wilson_interval
 from autotune.search import SearchSettings, preference
 from autotune.train import TrainSpec
 
@@ -294,9 +294,7 @@ def _write_plot(path: Path, trials, front: list[FrontMember], chosen: FrontMembe
 
 
 def _accuracy_text(record: dict) -> str:
-    """``0.449 (n=136, 95% CI 0.37-0.53)`` from a report's accuracy record."""
-    low, high = record["interval"]
-    return f"{record['accuracy']:.3f} (n={record['n']}, 95% CI {low:.2f}-{high:.2f})"
+    return format_accuracy(record["accuracy"], record["n"], record["interval"])
 
 
 def model_card(report: dict) -> str:
