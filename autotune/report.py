@@ -139,7 +139,8 @@ def baselines(ws: Workspace, export: ExportSpec, split: str, on_stage=None) -> l
                                       prompt_style="instruction", restrict_to_labels=restrict).measurement.accuracy
                         for restrict in (False, True))
     return [
-        Baseline("majority class", f"always {majority}, the most frequent label in train", score([majority] * len(answers), answers, ws.splits.labels)),
+        Baseline("majority class", f"always {majority}, the most frequent label in train",
+                 score([majority] * len(answers), answers, ws.splits.labels)),
         Baseline("base, labels named in an instruction", base.describe(), told),
         Baseline("base, answer restricted to the labels", f"{base.describe()}, highest-scoring label", restricted),
     ]
