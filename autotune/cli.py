@@ -139,6 +139,7 @@ def _dashboard_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autotune dashboard", description="Open the study in optuna-dashboard.")
     p.add_argument("output", nargs="?", default=DEFAULT_OUTPUT, help=f"output folder of a search (default: {DEFAULT_OUTPUT})")
     p.add_argument("--storage", help="Optuna storage URL instead of the output folder's study.db")
+    p.add_argument("--artifacts", help="the shared artifacts folder the workers were given (default: OUTPUT/artifacts)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     return p
@@ -334,6 +335,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
 
 
 def _run_trials(ctx: SearchContext) -> None:
+    from autotune.dashboard import TrialRecorder, artifact_dir
     from autotune.live import SearchView, console
     from autotune.search import Search, requeue_interrupted
 
@@ -348,8 +350,10 @@ def _run_trials(ctx: SearchContext) -> None:
                   f"[bold]study[/] {ctx.args.study} ({ctx.storage.split('://')[0]})"
                   + (f"   resuming with {done_before} trial(s) done" if done_before else ""))
     s = ctx.settings
+    recorder = TrialRecorder(ctx.ws, artifact_dir(ctx.out, ctx.args.artifacts), s.latency_metric, s.max_latency_ms)
     with SearchView(ctx.study, s.latency_metric, s.max_latency_ms, s.trials, s.timeout_s) as view:
-        search.run(on_stage=view.on_stage, on_trial=view.on_trial)
+        search.run(on_stage=view.on_stage, on_trial=lambda study, t: (recorder(study, t), view.on_trial(study, t)),
+                   on_finish=recorder.attach)
 
 
 def _select(ctx: SearchContext) -> int:
@@ -358,6 +362,7 @@ def _select(ctx: SearchContext) -> int:
 
     from autotune import report
     from autotune.candidate import CandidateSpec, run_candidate
+    from autotune.dashboard import write_study_note
     from autotune.live import console, trial_table
 
     study, settings, out, ws = ctx.study, ctx.settings, ctx.out, ctx.ws
@@ -394,6 +399,7 @@ def _select(ctx: SearchContext) -> int:
     study.set_user_attr("zero_shot_test_accuracy", zero_shot.measurement.accuracy.accuracy)
     result = report.write_outputs(out, ws, study, front, chosen, test, zero_shot, ctx.info.to_dict(),
                                   ctx.profile.to_dict(), settings.latency_metric, settings.max_latency_ms, ctx.argv)
+    write_study_note(study, result)
     if not ctx.args.keep_all:
         report.prune(ws, study, [m.trial for m in front], keep_specs=[zero_shot.spec])
     c = result["chosen"]

@@ -193,6 +193,21 @@ def score(generated: Sequence[str], answers: Sequence[str], labels: Sequence[str
     return Accuracy(correct / n if n else 0.0, n, invalid, confusion, tuple(predictions))
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``correct / n`` (95% for ``z=1.96``).
+
+    Unlike the normal approximation it stays inside [0, 1] and is usable at 0 or n
+    successes and for small n. ``n == 0`` gives the uninformative (0, 1).
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if len(ordered) == 1:
