@@ -169,7 +169,7 @@ def loss_curve_png(losses: list[float], path: Path) -> Path:
     ax.plot(steps, window, c="#1f77b4", lw=2, label="mean of the last 10")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (answer tokens)")
-    ax.set_title("training of this adapter (shared by its other precisions)", fontsize=8)
+    ax.set_title("training of this adapter", fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
