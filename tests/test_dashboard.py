@@ -185,6 +185,7 @@ def _complete(detail: dict) -> list[dict]:
 
 
 def _attrs(trial: dict) -> dict:
+    """A trial's user attributes as the dashboard shows them (values as text)."""
     return {a["key"]: a["value"] for a in trial["user_attrs"]}
 
 
@@ -222,7 +223,7 @@ def test_artifacts_are_listed_served_and_small(dashboard, detail):
         record = json.loads(_get(dashboard.port, f"/artifacts/{trial['study_id']}/{trial['trial_id']}/"
                                                f"{by_name['measurement.json']['artifact_id']}"))
         validation = record["validation"]
-        assert validation["n"] == _attrs(trial)["eval_examples"] and len(validation["wilson_95"]) == 2
+        assert str(validation["n"]) == _attrs(trial)["eval_examples"] and len(validation["wilson_95"]) == 2
         assert validation["accuracy"] == pytest.approx(trial["values"][0])
         sizes.append(total)
     assert max(sizes) < MAX_ARTIFACT_BYTES_PER_TRIAL, sizes
@@ -234,7 +235,7 @@ def test_feasibility_is_visible_per_trial(detail):
         # Optuna's constraint values (stored by the constrained sampler), which the dashboard's
         # plots use to grey out infeasible trials, and the plain user attribute beside them.
         assert len(trial["constraints"]) == 1 and trial["constraints"][0] <= 0, trial["constraints"]
-        assert _attrs(trial)["feasible"] is True
+        assert _attrs(trial)["feasible"] == "True"
 
 
 def test_study_note_names_the_chosen_trial(detail, chosen, tiny_search):
