@@ -3,7 +3,7 @@
     autotune [--target auto|cpu|cuda|dml] [--max-latency MS] ...   the search (main job)
     autotune candidate --method lora --rank 16 --precision int4     one candidate
     autotune profile                                                 detected hardware
-    autotune dashboard [OUT | --storage URL]                         optuna-dashboard
+    autotune dashboard [OUT | --storage URL --artifacts DIR]         optuna-dashboard, notes and artifacts
     autotune worker --storage URL --study NAME                       join a study from another machine
     autotune select --storage URL --study NAME                       choose and write the best of a study
 """
