@@ -53,23 +53,27 @@ def accuracy_text(accuracy: float, n: int | None, invalid: int | None = None) ->
     return text
 
 
-def describe(spec: Mapping[str, Any]) -> str:
-    """A candidate spec (``asdict(CandidateSpec)``) in words."""
+def describe(spec: Mapping[str, Any]) -> list[str]:
+    """A candidate spec (``asdict(CandidateSpec)``) in words: a bullet for training, one for export.
+
+    Short lines: the dashboard's trial page does not wrap a note's paragraphs.
+    """
     export = spec["export"]
     quant = (f" (block size {export['block_size']}, accuracy level {export['accuracy_level']}, "
              f"{export['algo']} quantization)" if export["precision"] in ("int4", "int8") else "")
-    exported = (f"exported by the onnxruntime-genai builder at {export['precision']}{quant} for the "
-                f"{export['execution_provider']} execution provider")
     train = spec.get("train")
+    exported = (f"- **export:** {export['precision']}{quant} for {export['execution_provider']}, "
+                "by the onnxruntime-genai builder")
     if not train:
-        return f"The base model as is (zero-shot), {exported}."
-    method = "QLoRA adapter (the base held in 4-bit nf4 while training)" if train["method"] == "qlora" else "LoRA adapter"
-    modules = {"all-linear": "all linear layers", "attention": "the attention projections",
-               "mlp": "the MLP projections"}.get(train["target_modules"], train["target_modules"])
-    return (f"A {method} of rank {train['rank']} and alpha {train['alpha']:g} (scale {train['alpha'] / train['rank']:.2g}) "
-            f"on {modules}, dropout {train['dropout']:g}, trained {train['steps']} steps of batch {train['batch_size']} "
-            f"at learning rate {train['learning_rate']:.0e} (seed {train['seed']}); merged into the full-precision base "
-            f"and {exported}.")
+        return ["- **training:** none, the base model as is (zero-shot)", exported]
+    method = "QLoRA (base in 4-bit nf4 while training)" if train["method"] == "qlora" else "LoRA"
+    modules = {"all-linear": "all linear layers", "attention": "attention projections",
+               "mlp": "MLP projections"}.get(train["target_modules"], train["target_modules"])
+    return [f"- **training:** {method}, rank {train['rank']}, alpha {train['alpha']:g} "
+            f"(scale {train['alpha'] / train['rank']:.2g}), {modules}, dropout {train['dropout']:g}",
+            f"- **steps:** {train['steps']} of batch {train['batch_size']} at learning rate "
+            f"{train['learning_rate']:.0e}, seed {train['seed']}",
+            exported + " (adapter merged into the full-precision base)"]
 
 
 def fix_for(reason: str) -> str:
@@ -137,7 +141,7 @@ def trial_note(trial: optuna.trial.FrozenTrial, latency_metric: str, limit: floa
     title = f"## Trial {trial.number}: {attrs.get('candidate', 'candidate not sampled')}"
     lines = [title, ""]
     if attrs.get("spec"):
-        lines += [describe(attrs["spec"]), ""]
+        lines += describe(attrs["spec"]) + [""]
     if "duplicate_of" in attrs:
         return "\n".join(lines + [f"Not measured: the sampler proposed the same candidate as trial "
                                   f"{attrs['duplicate_of']}; its note has the figures.", ""])
@@ -228,8 +232,8 @@ def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible:
     metric = report.get("latency_metric", "p50")
     latency = chosen.get(f"latency_{metric}_ms")
     lines = [f"## Chosen: trial {number}, {chosen['candidate']}", "",
-             f"Open {link}. {describe(chosen['spec'])} The model ships as `best/` (load it with `og.Model`).", "",
-             "### Test accuracy beside the baselines (held-out test split)", ""]
+             f"Open {link}. It ships as `best/` (load it with `og.Model`).", ""] + describe(chosen["spec"])
+    lines += ["", "### Test accuracy beside the baselines (held-out test split)", ""]
     rows = [[f"**chosen (trial {number})**", _test_accuracy_cell(chosen)]] + baselines(report)
     lines += table(["model", "test accuracy"], rows) + [""]
     details = [f"validation accuracy {chosen['validation_accuracy']:.3f}"]

@@ -419,8 +419,8 @@ def test_failed_trial_note_gives_reason_and_fix(reason, fix):
     from autotune.notes import trial_note
 
     body = trial_note(_trial("FAIL", fail_reason=reason, stage_seconds={"train": 12.5}, cached=[]), "p50", 14.0)
-    assert "A QLoRA adapter (the base held in 4-bit nf4 while training) of rank 8 and alpha 16" in body
-    assert "on the attention projections" in body and "at int4 (block size 32, accuracy level 4" in body
+    assert "- **training:** QLoRA (base in 4-bit nf4 while training), rank 8, alpha 16 (scale 2), attention" in body
+    assert "- **export:** int4 (block size 32, accuracy level 4, default quantization) for cpu, by the " in body
     assert f"**Failed.** {reason}" in body
     fix_line = next(line for line in body.splitlines() if line.startswith("**Fix:**"))
     assert fix in fix_line, fix_line
