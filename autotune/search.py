@@ -207,9 +207,6 @@ class Search:
                 study.stop()
 
         callbacks = [stop_when_done] + ([on_trial] if on_trial else [])
-        # ERROR, not WARNING: a failed candidate is shown in the trial table with its reason (fail_reason);
-        # Optuna's "Trial N failed" warning would print the whole traceback on top.
-        optuna.logging.set_verbosity(optuna.logging.ERROR)
         def objective(trial: optuna.Trial) -> tuple[float, float]:
             try:
                 return self.objective(trial, on_stage)
@@ -217,6 +214,9 @@ class Search:
                 if on_finish:
                     on_finish(trial)
 
+        # ERROR, not WARNING: a failed candidate is shown in the trial table with its reason (fail_reason);
+        # Optuna's "Trial N failed" warning would print the whole traceback on top.
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
         self.study.optimize(
             objective,
             n_trials=None,
