@@ -489,3 +489,45 @@ def test_multi_objective_trials_take_no_intermediate_values():
     trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
     with pytest.raises(NotImplementedError):
         trial.report(1.0, step=1)
+
+
+def test_failed_trial_gets_its_builder_log_loss_curve_and_note(tmp_path):
+    """The failure path through Optuna: artifacts attached while the trial runs, the note after it failed."""
+    import optuna
+    from optuna.artifacts import get_all_artifact_meta
+    from optuna_dashboard import get_note
+
+    from autotune.dashboard import TrialRecorder, _TrialRef
+
+    class Workspace:  # the two paths the recorder reads
+        def adapter_dir(self, spec):
+            return tmp_path / "adapter"
+
+        def builder_log(self, spec):
+            return tmp_path / "logs" / "model.builder.log"
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "train_log.json").write_text(json.dumps({"losses": [3.1, 2.4, 2.2, 1.9]}))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "model.builder.log").write_text("Reading layer 0\n" * 20_000 + "ValueError: unsupported op\n")
+    reason = "the onnxruntime-genai builder could not export this model at int4 b32 a4: unsupported op"
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", directions=["maximize", "minimize"])
+    recorder = TrialRecorder(Workspace(), tmp_path / "artifacts", "p50", 14.0)
+    trial = study.ask()
+    for key, value in {"candidate": "qlora r8 ...", "spec": SPEC, "fail_reason": reason}.items():
+        trial.set_user_attr(key, value)
+    recorder.attach(trial)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    frozen = study.trials[0]
+    recorder(study, frozen)
+
+    metas = {m.filename: m for m in get_all_artifact_meta(frozen, storage=study._storage)}
+    assert set(metas) == {"loss-curve.png", "builder.log"}
+    log = (tmp_path / "artifacts" / metas["builder.log"].artifact_id).read_bytes()
+    assert log.endswith(b"ValueError: unsupported op\n") and len(log) < 201_000  # the tail of a 320 kB log
+    assert log.startswith(b"[first ") and metas["builder.log"].mimetype == "text/plain"
+    note = get_note(_TrialRef(study, frozen))
+    assert f"**Failed.** {reason}" in note and "**Fix:** read the builder.log artifact" in note
+    assert f"![loss curve](/artifacts/{study._study_id}/{frozen._trial_id}/{metas['loss-curve.png'].artifact_id})" in note
