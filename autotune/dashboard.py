@@ -208,8 +208,10 @@ def write_study_note(study: optuna.Study, report: dict) -> None:
     from optuna_dashboard import save_note
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    feasible = (sum(bool(t.user_attrs.get("feasible")) for t in complete), len(complete)) if report.get("chosen") else None
-    save_note(study, notes.study_note(report, study._study_id, feasible))
+    chosen = (report.get("chosen") or {}).get("trial")
+    feasible = (sum(bool(t.user_attrs.get("feasible")) for t in complete), len(complete)) if chosen is not None else None
+    n = next((t.user_attrs.get("eval_examples") for t in complete if t.number == chosen), None)
+    save_note(study, notes.study_note(report, study._study_id, feasible, n))
 
 
 def _warn(message: str) -> None:

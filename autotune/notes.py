@@ -170,11 +170,12 @@ def trial_note(trial: optuna.trial.FrozenTrial, latency_metric: str, limit: floa
     return "\n".join(lines)
 
 
-def _test_accuracy_cell(chosen: Mapping[str, Any]) -> str:
+def _test_n(chosen: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(n, invalid answers) of the chosen model's test score, from its confusion table."""
     confusion = chosen.get("test_confusion") or {}
-    n = sum(sum(row.values()) for row in confusion.values()) or chosen.get("test_n")
-    invalid = sum(row.get(INVALID, 0) for row in confusion.values()) if confusion else None
-    return accuracy_text(chosen["test_accuracy"], n, invalid)
+    if not confusion:
+        return chosen.get("test_n"), None
+    return sum(sum(row.values()) for row in confusion.values()), sum(row.get(INVALID, 0) for row in confusion.values())
 
 
 BASELINE_NAMES = {"zero_shot": "zero-shot base (same precision)", "majority": "majority class"}
@@ -186,18 +187,20 @@ def _baseline_name(key: str) -> str:
 
 def baselines(report: Mapping[str, Any]) -> list[list[str]]:
     """Whatever baselines the report carries: ``<name>_test_accuracy`` keys of the chosen
-    entry, and ``baselines`` (a dict of name -> accuracy or {accuracy, n, ...})."""
+    entry, and ``baselines`` (a dict of name -> accuracy or {accuracy, n, ...}). They are
+    scored on the same test split as the chosen model, so its n applies where theirs is not given."""
     chosen = report["chosen"]
-    rows = [[_baseline_name(key.removesuffix("_test_accuracy")), f"{value:.3f}"]
+    n, _ = _test_n(chosen)
+    rows = [[_baseline_name(key.removesuffix("_test_accuracy")), accuracy_text(value, n)]
             for key, value in chosen.items()
             if key.endswith("_test_accuracy") and key != "test_accuracy" and isinstance(value, (int, float))]
     for found in (report.get("baselines"), chosen.get("baselines")):
         for name, value in (found or {}).items():
             if isinstance(value, Mapping):
-                text = accuracy_text(value["accuracy"], value.get("n"), value.get("invalid"))
+                text = accuracy_text(value["accuracy"], value.get("n", n), value.get("invalid"))
                 rows.append([_baseline_name(name), text + (f" ({value['note']})" if value.get("note") else "")])
             elif isinstance(value, (int, float)):
-                rows.append([_baseline_name(name), f"{value:.3f}"])
+                rows.append([_baseline_name(name), accuracy_text(value, n)])
     return rows
 
 
@@ -217,11 +220,13 @@ def _column(name: str) -> str:
     return name.replace("_", " ")
 
 
-def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible: tuple[int, int] | None = None) -> str:
+def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible: tuple[int, int] | None = None,
+               validation_n: int | None = None) -> str:
     """The study's note after selection: the choice, beside baselines, with the bound,
     the re-benchmarked front and the command that reproduces it.
 
-    ``feasible`` is (trials within the bound, complete trials), when known.
+    ``feasible`` is (trials within the bound, complete trials) and ``validation_n`` the
+    number of validation prompts, when known.
     """
     chosen = report.get("chosen")
     if not chosen:
@@ -234,9 +239,9 @@ def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible:
     lines = [f"## Chosen: trial {number}, {chosen['candidate']}", "",
              f"Open {link}. It ships as `best/` (load it with `og.Model`).", ""] + describe(chosen["spec"])
     lines += ["", "### Test accuracy beside the baselines (held-out test split)", ""]
-    rows = [[f"**chosen (trial {number})**", _test_accuracy_cell(chosen)]] + baselines(report)
+    rows = [[f"**chosen (trial {number})**", accuracy_text(chosen["test_accuracy"], *_test_n(chosen))]] + baselines(report)
     lines += table(["model", "test accuracy"], rows) + [""]
-    details = [f"validation accuracy {chosen['validation_accuracy']:.3f}"]
+    details = [f"validation accuracy {accuracy_text(chosen['validation_accuracy'], validation_n)}"]
     if latency is not None:
         details.append(f"{metric} latency {latency:.1f} ms re-benchmarked (range {chosen.get('latency_spread_ms', 0):.1f})")
     if (chosen.get("measured") or {}).get("size_mb") is not None:
@@ -256,7 +261,8 @@ def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible:
     front = report.get("pareto") or []
     if front:
         columns = list(front[0])
-        lines += ["### Pareto front, latency re-benchmarked (interleaved rounds, median)", ""]
+        on = f" (accuracy on {validation_n} validation prompts)" if validation_n else ""
+        lines += [f"### Pareto front, latency re-benchmarked (interleaved rounds, median){on}", ""]
         lines += table([_column(c) for c in columns] + [""],
                        [[_cell(m.get(c), c) for c in columns] + ["**chosen**" if m.get("trial") == number else ""]
                         for m in front]) + [""]

@@ -242,7 +242,8 @@ def test_study_note_names_the_chosen_trial(detail, chosen, tiny_search):
     report = json.loads((tiny_search / "report.json").read_text())
     body = detail["note"]["body"]
     assert body.startswith(f"## Chosen: trial {chosen}, {report['chosen']['candidate']}"), body[:300]
-    assert f"| **chosen (trial {chosen})** |" in body and "zero-shot base" in body
+    assert f"| **chosen (trial {chosen})** |" in body and "| zero-shot base (same precision) | **" in body
+    assert re.search(r"Validation accuracy \*\*\d\.\d{3}\*\* \(\d+ of 8; 95% Wilson interval", body), body
     assert "`--max-latency 1000`" in body and "6 of 6 complete trials met it" in body
     assert "### Pareto front" in body and "| **chosen** |" in body
     assert report["command"] in body
@@ -461,9 +462,9 @@ def test_study_note_renders_whatever_baselines_and_columns_the_report_has():
     assert body.startswith("## Chosen: trial 9, qlora r8 ...")
     assert "[trial 9](/dashboard/studies/1/trials?numbers=9)" in body
     assert "| **chosen (trial 9)** | **0.449** (61 of 136; 95% Wilson interval" in body
-    assert "| zero-shot base (same precision) | 0.000 |" in body
+    assert "| zero-shot base (same precision) | **0.000** (0 of 136; 95% Wilson interval 0.000–0.027) |" in body
     assert "| majority class | **0.250** (34 of 136; 95% Wilson interval 0.185–0.329) |" in body
-    assert "| label list | 0.410 |" in body
+    assert "| label list | **0.410** (56 of 136; 95% Wilson interval" in body
     assert "request latency 41.3 ms re-benchmarked" in body and "78 MB on disk" in body
     assert "- none: no `--max-latency` was given" in body
     assert "| trial | candidate | accuracy | request p50 (ms) | feasible |  |" in body
