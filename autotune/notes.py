@@ -20,6 +20,8 @@ LATENCY_ROWS = (
     ("request_p50_ms", "request p50", "request_spread_ms"),
     ("request_p90_ms", "request p90", None),
     ("ttft_ms", "time to first token", "ttft_spread_ms"),
+    ("ttft_p50_ms", "time to first token p50", None),
+    ("ttft_p90_ms", "time to first token p90", None),
     ("token_p50_ms", "decode per token p50", "token_spread_ms"),
     ("token_p90_ms", "decode per token p90", None),
 )
@@ -170,8 +172,12 @@ def trial_note(trial: optuna.trial.FrozenTrial, latency_metric: str, limit: floa
     return "\n".join(lines)
 
 
-def _test_n(chosen: Mapping[str, Any]) -> tuple[int | None, int | None]:
-    """(n, invalid answers) of the chosen model's test score, from its confusion table."""
+def _test_score(chosen: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(n, invalid answers) of the chosen model's test score: from its ``test`` record, or
+    from its confusion table."""
+    test = chosen.get("test")
+    if isinstance(test, Mapping) and test.get("n"):
+        return test["n"], test.get("invalid")
     confusion = chosen.get("test_confusion") or {}
     if not confusion:
         return chosen.get("test_n"), None
@@ -185,26 +191,38 @@ def _baseline_name(key: str) -> str:
     return BASELINE_NAMES.get(key, key.replace("_", " "))
 
 
+def _baseline_row(name: str, value: Any, n: int | None) -> list[str]:
+    if not isinstance(value, Mapping):
+        return [_baseline_name(name), accuracy_text(value, n)]
+    text = accuracy_text(value["accuracy"], value.get("n", n), value.get("invalid"))
+    detail = value.get("detail") or value.get("note")
+    return [_baseline_name(name), text + (f" ({detail})" if detail else "")]
+
+
 def baselines(report: Mapping[str, Any]) -> list[list[str]]:
     """Whatever baselines the report carries: ``<name>_test_accuracy`` keys of the chosen
-    entry, and ``baselines`` (a dict of name -> accuracy or {accuracy, n, ...}). They are
-    scored on the same test split as the chosen model, so its n applies where theirs is not given."""
+    entry, and ``baselines`` (name -> accuracy or {accuracy, n, ...}, or a list of
+    {name, accuracy, n, ...}). They are scored on the same test split as the chosen model,
+    so its n applies where theirs is not given."""
     chosen = report["chosen"]
-    n, _ = _test_n(chosen)
-    rows = [[_baseline_name(key.removesuffix("_test_accuracy")), accuracy_text(value, n)]
+    n, _ = _test_score(chosen)
+    rows = [_baseline_row(key.removesuffix("_test_accuracy"), value, n)
             for key, value in chosen.items()
             if key.endswith("_test_accuracy") and key != "test_accuracy" and isinstance(value, (int, float))]
     for found in (report.get("baselines"), chosen.get("baselines")):
-        for name, value in (found or {}).items():
-            if isinstance(value, Mapping):
-                text = accuracy_text(value["accuracy"], value.get("n", n), value.get("invalid"))
-                rows.append([_baseline_name(name), text + (f" ({value['note']})" if value.get("note") else "")])
-            elif isinstance(value, (int, float)):
-                rows.append([_baseline_name(name), accuracy_text(value, n)])
+        items = [(b["name"], b) for b in found] if isinstance(found, list) else (found or {}).items()
+        rows += [_baseline_row(name, value, n) for name, value in items if isinstance(value, (Mapping, int, float))]
     return rows
 
 
+# The front table's columns, where the report has them (a report may carry many more).
+FRONT_COLUMNS = ("trial", "candidate", "accuracy", "validation_accuracy", "validation_interval", "latency_ms",
+                 "latency_spread_ms", "request_p50_ms", "ttft_p50_ms", "token_p50_ms", "size_mb", "feasible")
+
+
 def _cell(value: Any, column: str = "") -> str:
+    if isinstance(value, (list, tuple)) and len(value) == 2:  # an interval
+        return f"{value[0]:.3f}–{value[1]:.3f}"
     if isinstance(value, bool):
         return "yes" if value else "**no**"
     if isinstance(value, float):
@@ -235,17 +253,19 @@ def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible:
     number = chosen["trial"]
     link = f"[trial {number}](/dashboard/studies/{study_id}/trials?numbers={number})" if study_id is not None else f"trial {number}"
     metric = report.get("latency_metric", "p50")
-    latency = chosen.get(f"latency_{metric}_ms")
+    latency = chosen.get(f"latency_{metric}_ms", chosen.get("latency_ms"))
+    validation_n = chosen.get("validation_n") or validation_n
     lines = [f"## Chosen: trial {number}, {chosen['candidate']}", "",
              f"Open {link}. It ships as `best/` (load it with `og.Model`).", ""] + describe(chosen["spec"])
     lines += ["", "### Test accuracy beside the baselines (held-out test split)", ""]
-    rows = [[f"**chosen (trial {number})**", accuracy_text(chosen["test_accuracy"], *_test_n(chosen))]] + baselines(report)
+    rows = [[f"**chosen (trial {number})**", accuracy_text(chosen["test_accuracy"], *_test_score(chosen))]] + baselines(report)
     lines += table(["model", "test accuracy"], rows) + [""]
     details = [f"validation accuracy {accuracy_text(chosen['validation_accuracy'], validation_n)}"]
     if latency is not None:
         details.append(f"{metric} latency {latency:.1f} ms re-benchmarked (range {chosen.get('latency_spread_ms', 0):.1f})")
-    if (chosen.get("measured") or {}).get("size_mb") is not None:
-        details.append(f"{chosen['measured']['size_mb']:.0f} MB on disk")
+    size = chosen.get("size_mb", (chosen.get("measured") or {}).get("size_mb"))
+    if size is not None:
+        details.append(f"{size:.0f} MB on disk")
     sentence = "; ".join(details)
     lines += [sentence[0].upper() + sentence[1:] + ".", "", "### Bound applied", ""]
     limit = report.get("max_latency_ms")
@@ -260,7 +280,7 @@ def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible:
               "latency, then the smaller model.", ""]
     front = report.get("pareto") or []
     if front:
-        columns = list(front[0])
+        columns = [c for c in FRONT_COLUMNS if c in front[0]]
         on = f" (accuracy on {validation_n} validation prompts)" if validation_n else ""
         lines += [f"### Pareto front, latency re-benchmarked (interleaved rounds, median){on}", ""]
         lines += table([_column(c) for c in columns] + [""],

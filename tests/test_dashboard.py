@@ -474,6 +474,29 @@ def test_study_note_renders_whatever_baselines_and_columns_the_report_has():
     assert study_note({"chosen": None, "why": "every candidate failed"}).startswith("## Nothing was chosen")
 
 
+def test_study_note_reads_a_report_with_request_latency_and_a_baseline_list():
+    """The report shape of per-request latency and honest baselines (issue 10): records, not floats."""
+    from autotune.notes import study_note
+
+    member = {"trial": 3, "candidate": "qlora r8 ...", "validation_accuracy": 0.5, "validation_n": 136,
+              "validation_interval": [0.417, 0.583], "latency_ms": 41.04, "latency_spread_ms": 0.5,
+              "request_p50_ms": 41.04, "request_p90_ms": 47.0, "ttft_p50_ms": 30.2, "size_mb": 86.0, "feasible": True}
+    report = {"chosen": {**member, "spec": SPEC, "test_accuracy": 0.449,
+                         "test": {"accuracy": 0.449, "n": 136, "correct": 61, "invalid": 2, "confusion": {}},
+                         "baselines": [{"name": "majority", "detail": "always Sad", "accuracy": 0.25, "n": 136},
+                                       {"name": "label_list", "detail": "labels named", "accuracy": 0.41, "n": 136}]},
+              "latency_metric": "request", "max_latency_ms": 50.0, "pareto": [member], "command": "autotune"}
+    body = study_note(report, study_id=2, feasible=(5, 9))
+    assert "| **chosen (trial 3)** | **0.449** (61 of 136; 95% Wilson interval 0.367–0.532), 2 invalid answers |" in body
+    assert "| majority class | **0.250** (34 of 136; 95% Wilson interval 0.185–0.329) (always Sad) |" in body
+    assert "| label list | **0.410** (56 of 136;" in body and "(labels named) |" in body
+    assert "Validation accuracy **0.500** (68 of 136; 95% Wilson interval 0.417–0.583); request latency 41.0 ms" in body
+    assert "- `--max-latency 50`: request latency at most 50 ms" in body and "- 5 of 9 complete trials met it." in body
+    assert ("| trial | candidate | validation accuracy | validation interval | latency (ms) | latency spread (ms) | "
+            "request p50 (ms) | ttft p50 (ms) | size (MB) | feasible |  |") in body
+    assert "| 3 | qlora r8 ... | 0.500 | 0.417–0.583 | 41.0 | 0.5 | 41.0 | 30.2 | 86.0 | yes | **chosen** |" in body
+
+
 def test_wilson_interval():
     from autotune.measure import wilson_interval
 
