@@ -104,7 +104,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def stage_table(seconds: Mapping[str, float], cached: Sequence[str]) -> list[str]:
     rows = [[stage, f"{s:.1f}", "no"] for stage, s in seconds.items()]
-    timed_groups = {STAGE_GROUP.get(stage, stage) for stage in seconds}
+    timed_groups = {STAGE_GROUP.get(stage, "measure") for stage in seconds}  # other stages are the measuring child's
     rows += [[stage, "–", "yes (reused)"] for stage in cached if stage not in timed_groups]
     order = list(STAGE_GROUP)
     rows.sort(key=lambda r: order.index(r[0]) if r[0] in order else len(order))
@@ -196,7 +196,7 @@ def _baseline_row(name: str, value: Any, n: int | None) -> list[str]:
         return [_baseline_name(name), accuracy_text(value, n)]
     text = accuracy_text(value["accuracy"], value.get("n", n), value.get("invalid"))
     detail = value.get("detail") or value.get("note")
-    return [_baseline_name(name), text + (f" ({detail})" if detail else "")]
+    return [_baseline_name(name), text + (f" — {detail}" if detail else "")]
 
 
 def baselines(report: Mapping[str, Any]) -> list[list[str]]:
@@ -281,8 +281,8 @@ def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible:
     front = report.get("pareto") or []
     if front:
         columns = [c for c in FRONT_COLUMNS if c in front[0]]
-        on = f" (accuracy on {validation_n} validation prompts)" if validation_n else ""
-        lines += [f"### Pareto front, latency re-benchmarked (interleaved rounds, median){on}", ""]
+        on = f", accuracy on {validation_n} validation prompts" if validation_n else ""
+        lines += [f"### Pareto front: latency re-benchmarked (median of interleaved rounds){on}", ""]
         lines += table([_column(c) for c in columns] + [""],
                        [[_cell(m.get(c), c) for c in columns] + ["**chosen**" if m.get("trial") == number else ""]
                         for m in front]) + [""]

@@ -242,7 +242,9 @@ def test_study_note_names_the_chosen_trial(detail, chosen, tiny_search):
     report = json.loads((tiny_search / "report.json").read_text())
     body = detail["note"]["body"]
     assert body.startswith(f"## Chosen: trial {chosen}, {report['chosen']['candidate']}"), body[:300]
-    assert f"| **chosen (trial {chosen})** |" in body and "| zero-shot base (same precision) | **" in body
+    # The chosen model's test accuracy, then at least one baseline, each with n and an interval.
+    rows = re.findall(r"^\| (.+?) \| \*\*\d\.\d{3}\*\* \(\d+ of \d+; 95% Wilson interval .+\|$", body, flags=re.M)
+    assert rows[0] == f"**chosen (trial {chosen})**" and len(rows) >= 2, body
     assert re.search(r"Validation accuracy \*\*\d\.\d{3}\*\* \(\d+ of 8; 95% Wilson interval", body), body
     assert "`--max-latency 1000`" in body and "6 of 6 complete trials met it" in body
     assert "### Pareto front" in body and "| **chosen** |" in body
@@ -488,8 +490,8 @@ def test_study_note_reads_a_report_with_request_latency_and_a_baseline_list():
               "latency_metric": "request", "max_latency_ms": 50.0, "pareto": [member], "command": "autotune"}
     body = study_note(report, study_id=2, feasible=(5, 9))
     assert "| **chosen (trial 3)** | **0.449** (61 of 136; 95% Wilson interval 0.367–0.532), 2 invalid answers |" in body
-    assert "| majority class | **0.250** (34 of 136; 95% Wilson interval 0.185–0.329) (always Sad) |" in body
-    assert "| label list | **0.410** (56 of 136;" in body and "(labels named) |" in body
+    assert "| majority class | **0.250** (34 of 136; 95% Wilson interval 0.185–0.329) — always Sad |" in body
+    assert "| label list | **0.410** (56 of 136;" in body and " — labels named |" in body
     assert "Validation accuracy **0.500** (68 of 136; 95% Wilson interval 0.417–0.583); request latency 41.0 ms" in body
     assert "- `--max-latency 50`: request latency at most 50 ms" in body and "- 5 of 9 complete trials met it." in body
     assert ("| trial | candidate | validation accuracy | validation interval | latency (ms) | latency spread (ms) | "
