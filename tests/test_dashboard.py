@@ -478,6 +478,7 @@ def test_study_note_renders_whatever_baselines_and_columns_the_report_has():
 
 def test_study_note_reads_a_report_with_request_latency_and_a_baseline_list():
     """The report shape of per-request latency and honest baselines (issue 10): records, not floats."""
+    from autotune.measure import wilson_interval
     from autotune.notes import study_note
 
     member = {"trial": 3, "candidate": "qlora r8 ...", "validation_accuracy": 0.5, "validation_n": 136,
@@ -489,7 +490,8 @@ def test_study_note_reads_a_report_with_request_latency_and_a_baseline_list():
                                        {"name": "label_list", "detail": "labels named", "accuracy": 0.41, "n": 136}]},
               "latency_metric": "request", "max_latency_ms": 50.0, "pareto": [member], "command": "autotune"}
     body = study_note(report, study_id=2, feasible=(5, 9))
-    assert "| **chosen (trial 3)** | **0.449** (61 of 136; 95% Wilson interval 0.367–0.532), 2 invalid answers |" in body
+    lo, hi = wilson_interval(61, 136)
+    assert f"| **chosen (trial 3)** | **0.449** (61 of 136; 95% Wilson interval {lo:.3f}–{hi:.3f}), 2 invalid answers |" in body
     assert "| majority class | **0.250** (34 of 136; 95% Wilson interval 0.185–0.329) — always Sad |" in body
     assert "| label list | **0.410** (56 of 136;" in body and " — labels named |" in body
     assert "Validation accuracy **0.500** (68 of 136; 95% Wilson interval 0.417–0.583); request latency 41.0 ms" in body
@@ -504,7 +506,7 @@ def test_wilson_interval():
 
     assert wilson_interval(62, 136) == pytest.approx((0.3745, 0.5397), abs=1e-4)
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
-    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0) and wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_multi_objective_trials_take_no_intermediate_values():
