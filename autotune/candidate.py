@@ -11,6 +11,7 @@ Workspace layout below ``root``::
     adapters/<train key>/        peft adapter (safetensors) + train_log.json
     models/<export key>/         onnxruntime-genai folder, loadable as is
     measurements/<key>.json      measured figures per (model, split, settings)
+    logs/<export key>.builder.log  what the genai builder printed (kept when the export fails too)
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ class Workspace:
 
     def model_dir(self, spec: CandidateSpec) -> Path:
         return self.root / "models" / self.export_key(spec)
+
+    def builder_log(self, spec: CandidateSpec) -> Path:
+        return self.root / "logs" / f"{self.export_key(spec)}.builder.log"
 
     def prompts(self, split: str, style: str = "template") -> tuple[list[str], list[str]]:
         """Rendered prompts and true labels of a split.
@@ -219,7 +223,7 @@ def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, 
         notify("export", 0.0, f"onnxruntime-genai builder, {spec.export.label()}")
         with atomic_dir(model_dir) as tmp:
             seconds["export"] = export_model(source, tmp, spec.export, work_dir=Path(work) / "builder",
-                                             trust_remote_code=ws.trust_remote_code)
+                                             trust_remote_code=ws.trust_remote_code, log_path=ws.builder_log(spec))
     return True
 
 

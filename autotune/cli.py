@@ -3,7 +3,7 @@
     autotune [--target auto|cpu|cuda|dml] [--max-latency MS] ...   the search (main job)
     autotune candidate --method lora --rank 16 --precision int4     one candidate
     autotune profile                                                 detected hardware
-    autotune dashboard [OUT | --storage URL]                         optuna-dashboard
+    autotune dashboard [OUT | --storage URL --artifacts DIR]         optuna-dashboard, notes and artifacts
     autotune worker --storage URL --study NAME                       join a study from another machine
     autotune select --storage URL --study NAME                       choose and write the best of a study
 """
@@ -144,6 +144,7 @@ def _dashboard_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autotune dashboard", description="Open the study in optuna-dashboard.")
     p.add_argument("output", nargs="?", default=DEFAULT_OUTPUT, help=f"output folder of a search (default: {DEFAULT_OUTPUT})")
     p.add_argument("--storage", help="Optuna storage URL instead of the output folder's study.db")
+    p.add_argument("--artifacts", help="the shared artifacts folder the workers were given (default: OUTPUT/artifacts)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
     return p
@@ -339,6 +340,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
 
 
 def _run_trials(ctx: SearchContext) -> None:
+    from autotune.dashboard import TrialRecorder, artifact_dir
     from autotune.live import console, search_view
     from autotune.search import Search, requeue_interrupted
 
@@ -353,8 +355,10 @@ def _run_trials(ctx: SearchContext) -> None:
                   f"[bold]study[/] {ctx.args.study} ({ctx.storage.split('://')[0]})"
                   + (f"   resuming with {done_before} trial(s) done" if done_before else ""))
     s = ctx.settings
+    recorder = TrialRecorder(ctx.ws, artifact_dir(ctx.out, ctx.args.artifacts), s.latency_metric, s.max_latency_ms)
     with search_view(ctx.study, s.latency_metric, s.max_latency_ms, s.trials, s.timeout_s) as view:
-        search.run(on_stage=view.on_stage, on_trial=view.on_trial)
+        search.run(on_stage=view.on_stage, on_trial=lambda study, t: (recorder(study, t), view.on_trial(study, t)),
+                   on_finish=recorder.attach)
 
 
 def _select(ctx: SearchContext) -> int:

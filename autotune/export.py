@@ -128,8 +128,12 @@ def _human_bytes(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
-def export_model(hf_dir: Path, out_dir: Path, spec: ExportSpec, *, work_dir: Path, trust_remote_code: bool = False) -> float:
+def export_model(hf_dir: Path, out_dir: Path, spec: ExportSpec, *, work_dir: Path, trust_remote_code: bool = False,
+                 log_path: Path | None = None) -> float:
     """Run the genai builder on an HF folder; return the seconds it took.
+
+    The builder's output goes to ``log_path`` (default ``work_dir/builder.log``), kept
+    whether the export succeeds or not.
 
     Raises:
         CandidateError: the builder rejected the model or the options (message kept).
@@ -137,8 +141,9 @@ def export_model(hf_dir: Path, out_dir: Path, spec: ExportSpec, *, work_dir: Pat
     from onnxruntime_genai.models import builder
 
     options = spec.builder_options() + [f"hf_remote={'true' if trust_remote_code else 'false'}"]
-    log_path = work_dir / "builder.log"
+    log_path = log_path or work_dir / "builder.log"
     work_dir.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # The builder prints a page per export and its quantizer logs harmless ERROR lines
     # ("Gather only supports 4 bits"); keep all of it out of the user's view.

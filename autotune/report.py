@@ -26,6 +26,7 @@ from rich.table import Table
 
 from autotune.cache import atomic_dir, atomic_write_text
 from autotune.candidate import CandidateResult, CandidateSpec, Workspace, run_candidate
+from autotune.dashboard import write_study_note
 from autotune.errors import UserError
 from autotune.export import ExportSpec
 from autotune.live import console, fmt, trial_table
@@ -183,6 +184,7 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
     study.set_user_attr("chosen_test_accuracy", test.measurement.accuracy.accuracy)
     study.set_user_attr("chosen_baselines", {b.name: b.accuracy.accuracy for b in floors})
     result = write_outputs(out, ws, study, front, chosen, test, floors, hardware, profile, metric, limit, argv)
+    write_study_note(study, result)  # the dashboard's view of the same result
     if not keep_all:
         prune(ws, study, [m.trial for m in front], keep_specs=[CandidateSpec(None, chosen.spec.export)])
     c = result["chosen"]

@@ -105,6 +105,7 @@ def trial_attrs(result: CandidateResult, ws: Workspace) -> dict[str, Any]:
         "invalid_answers": m.accuracy.invalid,
         "eval_examples": m.accuracy.n,
         "accuracy_interval": list(m.accuracy.interval),
+        "confusion": m.accuracy.confusion,
         "final_loss": result.train.final_loss if result.train else None,
         "stage_seconds": result.stage_seconds,
         "cached": list(result.cached),
@@ -147,6 +148,7 @@ class Search:
         spec = self.space.suggest(trial, self.execution_provider)
         key = self.ws.export_key(spec)
         trial.set_user_attr("candidate", spec.describe())
+        trial.set_user_attr("spec", asdict(spec))  # also on failed trials: their note and artifacts need it
         # Claim the candidate: check and mark under a lock in the shared artifacts folder, so two
         # workers proposing the same candidate at once cannot both miss the other's claim.
         with _lock(self.ws.root / "claims" / key):
@@ -192,8 +194,13 @@ class Search:
         return max(0, self.settings.trials - len(counted_trials(self.study.get_trials(deepcopy=False))))
 
     def run(self, on_stage: StageCallback | None = None,
-            on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> None:
-        """Run trials until ``settings.trials`` are done (counting earlier runs) or the timeout."""
+            on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+            on_finish: Callable[[optuna.Trial], None] | None = None) -> None:
+        """Run trials until ``settings.trials`` are done (counting earlier runs) or the timeout.
+
+        ``on_finish(trial)`` runs as the objective ends, however it ends, while the trial can
+        still take artifacts; ``on_trial(study, frozen_trial)`` once its state is final.
+        """
         if self.remaining() == 0:
             return
 
@@ -206,11 +213,18 @@ class Search:
                 study.stop()
 
         callbacks = [stop_when_done] + ([on_trial] if on_trial else [])
+        def objective(trial: optuna.Trial) -> tuple[float, float]:
+            try:
+                return self.objective(trial, on_stage)
+            finally:
+                if on_finish:
+                    on_finish(trial)
+
         # ERROR, not WARNING: a failed candidate is shown in the trial table with its reason (fail_reason);
         # Optuna's "Trial N failed" warning would print the whole traceback on top.
         optuna.logging.set_verbosity(optuna.logging.ERROR)
         self.study.optimize(
-            lambda trial: self.objective(trial, on_stage),
+            objective,
             n_trials=None,
             timeout=self.settings.timeout_s,
             catch=(CandidateError,),

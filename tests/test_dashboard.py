@@ -1,5 +1,7 @@
 """``autotune dashboard``: a real server on a finished search, read through its JSON API and
-rendered by headless Chromium; and the one-line error when there is no study.
+rendered by headless Chromium (trial notes with their figures, artifacts, the study note
+naming the chosen model); the notes' text for cases the tiny search does not produce
+(failures, duplicates, other baselines); and the one-line errors.
 
 The server and every browser run are separate process groups, killed in teardown; every
 wait is bounded.
@@ -26,6 +28,8 @@ from conftest import run_cli
 
 HOST = "127.0.0.1"
 METRICS = ["accuracy", "latency_ms"]
+ARTIFACT_NAMES = {"loss-curve.png", "confusion.png", "builder.log", "measurement.json"}
+MAX_ARTIFACT_BYTES_PER_TRIAL = 1_000_000
 START_TIMEOUT_S = 30
 BROWSER_TIMEOUT_S = 90
 
@@ -37,9 +41,13 @@ def _free_port() -> int:
 
 
 def _get_json(port: int, path: str, timeout: float = 5) -> object:
+    return json.loads(_get(port, path, timeout).decode())
+
+
+def _get(port: int, path: str, timeout: float = 5) -> bytes:
     with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=timeout) as resp:
         assert resp.status == 200
-        return json.loads(resp.read().decode())
+        return resp.read()
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
@@ -159,6 +167,90 @@ def test_server_binds_loopback_only_and_prints_url(dashboard):
     assert "reachable from other machines" not in out
 
 
+@pytest.fixture(scope="module")
+def detail(dashboard, study_id) -> dict:
+    """The study as optuna-dashboard serves it to the browser."""
+    return _get_json(dashboard.port, f"/api/studies/{study_id}")
+
+
+@pytest.fixture(scope="module")
+def chosen(tiny_search) -> int:
+    return json.loads((tiny_search / "report.json").read_text())["chosen"]["trial"]
+
+
+def _complete(detail: dict) -> list[dict]:
+    trials = [t for t in detail["trials"] if t["state"] == "Complete"]
+    assert trials
+    return trials
+
+
+def _attrs(trial: dict) -> dict:
+    """A trial's user attributes as the dashboard shows them (values as text)."""
+    return {a["key"]: a["value"] for a in trial["user_attrs"]}
+
+
+def test_every_complete_trial_has_a_note_with_its_figures(detail):
+    for trial in _complete(detail):
+        body, attrs = trial["note"]["body"], _attrs(trial)
+        assert body.startswith(f"## Trial {trial['number']}: {attrs['candidate']}"), body[:200]
+        # accuracy with n and a 95% interval, the latency figures, memory and size
+        assert re.search(rf"\*\*\d\.\d{{3}}\*\* \(\d+ of {attrs['eval_examples']}; 95% Wilson interval "
+                         r"\d\.\d{3}–\d\.\d{3}\)", body), body
+        for row in ("time to first token", "decode per token p50", "peak RSS", "size on disk", "Feasible:** yes"):
+            assert row in body, (row, body)
+        # the confusion table, a row per true label, and the stages with their cache state
+        assert "true \\ answered" in body
+        for label in ("Sad", "Joy", "Fear", "Surprise"):
+            assert f"| **{label}** |" in body
+        assert "| stage | seconds | cached |" in body and ("| no |" in body or "yes (reused)" in body)
+        # the figures, inline, from this trial's own artifacts
+        ids = {a["artifact_id"] for a in trial["artifacts"]}
+        shown = re.findall(rf"!\[[^\]]+\]\(/artifacts/{trial['study_id']}/{trial['trial_id']}/([0-9a-f-]+)\)", body)
+        assert len(shown) == 2 and set(shown) <= ids, body
+
+
+def test_artifacts_are_listed_served_and_small(dashboard, detail):
+    sizes = []
+    for trial in _complete(detail):
+        by_name = {a["filename"]: a for a in trial["artifacts"]}
+        assert set(by_name) == ARTIFACT_NAMES, by_name
+        total = 0
+        for name, meta in by_name.items():
+            data = _get(dashboard.port, f"/artifacts/{trial['study_id']}/{trial['trial_id']}/{meta['artifact_id']}")
+            total += len(data)
+            if name.endswith(".png"):
+                assert data[:8] == b"\x89PNG\r\n\x1a\n" and meta["mimetype"] == "image/png"
+        record = json.loads(_get(dashboard.port, f"/artifacts/{trial['study_id']}/{trial['trial_id']}/"
+                                               f"{by_name['measurement.json']['artifact_id']}"))
+        validation = record["validation"]
+        assert str(validation["n"]) == _attrs(trial)["eval_examples"] and len(validation["wilson_95"]) == 2
+        assert validation["accuracy"] == pytest.approx(trial["values"][0])
+        sizes.append(total)
+    assert max(sizes) < MAX_ARTIFACT_BYTES_PER_TRIAL, sizes
+    print(f"artifact bytes per trial: {sizes}")
+
+
+def test_feasibility_is_visible_per_trial(detail):
+    for trial in _complete(detail):
+        # Optuna's constraint values (stored by the constrained sampler), which the dashboard's
+        # plots use to grey out infeasible trials, and the plain user attribute beside them.
+        assert len(trial["constraints"]) == 1 and trial["constraints"][0] <= 0, trial["constraints"]
+        assert _attrs(trial)["feasible"] == "True"
+
+
+def test_study_note_names_the_chosen_trial(detail, chosen, tiny_search):
+    report = json.loads((tiny_search / "report.json").read_text())
+    body = detail["note"]["body"]
+    assert body.startswith(f"## Chosen: trial {chosen}, {report['chosen']['candidate']}"), body[:300]
+    # The chosen model's test accuracy, then at least one baseline, each with n and an interval.
+    rows = re.findall(r"^\| (.+?) \| \*\*\d\.\d{3}\*\* \(\d+ of \d+; 95% Wilson interval .+\|$", body, flags=re.M)
+    assert rows[0] == f"**chosen (trial {chosen})**" and len(rows) >= 2, body
+    assert re.search(r"Validation accuracy \*\*\d\.\d{3}\*\* \(\d+ of 8; 95% Wilson interval", body), body
+    assert "`--max-latency 1000`" in body and "6 of 6 complete trials met it" in body
+    assert "### Pareto front" in body and "| **chosen** |" in body
+    assert report["command"] in body
+
+
 # --------------------------------------------------------------------------- headless Chromium
 
 
@@ -225,6 +317,27 @@ def test_browser_renders_study(dashboard, study_id, recorded, tmp_path):
     assert "Complete" in text
 
 
+def test_browser_shows_notes_figures_and_artifacts(dashboard, study_id, detail, chosen, tmp_path):
+    trial = next(t for t in detail["trials"] if t["number"] == chosen)
+    url = f"{dashboard.base}/dashboard/studies/{study_id}/trials?numbers={chosen}"
+    proc = _browse(tmp_path, "--dump-dom", url)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = _visible_text(proc.stdout)
+    # The trial's note, rendered: its title, accuracy with interval, confusion and stages.
+    assert f"Trial {chosen}: {_attrs(trial)['candidate']}" in text, text[:3000]
+    for shown in ("95% Wilson interval", "Confusion (validation)", "time to first token", "Stages"):
+        assert shown in text, (shown, text[:3000])
+    # The figures as images from the artifact store, and the Artifacts card listing the files.
+    images = re.findall(r'<img[^>]*\bsrc="(/artifacts/[^"]+)"', proc.stdout)
+    assert sum(src.startswith(f"/artifacts/{study_id}/{trial['trial_id']}/") for src in images) >= 2, images
+    after_note = text[text.index("Artifacts of this trial"):]
+    assert "Artifacts" in after_note and all(name in after_note for name in ARTIFACT_NAMES), after_note[-1500:]
+
+    # The study's note names the chosen model.
+    text = _rendered(tmp_path, f"{dashboard.base}/dashboard/studies/{study_id}/note")
+    assert f"Chosen: trial {chosen}" in text and "Reproduce" in text, text[:3000]
+
+
 def test_browser_screenshot(dashboard, study_id, tmp_path):
     png = tmp_path / "dash.png"
     proc = _browse(tmp_path, "--hide-scrollbars", "--window-size=1400,900", f"--screenshot={png}",
@@ -251,6 +364,21 @@ def test_no_study_is_a_one_line_error(tmp_path):
     assert "study.db" in lines[0] and "Traceback" not in proc.stderr
 
 
+def test_missing_artifacts_folder_is_a_one_line_error(tmp_path):
+    (tmp_path / "out").mkdir()
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}", study_name="autotune")
+    proc = run_cli("dashboard", str(tmp_path / "out"), "--artifacts", str(tmp_path / "nowhere"),
+                   "--port", str(_free_port()), timeout=60)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == f"error: --artifacts: no dashboard artifacts in {tmp_path / 'nowhere' / 'dashboard'}; " \
+                        "pass the folder the workers were given", proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_port_in_use_is_a_one_line_error(tmp_path):
     (tmp_path / "out").mkdir()
     import optuna
@@ -266,3 +394,168 @@ def test_port_in_use_is_a_one_line_error(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: cannot serve on {HOST}:{port} (Address already in use); choose another --port"], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- note text (no server)
+
+SPEC = {"train": {"method": "qlora", "rank": 8, "alpha": 16.0, "dropout": 0.05, "learning_rate": 1e-3, "steps": 60,
+                  "batch_size": 8, "target_modules": "attention", "warmup_fraction": 0.1, "seed": 0},
+        "export": {"precision": "int4", "execution_provider": "cpu", "block_size": 32, "accuracy_level": 4,
+                   "algo": "default"}}
+
+
+def _trial(state: str, values=None, **attrs):
+    import optuna
+
+    return optuna.trial.create_trial(state=getattr(optuna.trial.TrialState, state), values=values,
+                                     user_attrs={"candidate": "qlora r8 a16 lr1e-03 60st attention int4 b32 a4",
+                                                 "spec": SPEC, **attrs})
+
+
+@pytest.mark.parametrize("reason, fix", [
+    ("training diverged (loss nan) at step 3; lower the learning rate", "lower the learning rate"),
+    ("the onnxruntime-genai builder could not export this model at int4 b32 a4: Unsupported op", "builder.log"),
+    ("onnxruntime-genai could not run the model in /m: killed by signal 9 (out of memory?)", "`rank`, `batch_size`"),
+    ("measuring took longer than 900 s and was stopped", "--max-eval"),
+])
+def test_failed_trial_note_gives_reason_and_fix(reason, fix):
+    from autotune.notes import trial_note
+
+    body = trial_note(_trial("FAIL", fail_reason=reason, stage_seconds={"train": 12.5}, cached=[]), "p50", 14.0)
+    assert "- **training:** QLoRA (base in 4-bit nf4 while training), rank 8, alpha 16 (scale 2), attention" in body
+    assert "- **export:** int4 (block size 32, accuracy level 4, default quantization) for cpu, by the " in body
+    assert f"**Failed.** {reason}" in body
+    fix_line = next(line for line in body.splitlines() if line.startswith("**Fix:**"))
+    assert fix in fix_line, fix_line
+    assert "| train | 12.5 | no |" in body and "Feasible" not in body
+
+
+def test_duplicate_and_infeasible_trial_notes():
+    from autotune.notes import trial_note
+
+    body = trial_note(_trial("PRUNED", duplicate_of=3), "p50", 14.0)
+    assert "same candidate as trial 3" in body and "Failed" not in body
+
+    confusion = {"Sad": {"Sad": 3, "Joy": 1}, "Joy": {"Joy": 2, "<invalid>": 2}}
+    body = trial_note(_trial("COMPLETE", values=[0.625, 17.2], feasible=False, constraint=[3.2], eval_examples=8,
+                             invalid_answers=2, confusion=confusion, token_p50_ms=17.2, size_mb=78.4), "p50", 14.0)
+    assert "**Feasible:** **no** (p50 latency 17.2 ms, bound 14 ms; constraint value +3.2" in body
+    assert "**0.625** (5 of 8; 95% Wilson interval 0.306–0.863), 2 invalid answers" in body
+    assert "| true \\ answered | Sad | Joy | invalid |" in body and "| **Joy** | 0 | 2 | 2 |" in body
+    assert "| size on disk | 78 MB |" in body
+
+
+def test_study_note_renders_whatever_baselines_and_columns_the_report_has():
+    from autotune.notes import study_note
+
+    report = {
+        "chosen": {"trial": 9, "candidate": "qlora r8 ...", "spec": SPEC, "validation_accuracy": 0.456,
+                   "test_accuracy": 0.449, "test_confusion": {"Sad": {"Sad": 40, "Joy": 28}, "Joy": {"Joy": 21, "Sad": 47}},
+                   "zero_shot_test_accuracy": 0.0, "latency_request_ms": 41.3, "latency_spread_ms": 0.4,
+                   "measured": {"size_mb": 78.0}},
+        "baselines": {"majority": {"accuracy": 0.25, "n": 136}, "label_list": 0.41},
+        "latency_metric": "request", "max_latency_ms": None,
+        "pareto": [{"trial": 9, "candidate": "qlora r8 ...", "accuracy": 0.456, "request_p50_ms": 41.25, "feasible": True},
+                   {"trial": 4, "candidate": "lora r4 ...", "accuracy": 0.41, "request_p50_ms": 30.0, "feasible": True}],
+        "trials": {"complete": 12, "failed": [{"number": 2, "candidate": "lora r64 ...", "reason": "out of memory"}]},
+        "command": "autotune --trials 12",
+    }
+    body = study_note(report, study_id=1)
+    assert body.startswith("## Chosen: trial 9, qlora r8 ...")
+    assert "[trial 9](/dashboard/studies/1/trials?numbers=9)" in body
+    assert "| **chosen (trial 9)** | **0.449** (61 of 136; 95% Wilson interval" in body
+    assert "| zero-shot base (same precision) | **0.000** (0 of 136; 95% Wilson interval 0.000–0.027) |" in body
+    assert "| majority class | **0.250** (34 of 136; 95% Wilson interval 0.185–0.329) |" in body
+    assert "| label list | **0.410** (56 of 136; 95% Wilson interval" in body
+    assert "request latency 41.3 ms re-benchmarked" in body and "78 MB on disk" in body
+    assert "- none: no `--max-latency` was given" in body
+    assert "| trial | candidate | accuracy | request p50 (ms) | feasible |  |" in body
+    assert "| 9 | qlora r8 ... | 0.456 | 41.2 | yes | **chosen** |" in body
+    assert "- trial 2 lora r64 ...: out of memory" in body and "autotune --trials 12" in body
+
+    assert study_note({"chosen": None, "why": "every candidate failed"}).startswith("## Nothing was chosen")
+
+
+def test_study_note_reads_a_report_with_request_latency_and_a_baseline_list():
+    """The report shape of per-request latency and honest baselines (issue 10): records, not floats."""
+    from autotune.measure import wilson_interval
+    from autotune.notes import study_note
+
+    member = {"trial": 3, "candidate": "qlora r8 ...", "validation_accuracy": 0.5, "validation_n": 136,
+              "validation_interval": [0.417, 0.583], "latency_ms": 41.04, "latency_spread_ms": 0.5,
+              "request_p50_ms": 41.04, "request_p90_ms": 47.0, "ttft_p50_ms": 30.2, "size_mb": 86.0, "feasible": True}
+    report = {"chosen": {**member, "spec": SPEC, "test_accuracy": 0.449,
+                         "test": {"accuracy": 0.449, "n": 136, "correct": 61, "invalid": 2, "confusion": {}},
+                         "baselines": [{"name": "majority", "detail": "always Sad", "accuracy": 0.25, "n": 136},
+                                       {"name": "label_list", "detail": "labels named", "accuracy": 0.41, "n": 136}]},
+              "latency_metric": "request", "max_latency_ms": 50.0, "pareto": [member], "command": "autotune"}
+    body = study_note(report, study_id=2, feasible=(5, 9))
+    lo, hi = wilson_interval(61, 136)
+    assert f"| **chosen (trial 3)** | **0.449** (61 of 136; 95% Wilson interval {lo:.3f}–{hi:.3f}), 2 invalid answers |" in body
+    assert "| majority class | **0.250** (34 of 136; 95% Wilson interval 0.185–0.329) — always Sad |" in body
+    assert "| label list | **0.410** (56 of 136;" in body and " — labels named |" in body
+    assert "Validation accuracy **0.500** (68 of 136; 95% Wilson interval 0.417–0.583); request latency 41.0 ms" in body
+    assert "- `--max-latency 50`: request latency at most 50 ms" in body and "- 5 of 9 complete trials met it." in body
+    assert ("| trial | candidate | validation accuracy | validation interval | latency (ms) | latency spread (ms) | "
+            "request p50 (ms) | ttft p50 (ms) | size (MB) | feasible |  |") in body
+    assert "| 3 | qlora r8 ... | 0.500 | 0.417–0.583 | 41.0 | 0.5 | 41.0 | 30.2 | 86.0 | yes | **chosen** |" in body
+
+
+def test_wilson_interval():
+    from autotune.measure import wilson_interval
+
+    assert wilson_interval(62, 136) == pytest.approx((0.3745, 0.5397), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0) and wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_multi_objective_trials_take_no_intermediate_values():
+    """Why the loss curve is an artifact: Optuna refuses ``Trial.report`` in our studies."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trial = optuna.create_study(directions=["maximize", "minimize"]).ask()
+    with pytest.raises(NotImplementedError):
+        trial.report(1.0, step=1)
+
+
+def test_failed_trial_gets_its_builder_log_loss_curve_and_note(tmp_path):
+    """The failure path through Optuna: artifacts attached while the trial runs, the note after it failed."""
+    import optuna
+    from optuna.artifacts import get_all_artifact_meta
+    from optuna_dashboard import get_note
+
+    from autotune.dashboard import TrialRecorder, _TrialRef
+
+    class Workspace:  # the two paths the recorder reads
+        def adapter_dir(self, spec):
+            return tmp_path / "adapter"
+
+        def builder_log(self, spec):
+            return tmp_path / "logs" / "model.builder.log"
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "train_log.json").write_text(json.dumps({"losses": [3.1, 2.4, 2.2, 1.9]}))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "model.builder.log").write_text("Reading layer 0\n" * 20_000 + "ValueError: unsupported op\n")
+    reason = "the onnxruntime-genai builder could not export this model at int4 b32 a4: unsupported op"
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", directions=["maximize", "minimize"])
+    recorder = TrialRecorder(Workspace(), tmp_path / "artifacts", "p50", 14.0)
+    trial = study.ask()
+    for key, value in {"candidate": "qlora r8 ...", "spec": SPEC, "fail_reason": reason}.items():
+        trial.set_user_attr(key, value)
+    recorder.attach(trial)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    frozen = study.trials[0]
+    recorder(study, frozen)
+
+    metas = {m.filename: m for m in get_all_artifact_meta(frozen, storage=study._storage)}
+    assert set(metas) == {"loss-curve.png", "builder.log"}
+    log = (tmp_path / "artifacts" / metas["builder.log"].artifact_id).read_bytes()
+    assert log.endswith(b"ValueError: unsupported op\n") and len(log) < 201_000  # the tail of a 320 kB log
+    assert log.startswith(b"[first ") and metas["builder.log"].mimetype == "text/plain"
+    note = get_note(_TrialRef(study, frozen))
+    assert f"**Failed.** {reason}" in note and "**Fix:** read the builder.log artifact" in note
+    assert f"![loss curve](/artifacts/{study._study_id}/{frozen._trial_id}/{metas['loss-curve.png'].artifact_id})" in note
