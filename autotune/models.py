@@ -26,6 +26,8 @@ from autotune.cache import atomic_dir, cache_root
 
 DEFAULT_MODEL = "smollm2"
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the GGUF -> safetensors conversion changes what it writes (part of the folder name).
+GGUF_CONVERSION_VERSION = 2
 # Architectures the onnxruntime-genai builder exports and peft's "all-linear" covers.
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -109,9 +111,30 @@ def _file_identity(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
+def gguf_special_tokens(gguf: Path) -> dict[str, int]:
+    """The bos / eos / pad token ids a GGUF file declares (``tokenizer.ggml.*_token_id``)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    ids = {}
+    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("pad_token", "padding")):
+        field = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if field is not None and field.data:
+            ids[name] = int(field.parts[field.data[0]][0])
+    return ids
+
+
 def _convert_gguf(gguf: Path, slug: str) -> Path:
-    """Dequantize a GGUF checkpoint once into an fp32 safetensors folder in the cache."""
-    target = cache_root() / "models" / f"{slug}-{_file_identity(gguf)}"
+    """Dequantize a GGUF checkpoint once into an fp32 safetensors folder in the cache.
+
+    The folder's name carries the transformers version and :data:`GGUF_CONVERSION_VERSION`:
+    transformers' GGUF reader has changed between releases, so a conversion made by
+    another one is made again, never reused.
+    """
+    import transformers
+
+    version = hashlib.sha256(f"{GGUF_CONVERSION_VERSION}:{transformers.__version__}".encode()).hexdigest()[:8]
+    target = cache_root() / "models" / f"{slug}-{_file_identity(gguf)}-{version}"
     if (target / "config.json").is_file():
         return target
     import torch
@@ -132,6 +155,11 @@ def _convert_gguf(gguf: Path, slug: str) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=False)
     model.tie_weights()
+    # The special tokens come from the file itself: transformers 5.17 read SmolLM2's eos as
+    # <|im_start|> and no pad token, so adapters learnt to end answers with the wrong token
+    # and answered with garbage after export (seen on a GPU machine that had 5.17).
+    for name, token_id in gguf_special_tokens(gguf).items():
+        setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(token_id))
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

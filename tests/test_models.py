@@ -115,7 +115,19 @@ def test_embedded_default_model():
     assert json.loads((base.path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert base.size_bytes > 100 * 2**20  # ~135M parameters dequantized
     assert not list(base.path.parent.glob("*.tmp-*"))
+    # The special tokens are the GGUF file's own, whatever the transformers release reads by itself.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     # Converted once: the second call finds the cached folder.
     again = resolve_model(DEFAULT_MODEL)
     assert again.path == base.path
     assert again.fingerprint == base.fingerprint
+
+
+def test_gguf_special_tokens_are_read_from_the_file():
+    from autotune.models import _demo_gguf_path, gguf_special_tokens
+
+    # SmolLM2-Instruct declares <|im_start|> (1) as bos and <|im_end|> (2) as eos and pad.
+    assert gguf_special_tokens(_demo_gguf_path()) == {"bos_token": 1, "eos_token": 2, "pad_token": 2}
