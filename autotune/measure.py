@@ -49,6 +49,11 @@ def wilson_interval(correct: int, n: int, z: float = Z_95) -> tuple[float, float
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def format_accuracy(accuracy: float, n: int, interval: Sequence[float]) -> str:
+    """``0.449 (n=136, 95% CI 0.37-0.53)``: how every accuracy is shown."""
+    return f"{accuracy:.3f} (n={n}, 95% CI {interval[0]:.2f}-{interval[1]:.2f})"
+
+
 @dataclass(frozen=True)
 class LatencySettings:
     """How latency is sampled: ``warmup`` untimed requests before the timed ones; the front's
@@ -76,9 +81,7 @@ class Accuracy:
         return wilson_interval(self.correct, self.n)
 
     def describe(self) -> str:
-        """``0.449 (n=136, 95% CI 0.37-0.53)``."""
-        low, high = self.interval
-        return f"{self.accuracy:.3f} (n={self.n}, 95% CI {low:.2f}-{high:.2f})"
+        return format_accuracy(self.accuracy, self.n, self.interval)
 
     def to_dict(self) -> dict:
         """The figures without the per-prompt predictions, plus the interval."""

@@ -29,7 +29,7 @@ from autotune.candidate import CandidateResult, CandidateSpec, Workspace, run_ca
 from autotune.errors import UserError
 from autotune.export import ExportSpec
 from autotune.live import console, fmt, trial_table
-from autotune.measure import Accuracy, Latency, LatencySettings, measure, score, wilson_interval
+from autotune.measure import Accuracy, Latency, LatencySettings, format_accuracy, measure, score, wilson_interval
 from autotune.search import SearchSettings, preference
 from autotune.train import TrainSpec
 
@@ -180,7 +180,7 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
     # Finished trials are immutable in Optuna; the choice is recorded on the study.
     study.set_user_attr("chosen_trial", chosen.trial.number)
     study.set_user_attr("chosen_test_accuracy", test.measurement.accuracy.accuracy)
-    study.set_user_attr("baseline_test_accuracy", {b.name: b.accuracy.accuracy for b in floors})
+    study.set_user_attr("chosen_baselines", {b.name: b.accuracy.accuracy for b in floors})
     result = write_outputs(out, ws, study, front, chosen, test, floors, hardware, profile, metric, limit, argv)
     if not keep_all:
         prune(ws, study, [m.trial for m in front], keep_specs=[CandidateSpec(None, chosen.spec.export)])
@@ -294,9 +294,7 @@ def _write_plot(path: Path, trials, front: list[FrontMember], chosen: FrontMembe
 
 
 def _accuracy_text(record: dict) -> str:
-    """``0.449 (n=136, 95% CI 0.37-0.53)`` from a report's accuracy record."""
-    low, high = record["interval"]
-    return f"{record['accuracy']:.3f} (n={record['n']}, 95% CI {low:.2f}-{high:.2f})"
+    return format_accuracy(record["accuracy"], record["n"], record["interval"])
 
 
 def model_card(report: dict) -> str:

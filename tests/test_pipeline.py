@@ -15,13 +15,14 @@ from autotune.cache import atomic_dir, content_key, folder_size
 from autotune.candidate import CandidateSpec, Workspace, run_candidate
 from autotune.data import DataConfig, load_splits
 from autotune.export import ExportSpec, export_model, merge_adapter
-from autotune.measure import LatencySettings, measure, normalize_answer, parity_check, score
+from autotune.measure import (LatencySettings, Measurement, measure, normalize_answer, parity_check, score,
+                              wilson_interval)
 from autotune.models import resolve_model
 from autotune.train import TrainSpec, load_base_for_training, read_train_log, train_adapter
 from conftest import LABELS, write_jsonl
 
 THREADS = 2
-FAST_LATENCY = LatencySettings(new_tokens=4, warmup=1, repeats=2)
+FAST_LATENCY = LatencySettings(warmup=1)
 SHORT = TrainSpec(rank=4, alpha=8.0, steps=6, batch_size=4, learning_rate=1e-3)
 
 
@@ -223,28 +224,90 @@ def test_measure(exports, splits):
     folder = exports["int4"]
     m = measure(folder, prompts, answers, splits.labels, threads=1, latency=FAST_LATENCY)
     assert 0.0 <= m.accuracy.accuracy <= 1.0
-    assert m.accuracy.n == len(prompts)
+    assert m.accuracy.n == len(prompts) and m.accuracy.correct == round(m.accuracy.accuracy * len(prompts))
     assert len(m.accuracy.predictions) == len(prompts)
     assert sum(sum(row.values()) for row in m.accuracy.confusion.values()) == len(prompts)
     assert 0 <= m.accuracy.invalid <= len(prompts)
+    # One timed request per prompt, in prompt order, with its raw answer.
+    assert len(m.requests) == len(prompts)
+    assert score([r.answer for r in m.requests], answers, splits.labels) == m.accuracy
+    for r in m.requests:
+        assert r.request_ms >= r.ttft_ms > 0 and r.prompt_tokens > 0
+        assert r.request_ms >= r.ttft_ms + sum(r.token_ms) * 0.999
     lat = m.latency
-    assert lat is not None and lat.runs == FAST_LATENCY.repeats
-    assert lat.ttft_ms > 0 and lat.token_p50_ms > 0 and lat.token_p90_ms >= lat.token_p50_ms > 0
-    assert lat.tokens_per_s > 0 and lat.prompt_tokens > 0
-    assert lat.ttft_spread_ms >= 0 and lat.token_spread_ms >= 0
+    assert lat is not None and lat.requests == len(prompts)
+    assert lat.request_p90_ms >= lat.request_p50_ms >= lat.ttft_p50_ms > 0
+    assert lat.ttft_p90_ms >= lat.ttft_p50_ms and lat.token_p90_ms >= lat.token_p50_ms > 0
+    assert lat.tokens_per_s > 0 and lat.prompt_tokens_p90 >= lat.prompt_tokens_p50 > 0
+    assert lat.metric("request") == lat.request_p50_ms and lat.metric("ttft") == lat.ttft_p50_ms
+    assert lat.metric("token") == lat.token_p50_ms
     assert m.peak_rss_mb > 0
     assert m.size_mb == pytest.approx(folder_size(folder) / 2**20) and m.size_mb > 0
     assert m.seconds > 0 and m.threads == 1 and m.provider == "cpu"
-    assert set(m.stage_seconds) == {"load", "accuracy", "latency"}
+    assert set(m.stage_seconds) == {"load", "warmup", "requests"}
     record = m.to_dict()
-    assert "predictions" not in record["accuracy"]
-    json.dumps(record)
+    assert "predictions" not in record["accuracy"] and record["accuracy"]["interval"] == list(m.accuracy.interval)
+    assert [r["answer"] for r in record["requests"]] == [r.answer for r in m.requests]
+    assert Measurement.from_dict(json.loads(json.dumps(record)), answers, splits.labels).to_dict() == record
 
 
 def test_measure_without_latency(exports, splits):
     prompts, answers = _prompts(splits)
     m = measure(exports["fp32"], prompts[:3], answers[:3], splits.labels, latency=None)
-    assert m.latency is None and m.accuracy.n == 3
+    assert m.latency is None and m.accuracy.n == 3 and len(m.requests) == 3
+
+
+def test_measure_restricted_to_labels(exports, splits):
+    """Answers restricted to the labels: always a label, the one with the highest teacher-forced log-prob."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    prompts, answers = _prompts(splits)
+    m = measure(exports["fp32"], prompts[:4], answers[:4], splits.labels, latency=None, restrict_to_labels=True)
+    assert m.accuracy.invalid == 0 and all(r.answer in splits.labels for r in m.requests)
+    # The same choice by hand: each label appended to a fresh generator, its tokens scored one by one.
+    model = og.Model(str(exports["fp32"]))
+    tokenizer = og.Tokenizer(model)
+    for prompt, request in zip(prompts[:4], m.requests):
+        scores = {}
+        for label in splits.labels:
+            ids, label_ids = list(tokenizer.encode(prompt)), list(tokenizer.encode(label))
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(ids) + len(label_ids) + 1)
+            generator = og.Generator(model, params)
+            generator.append_tokens(ids + label_ids)
+            logits = generator.get_output("logits")[0].astype(np.float64)
+            logp = logits - logits.max(axis=-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
+            scores[label] = sum(logp[len(ids) - 1 + k, t] for k, t in enumerate(label_ids))
+        assert request.answer == max(scores, key=scores.get), scores
+
+
+def test_rescored_from_raw_answers(exports, splits):
+    """A stored measurement is scored again from its raw answers: a scoring change needs no generation."""
+    prompts, answers = _prompts(splits)
+    m = measure(exports["int4"], prompts[:4], answers[:4], splits.labels, latency=None)
+    record = json.loads(json.dumps(m.to_dict()))
+    record["requests"][0]["answer"] = f"{answers[0]}."
+    record["requests"][1]["answer"] = "not a label"
+    record["accuracy"] = {"accuracy": 1.0}  # a stale stored score is ignored
+    again = Measurement.from_dict(record, answers[:4], splits.labels)
+    expected = score([f"{answers[0]}.", "not a label"] + [r.answer for r in m.requests[2:]], answers[:4], splits.labels)
+    assert again.accuracy == expected and again.accuracy.predictions[0] == answers[0]
+    assert again.requests[2:] == m.requests[2:]
+
+
+@pytest.mark.parametrize("correct,n,low,high", [
+    (5, 10, 0.2366, 0.7634), (0, 10, 0.0, 0.2775), (10, 10, 0.7225, 1.0), (61, 136, 0.3675, 0.5324), (0, 0, 0.0, 1.0),
+])
+def test_wilson_interval(correct, n, low, high):
+    assert wilson_interval(correct, n) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_accuracy_describe():
+    acc = score(["Joy"] * 3 + ["Sad"], ["Joy", "Joy", "Joy", "Joy"], ("Joy", "Sad"))
+    assert acc.correct == 3 and acc.describe() == "0.750 (n=4, 95% CI 0.30-0.95)"
+    assert acc.to_dict()["interval"] == pytest.approx([0.3006, 0.9544], abs=1e-4)
 
 
 def test_measure_bad_folder(tmp_path, splits):
@@ -278,7 +341,7 @@ def test_normalize_answer(text, expected):
 def test_score():
     labels = ("Joy", "Sad", "Fear")
     acc = score(["Joy.", "sad", "no idea", "Fear", ""], ["Joy", "Joy", "Sad", "Fear", "Fear"], labels)
-    assert acc.n == 5
+    assert acc.n == 5 and acc.correct == 2
     assert acc.invalid == 2
     assert acc.accuracy == pytest.approx(2 / 5)
     assert acc.confusion == {
@@ -316,7 +379,7 @@ def test_run_candidate_caches(base, splits, tmp_path):
     first = run_candidate(ws, spec, on_stage=lambda stage, fraction, detail: stages.append(stage))
     assert first.cached == ()
     assert {"train", "merge", "export", "measure"} <= set(stages)
-    assert {"train", "merge", "export", "load", "accuracy", "latency"} <= set(first.stage_seconds)
+    assert {"train", "merge", "export", "load", "warmup", "requests"} <= set(first.stage_seconds)
     assert (first.model_dir / "genai_config.json").is_file()
     assert first.model_dir == ws.model_dir(spec)
     assert first.measurement.accuracy.n == 8
@@ -328,8 +391,9 @@ def test_run_candidate_caches(base, splits, tmp_path):
     assert set(second.cached) == {"train", "export", "measure"}
     assert second.stage_seconds == {}
     assert second.model_dir == first.model_dir
-    # The stored record leaves out the per-prompt predictions; everything else round-trips.
+    # The stored record keeps the raw answers and leaves out the predictions; everything round-trips.
     assert second.measurement.to_dict() == first.measurement.to_dict()
+    assert second.measurement.accuracy == first.measurement.accuracy
     assert second.train.losses == first.train.losses
     json.dumps(second.to_dict())
 
@@ -353,6 +417,52 @@ def test_run_candidate_zero_shot(base, splits, tmp_path):
     assert not (ws.root / "adapters").exists()
     assert result.measurement.accuracy.n == 8
     assert "zero-shot" in result.spec.describe()
+
+
+def test_measurement_key_has_the_measure_version(base, splits, tmp_path, monkeypatch):
+    import autotune.candidate as candidate
+
+    ws = _workspace(tmp_path / "ws", base, splits)
+    spec = CandidateSpec(train=None, export=ExportSpec(precision="int4"))
+    assert "measure" not in run_candidate(ws, spec, with_latency=False).cached
+    assert "measure" in run_candidate(ws, spec, with_latency=False).cached
+    monkeypatch.setattr(candidate, "MEASURE_VERSION", candidate.MEASURE_VERSION + 1)
+    assert "measure" not in run_candidate(ws, spec, with_latency=False).cached  # measured again, not served
+    assert len(list((ws.root / "measurements").glob("*.json"))) == 2
+
+
+def test_baselines(base, splits, tmp_path):
+    from collections import Counter
+
+    from autotune.report import baselines
+
+    ws = _workspace(tmp_path / "ws", base, splits)
+    floors = baselines(ws, ExportSpec(precision="int4"), "validation")
+    assert [b.name for b in floors] == ["majority class", "base, labels named in an instruction",
+                                        "base, answer restricted to the labels"]
+    _, answers = ws.prompts("validation")
+    counts = Counter(e.label for e in splits.train)
+    majority = max(splits.labels, key=counts.__getitem__)
+    assert floors[0].accuracy.accuracy == pytest.approx(answers.count(majority) / len(answers))
+    assert all(b.accuracy.n == len(answers) == 8 for b in floors)
+    assert floors[2].accuracy.invalid == 0  # restricted to the labels: every answer is one
+    # The base is measured on the instruction prompts, through the zero-shot export of the normal path.
+    assert ws.model_dir(CandidateSpec(None, ExportSpec(precision="int4"))).is_dir()
+    record = floors[1].to_dict()
+    assert record["n"] == 8 and len(record["interval"]) == 2 and record["detail"].startswith("zero-shot base int4")
+
+
+def test_instruction_prompt(base):
+    from autotune.data import instruction_prompt
+    from autotune.train import load_tokenizer
+
+    labels = ("Fear", "Joy")
+    prompt = "### Text: it rained all day\n### The tone is:\n"
+    plain = instruction_prompt(prompt, labels)
+    assert plain == "Classify the text as one of: Fear, Joy. Answer with the label only.\n\n" + prompt
+    chat = instruction_prompt(prompt, labels, load_tokenizer(base))  # SmolLM2's tokenizer has a chat template
+    assert "Fear, Joy" in chat and "it rained all day" in chat
+    assert chat.endswith("assistant\nThe tone is:")  # the template's answer cue opens the answer
 
 
 def test_workspace_sweeps_partials(base, splits, tmp_path):

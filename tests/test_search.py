@@ -17,7 +17,10 @@ import pytest
 
 from conftest import run_cli
 
-MEASURED_ATTRS = ("ttft_ms", "token_p50_ms", "tokens_per_s", "peak_rss_mb", "size_mb", "feasible", "spec", "constraint")
+MEASURED_ATTRS = ("request_p50_ms", "request_p90_ms", "ttft_p50_ms", "ttft_p90_ms", "token_p50_ms", "token_p90_ms",
+                  "prompt_tokens_p50", "prompt_tokens_p90", "tokens_per_s", "peak_rss_mb", "size_mb", "feasible", "spec",
+                  "constraint")
+LATENCY_FIELDS = ("request_p50_ms", "request_p90_ms", "ttft_p50_ms", "ttft_p90_ms", "token_p50_ms", "token_p90_ms")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -79,11 +82,26 @@ def test_outputs_exist_and_load(tiny_search: Path, tiny_model_dir, tiny_dataset,
 
     report = json.loads((out / "report.json").read_text())
     chosen = report["chosen"]
-    for key in ("test_accuracy", "validation_accuracy", "zero_shot_test_accuracy"):
+    assert report["latency_metric"] == "request"
+    for key in ("test_accuracy", "validation_accuracy"):
         assert 0.0 <= chosen[key] <= 1.0, key
-    assert chosen["latency_p50_ms"] > 0
+    # Every accuracy goes with its n and a 95% interval around it.
+    test = chosen["test"]
+    assert test["accuracy"] == chosen["test_accuracy"] and test["n"] == 8
+    assert test["interval"][0] <= test["accuracy"] <= test["interval"][1]
+    assert chosen["validation_n"] == 8 and len(chosen["validation_interval"]) == 2
+    assert [b["name"] for b in chosen["baselines"]] == ["majority class", "base, labels named in an instruction",
+                                                      "base, answer restricted to the labels"]
+    for b in chosen["baselines"]:
+        assert b["n"] == 8 and b["interval"][0] <= b["accuracy"] <= b["interval"][1], b
+    assert chosen["baselines"][0]["accuracy"] == pytest.approx(0.25)  # balanced tiny data: 2 of 8
+    # The objective is the re-benchmarked request p50; every front member has all the figures.
+    assert chosen["latency_ms"] == chosen["request_p50_ms"] > 0
     assert chosen["latency_spread_ms"] >= 0
-    for key in ("ttft_ms", "token_p50_ms", "token_p90_ms", "tokens_per_s", "peak_rss_mb", "size_mb"):
+    for member in report["pareto"]:
+        assert all(member[k] > 0 for k in LATENCY_FIELDS), member
+        assert member["request_p90_ms"] >= member["request_p50_ms"] >= member["ttft_p50_ms"]
+    for key in (*LATENCY_FIELDS, "prompt_tokens_p50", "tokens_per_s", "peak_rss_mb", "size_mb"):
         assert chosen["measured"][key] > 0, key
     assert report["versions"]["onnxruntime-genai"] and report["versions"]["optuna"]
     expected = search_args(tiny_model_dir, tiny_dataset, tiny_space, out)
@@ -92,11 +110,13 @@ def test_outputs_exist_and_load(tiny_search: Path, tiny_model_dir, tiny_dataset,
     assert any(m["trial"] == chosen["trial"] for m in report["pareto"])
 
     card = (out / "MODEL_CARD.md").read_text()
-    assert f"| test accuracy | {chosen['test_accuracy']:.3f} |" in card
+    low, high = test["interval"]
+    assert f"| this model, test split | {test['accuracy']:.3f} (n=8, 95% CI {low:.2f}-{high:.2f}) |" in card
+    assert card.count("| baseline: ") == 3 and "| request | " in card and "| time to first token | " in card
     assert report["command"] in card
 
     rows = (out / "pareto.csv").read_text().splitlines()
-    assert rows[0].split(",")[:3] == ["trial", "candidate", "accuracy"]
+    assert rows[0].split(",")[:3] == ["trial", "candidate", "validation_accuracy"]
     assert len(rows) >= 2 and len(rows) - 1 == len(report["pareto"])
     assert (out / "pareto.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -112,9 +132,12 @@ def test_study_records(tiny_search: Path) -> None:
         assert not missing, (t.number, missing)
         assert t.user_attrs["feasible"] is True  # 1000 ms is far above the tiny model's latency
         assert t.user_attrs["constraint"][0] <= 0
-        assert t.values[1] == pytest.approx(t.user_attrs["token_p50_ms"])
+        assert t.values[1] == pytest.approx(t.user_attrs["request_p50_ms"])  # --latency-metric request
+        assert t.user_attrs["requests"] == t.user_attrs["eval_examples"] == 8  # one timed request per prompt
     attrs = study.user_attrs
-    for key in ("model", "data", "profile", "hardware", "versions", "chosen_trial", "chosen_test_accuracy"):
+    assert attrs["latency_metric"] == "request"
+    for key in ("model", "data", "profile", "hardware", "versions", "chosen_trial", "chosen_test_accuracy",
+                "chosen_baselines"):
         assert key in attrs, key
     report = json.loads((tiny_search / "report.json").read_text())
     assert attrs["chosen_trial"] == report["chosen"]["trial"]
@@ -191,7 +214,7 @@ def resumed(tmp_path_factory, tiny_search: Path, tiny_model_dir, tiny_dataset, t
 def test_resume_adds_only_missing_trials(resumed) -> None:
     out, _, before, adapters_before, proc = resumed
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming with 6 trial(s) done" in proc.stderr
+    assert "resuming with 6 trial(s) done" in proc.stdout + proc.stderr
     done = {t.number: t for t in complete(load_study(out))}
     assert len(done) == 8
     for number, (params, values, _) in before.items():  # nothing completed is lost or changed
@@ -223,7 +246,7 @@ def test_resume_when_done_runs_nothing(resumed) -> None:
     report_mtime = (out / "report.json").stat().st_mtime_ns
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming with 8 trial(s) done" in proc.stderr
+    assert "resuming with 8 trial(s) done" in proc.stdout + proc.stderr
     trials_after = {t.number: t.state for t in load_study(out).get_trials(deepcopy=False)}
     assert trials_after == trials_before  # no new trial, none changed state
     assert (out / "report.json").stat().st_mtime_ns > report_mtime  # outputs written again
@@ -245,7 +268,7 @@ def test_infeasible_bound_exits_3(infeasible) -> None:
     out, proc = infeasible
     line = assert_clean_failure(proc, 3)
     match = re.fullmatch(r"error: no candidate met --max-latency 0\.001 ms; the fastest found was #(\d+) (.+) "
-                         r"at ([\d.]+) ms \(p50\); raise the bound or search faster precisions", line)
+                         r"at ([\d.]+) ms \(request\); raise the bound or search faster precisions", line)
     assert match, line
     done = complete(load_study(out))
     assert len(done) == 2
@@ -305,8 +328,49 @@ def test_settings_validation_in_process() -> None:
     from autotune.search import SearchSettings
 
     for kwargs in ({"max_latency_ms": 0.0}, {"max_latency_ms": -5.0}, {"max_latency_ms": float("nan")},
-                   {"trials": 0}, {"sampler": "grid"}, {"latency_metric": "p99"}):
+                   {"trials": 0}, {"sampler": "grid"}, {"latency_metric": "p50"}):
         with pytest.raises(UserError) as exc:
             SearchSettings(**kwargs)
         assert exc.value.exit_code == 2 and "\n" not in str(exc.value)
     assert SearchSettings(max_latency_ms=0.5).max_latency_ms == 0.5
+
+
+def test_latency_metric(tmp_path: Path, tiny_search: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
+    from autotune.search import SearchSettings, latency_of
+
+    assert SearchSettings().latency_metric == "request"
+    attrs = {"request_p50_ms": 9.0, "ttft_p50_ms": 5.0, "token_p50_ms": 1.0}
+    assert [latency_of(attrs, m) for m in ("request", "ttft", "token")] == [9.0, 5.0, 1.0]
+    search = run_cli("--help")
+    assert "--latency-metric {request,ttft,token}" in search.stdout
+    # The study records its metric; a resumed run with another one refuses rather than mix latencies.
+    out = tmp_path / "out"
+    shutil.copytree(tiny_search, out)
+    proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--latency-metric", "token"))
+    line = assert_clean_failure(proc, 2)
+    assert "latency_metric='request'" in line and "'token'" in line, line
+
+
+def test_progress_log_without_a_terminal(tmp_path: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
+    """``autotune ... > log.txt``: one plain line per stage and per trial, no control codes."""
+    import os
+    import subprocess
+    import sys
+
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    with open(log, "w") as stdout:
+        proc = subprocess.run([sys.executable, "-m", "autotune.cli",
+                               *search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--no-siblings", trials=2)],
+                              stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = log.read_text()
+    assert "\x1b" not in text and "\r" not in text, text[:2000]
+    lines = text.splitlines()
+    stamp = r"\[ *\d+:\d\d\.\d\] "
+    for stage in ("train", "merge", "export", "measure"):
+        assert any(re.match(stamp + rf"trial \d+ {stage}: ", line) for line in lines), (stage, text[:3000])
+    trial_lines = [line for line in lines if re.match(stamp + r"trial \d+ \(\d+ of 2 done\)", line)]
+    assert len(trial_lines) == 2, text[:3000]
+    for line in trial_lines:
+        assert re.search(r"acc \d\.\d{3}  request [\d.]+ ms  feasible", line), line
+    assert "re-benchmarking" in text and "chosen #" in text
