@@ -1,16 +1,19 @@
-"""The CUDA path on a real GPU: a short search, then one adapter's latency on CPU vs CUDA.
+"""The CUDA path on a real GPU: a short search, then one adapter's exports on CPU vs CUDA.
 
     pip uninstall -y onnxruntime-genai && pip install -e '.[cuda]'
     python benchmarks/cuda.py --trials 4
 
-1. ``autotune --target cuda`` on the embedded default for a few trials (QLoRA/LoRA trained
-   on the GPU in the profile's dtype, ``-e cuda`` exports, latency with the CUDA provider);
-   prints each trial's candidate, figures and per-stage seconds.
-2. One LoRA r16 adapter trained on the GPU, exported four ways (CPU int4, CPU fp32, CUDA
-   int4, CUDA fp16) and measured with the matching provider, side by side.
+1. ``autotune --target cuda`` on the embedded default for a few trials (LoRA/QLoRA trained
+   on the GPU in the profile's dtype, ``-e cuda`` exports, accuracy and per-request
+   latency with the CUDA provider); prints each trial's figures and per-stage seconds.
+2. One LoRA adapter and one QLoRA adapter trained on the GPU, exported CPU int4, CPU fp32,
+   CUDA int4 and CUDA fp16 (QLoRA: CUDA only) and each measured with its own provider,
+   side by side: accuracy (n, 95% interval), request / TTFT / decode p50, memory, size.
 
-Needs an NVIDIA GPU and onnxruntime-genai-cuda; on a machine without them it stops with
-the same one-line error as ``autotune --target cuda``.
+``--target cpu`` runs the same script without a GPU (the CPU rows only), as the baseline
+on a machine that has none. Needs an NVIDIA GPU and onnxruntime-genai-cuda for
+``--target cuda``; without them it stops with the same one-line error as
+``autotune --target cuda``.
 """
 
 from __future__ import annotations
@@ -21,74 +24,136 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--max-eval", type=int, default=64)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+def _row(label: str, m, seconds: dict[str, float]) -> dict:
+    lat = m.latency
+    low, high = m.accuracy.interval
+    return {"candidate": label, "provider": m.provider, "accuracy": m.accuracy.accuracy, "n": m.accuracy.n,
+            "ci95": [round(low, 3), round(high, 3)], "request_p50_ms": lat.request_p50_ms,
+            "request_p90_ms": lat.request_p90_ms, "ttft_p50_ms": lat.ttft_p50_ms, "token_p50_ms": lat.token_p50_ms,
+            "peak_rss_mb": m.peak_rss_mb, "gpu_memory_mb": m.gpu_memory_mb, "size_mb": m.size_mb,
+            "stage_seconds": {k: round(v, 2) for k, v in seconds.items()}}
+
+
+def _print_rows(rows: list[dict]) -> None:
+    print(f"{'candidate':<34}{'provider':<9}{'acc':>6} {'95% CI':<12}{'req p50':>8}{'req p90':>8}{'TTFT':>7}"
+          f"{'tok p50':>8}{'RSS MB':>7}{'GPU MB':>7}{'MB':>5}  stage seconds")
+    for r in rows:
+        gpu = f"{r['gpu_memory_mb']:.0f}" if r["gpu_memory_mb"] else "-"
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items())
+        print(f"{r['candidate']:<34}{r['provider']:<9}{r['accuracy']:>6.3f} {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}"
+              f"{'':<3}{r['request_p50_ms']:>8.2f}{r['request_p90_ms']:>8.2f}{r['ttft_p50_ms']:>7.2f}"
+              f"{r['token_p50_ms']:>8.2f}{r['peak_rss_mb']:>7.0f}{gpu:>7}{r['size_mb']:>5.0f}  {stages}")
+
+
+def search(out: Path, args) -> list[dict]:
+    """``autotune --target ...`` as a user runs it; the study's trials as rows."""
+    cmd = [sys.executable, "-m", "autotune.cli", "--target", args.target, "--max-latency", str(args.max_latency),
+           "--trials", str(args.trials), "--max-eval", str(args.max_eval), "-o", str(out), "--keep-all"]
+    cmd += ["--model", args.model] if args.model else []
+    cmd += ["--space", args.space] if args.space else []
+    print("$ autotune", " ".join(cmd[4:]), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    print(proc.stdout[-6000:], proc.stderr[-3000:] if proc.returncode else "", sep="\n")
+    print(f"search exit {proc.returncode} in {time.perf_counter() - start:.0f} s")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="autotune", storage=f"sqlite:///{out / 'study.db'}")
+    rows = []
+    for t in study.trials:
+        a = t.user_attrs
+        row = {"trial": t.number, "state": t.state.name, "candidate": a.get("candidate"),
+               "fail_reason": a.get("fail_reason"), "stage_seconds": a.get("stage_seconds", {})}
+        if t.state.name == "COMPLETE":
+            row.update(accuracy=t.values[0], latency_ms=t.values[1],
+                       n=a.get("eval_examples"), **{k: a.get(k) for k in ("request_p50_ms", "request_p90_ms", "ttft_p50_ms",
+                                                "token_p50_ms", "peak_rss_mb", "gpu_memory_mb", "size_mb")})
+        rows.append(row)
+    return rows
+
+
+def compare(out: Path, args) -> list[dict]:
+    """One LoRA and one QLoRA adapter trained here, each export measured with its provider."""
     from autotune.candidate import CandidateSpec, Workspace, run_candidate
     from autotune.data import DataConfig, load_splits
-    from autotune.errors import UserError
     from autotune.export import ExportSpec
-    from autotune.hardware import choose_profile, load_profiles, probe
+    from autotune.hardware import choose_profile, choose_threads, load_profiles, probe, qlora_enabled
     from autotune.models import resolve_model
     from autotune.train import TrainSpec
 
     info = probe()
+    profile = choose_profile(info, args.target, load_profiles())
+    ws = Workspace(out, resolve_model(args.model), load_splits(DataConfig()), train_device=profile.train_device,
+                   train_dtype=profile.train_dtype, threads=choose_threads(None), max_eval=args.max_eval)
+    exports = [("cpu", "int4"), ("cpu", "fp32")]
+    if profile.execution_provider == "cuda":
+        exports += [("cuda", "int4"), ("cuda", "fp16")]
+    plan = [(TrainSpec(rank=16, alpha=32, steps=args.steps), exports)]
+    if qlora_enabled(profile, info):
+        plan.append((TrainSpec(method="qlora", rank=16, alpha=32, steps=args.steps),
+                     [e for e in exports if e[0] == profile.execution_provider]))
+    rows = []
+    for train, targets in plan:
+        for provider, precision in targets:
+            spec = CandidateSpec(train, ExportSpec(precision=precision, execution_provider=provider,
+                                                   accuracy_level=4 if provider == "cpu" else 0).normalized())
+            result = run_candidate(ws, spec)
+            rows.append(_row(f"{train.method} r16 {precision}", result.measurement, result.stage_seconds))
+            print(f"  {rows[-1]['candidate']} on {provider}: {rows[-1]['accuracy']:.3f}, "
+                  f"request p50 {rows[-1]['request_p50_ms']:.2f} ms", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--max-eval", type=int, default=64)
+    parser.add_argument("--max-latency", type=float, default=50.0)
+    parser.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--space", help="search space YAML for the search (default: search_spaces/default.yaml)")
+    parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from autotune.errors import UserError
+    from autotune.hardware import choose_profile, load_profiles, probe
+
+    info = probe()
     try:
-        profile = choose_profile(info, "cuda", load_profiles())
+        profile = choose_profile(info, args.target, load_profiles())
     except UserError as exc:
         sys.exit(f"error: {exc}")
     out = Path(args.out or tempfile.mkdtemp(prefix="autotune-cuda-"))
-    print(f"GPU: {', '.join(f'{g.name} ({g.vram_gb:.0f} GB, sm{g.compute_capability[0]}{g.compute_capability[1]})' for g in info.gpus)}; "
-          f"profile {profile.name}, train dtype {profile.train_dtype}")
+    gpus = ", ".join(f"{g.name} ({g.vram_gb:.0f} GB, sm{g.compute_capability[0]}{g.compute_capability[1]})"
+                     for g in info.gpus) or "none"
+    print(f"GPU: {gpus}; CPU: {info.cpu_model}; profile {profile.name}, train dtype {profile.train_dtype}", flush=True)
+    record: dict = {"gpu": gpus, "cpu": info.cpu_model, "profile": profile.name}
 
-    # 1. the search, as a user runs it
-    cmd = [sys.executable, "-m", "autotune.cli", "--target", "cuda", "--max-latency", "50", "--trials", str(args.trials),
-           "--max-eval", str(args.max_eval), "-o", str(out / "search"), "--keep-all"]
-    print("$", " ".join(cmd[2:]), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    print(proc.stdout[-4000:], proc.stderr[-2000:] if proc.returncode else "", sep="\n")
-    import optuna
+    if not args.skip_search:
+        record["search"] = search(out / "search", args)
+        print(f"\n{'#':>3} {'candidate':<50}{'acc':>6}{'req p50':>8}{'TTFT':>7}{'tok p50':>8}{'GPU MB':>7}  stage seconds")
+        for r in record["search"]:
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items())
+            if r["state"] != "COMPLETE":
+                print(f"{r['trial']:>3} {r['candidate'] or '-':<50} {r['state']} {r['fail_reason'] or ''}")
+                continue
+            gpu = f"{r['gpu_memory_mb']:.0f}" if r.get("gpu_memory_mb") else "-"
+            print(f"{r['trial']:>3} {r['candidate']:<50}{r['accuracy']:>6.3f}{r['request_p50_ms'] or 0:>8.2f}"
+                  f"{r['ttft_p50_ms'] or 0:>7.2f}{r['token_p50_ms'] or 0:>8.2f}{gpu:>7}  {stages}")
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name="autotune", storage=f"sqlite:///{out / 'search' / 'study.db'}")
-    print(f"{'#':>3} {'candidate':<48}{'acc':>6}{'req ms':>8}{'ttft ms':>9}{'GPU MB':>8}  stage seconds")
-    for t in study.trials:
-        a = t.user_attrs
-        if t.state.name != "COMPLETE":
-            print(f"{t.number:>3} {a.get('candidate', '-'):<48} {t.state.name} {a.get('fail_reason', '')}")
-            continue
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in a.get("stage_seconds", {}).items())
-        print(f"{t.number:>3} {a['candidate']:<48}{t.values[0]:>6.3f}{a['request_p50_ms']:>8.2f}{a['ttft_p50_ms']:>9.1f}"
-              f"{(a.get('gpu_memory_mb') or 0):>8.0f}  {stages}")
-
-    # 2. one adapter, CPU vs CUDA exports
-    ws = Workspace(out / "compare", resolve_model(None), load_splits(DataConfig()), train_device="cuda",
-                   train_dtype=profile.train_dtype, threads=1, max_eval=args.max_eval)
-    train = TrainSpec(rank=16, alpha=32, steps=args.steps)
-    rows = []
-    for provider, precision in (("cpu", "int4"), ("cpu", "fp32"), ("cuda", "int4"), ("cuda", "fp16")):
-        result = run_candidate(ws, CandidateSpec(train, ExportSpec(precision=precision, execution_provider=provider,
-                                                                   accuracy_level=4 if provider == "cpu" else 0)))
-        m = result.measurement
-        rows.append({"provider": provider, "precision": precision, "accuracy": m.accuracy.accuracy,
-                     "request_p50_ms": m.latency.request_p50_ms, "ttft_ms": m.latency.ttft_p50_ms,
-                     "token_p50_ms": m.latency.token_p50_ms,
-                     "tokens_per_s": m.latency.tokens_per_s, "gpu_memory_mb": m.gpu_memory_mb,
-                     "size_mb": m.size_mb, "stage_seconds": result.stage_seconds})
-    print(f"\nLoRA r16, {args.steps} steps trained on the GPU; validation ({args.max_eval} prompts)")
-    print(f"{'provider':<9}{'precision':<10}{'acc':>6}{'TTFT ms':>9}{'p50 ms':>8}{'tok/s':>7}{'GPU MB':>8}{'MB':>6}")
-    for r in rows:
-        print(f"{r['provider']:<9}{r['precision']:<10}{r['accuracy']:>6.3f}{r['ttft_ms']:>9.1f}{r['token_p50_ms']:>8.2f}"
-              f"{r['tokens_per_s']:>7.0f}{(r['gpu_memory_mb'] or 0):>8.0f}{r['size_mb']:>6.0f}")
-    (out / "cuda.json").write_text(json.dumps(rows, indent=1))
+    print(f"\nLoRA / QLoRA r16, {args.steps} steps, trained on {profile.train_device} ({profile.train_dtype}); "
+          f"validation, first {args.max_eval} prompts", flush=True)
+    record["compare"] = compare(out / "compare", args)
+    _print_rows(record["compare"])
+    (out / "cuda.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":
