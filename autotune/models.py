@@ -156,8 +156,9 @@ def _convert_gguf(gguf: Path, slug: str) -> Path:
     model.load_state_dict(loaded.state_dict(), strict=False)
     model.tie_weights()
     # The special tokens come from the file itself: transformers 5.17 read SmolLM2's eos as
-    # <|im_start|> and no pad token, so adapters learnt to end answers with the wrong token
-    # and answered with garbage after export (seen on a GPU machine that had 5.17).
+    # <|im_start|> and no pad token, so adapters learnt to end answers with the wrong token.
+    # (5.17 also wrote a byte-fallback tokenizer.json that onnxruntime-genai misreads, hence
+    # transformers>=5.24 in the requirements.)
     for name, token_id in gguf_special_tokens(gguf).items():
         setattr(tokenizer, name, tokenizer.convert_ids_to_tokens(token_id))
     with atomic_dir(target) as tmp:
