@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from autotune.errors import UserError
+from autotune.errors import UserError, check_interrupted, handle_interrupts, interrupted
 
 SUBCOMMANDS = ("candidate", "profile", "dashboard", "search", "worker", "select")
 DEFAULT_OUTPUT = "autotune-out"
@@ -417,14 +417,15 @@ def _args_from_study(args) -> argparse.Namespace:
     """A worker's or selector's flags: the study's recorded config plus its own local ones."""
     import optuna
 
-    from autotune.search import _first_line, open_storage
+    from autotune.errors import first_line
+    from autotune.search import open_storage
 
     try:
         summaries = optuna.study.get_all_study_summaries(open_storage(args.storage), include_best_trial=False)
     except UserError:
         raise
     except Exception as exc:  # sqlalchemy and the drivers raise many kinds; the message says which
-        raise UserError(f"--storage: cannot reach the study storage ({_first_line(exc)}); "
+        raise UserError(f"--storage: cannot reach the study storage ({first_line(exc)}); "
                         "check the URL and that the server is up") from exc
     summary = next((s for s in summaries if s.study_name == args.study), None)
     if summary is None:
@@ -484,6 +485,12 @@ def cmd_dashboard(args) -> int:
     return serve(args)
 
 
+def _interrupted_exit() -> int:
+    print("interrupted: completed trials and cached artifacts are kept; rerun the same command to resume",
+          file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else "search"
@@ -502,15 +509,19 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"candidate": cmd_candidate, "profile": cmd_profile, "dashboard": cmd_dashboard,
                 "worker": cmd_worker, "select": cmd_select,
                 "search": lambda a: cmd_search(a, list(sys.argv[1:] if not argv else argv))}
+    if command != "dashboard":  # the dashboard's Ctrl-C is its normal stop (exit 0)
+        handle_interrupts()
     try:
-        return handlers[command](args)
+        code = handlers[command](args)
+        check_interrupted()  # in case a library swallowed the KeyboardInterrupt
+        return code
     except UserError as exc:
+        if interrupted():  # e.g. the measuring child died of the same Ctrl-C
+            return _interrupted_exit()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted: completed trials and cached artifacts are kept; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+        return _interrupted_exit()
     except OSError as exc:
         if exc.errno == 28:  # ENOSPC
             print(f"error: disk full while writing {exc.filename or 'output'}; free space and rerun (finished work is kept)",

@@ -23,8 +23,9 @@ from typing import Any
 
 import optuna
 
-from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, _lock, run_candidate
-from autotune.errors import CandidateError, UserError
+from autotune.cache import file_lock
+from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, run_candidate
+from autotune.errors import CandidateError, UserError, first_line
 from autotune.space import SearchSpace
 
 LATENCY_METRICS = {"ttft": "ttft_ms", "p50": "token_p50_ms", "p90": "token_p90_ms"}
@@ -143,7 +144,7 @@ class Search:
         trial.set_user_attr("candidate", spec.describe())
         # Claim the candidate: check and mark under a lock in the shared artifacts folder, so two
         # workers proposing the same candidate at once cannot both miss the other's claim.
-        with _lock(self.ws.root / "claims" / key):
+        with file_lock(self.ws.root / "claims" / key):
             earlier = self._same_candidate(trial.number, key)
             trial.set_user_attr("model_key", key)
             if earlier is not None:  # the sampler proposed a candidate that is done or under way
@@ -155,12 +156,9 @@ class Search:
         fresh_adapter = spec.train is not None and not (self.ws.adapter_dir(spec.train) / "train_log.json").is_file()
         try:
             result = run_candidate(self.ws, spec, on_stage=on_stage)
-        except CandidateError as exc:
+        except CandidateError as exc:  # run_candidate turns any failure inside the candidate into this
             trial.set_user_attr("fail_reason", str(exc))
             raise
-        except MemoryError as exc:
-            trial.set_user_attr("fail_reason", "out of memory")
-            raise CandidateError("out of memory while building the candidate") from exc
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", INTERRUPTED)  # Optuna marks it FAIL; a rerun retries it
             raise
@@ -242,7 +240,7 @@ def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[st
     except UserError:
         raise
     except Exception as exc:  # sqlalchemy raises many kinds; the message says which
-        raise UserError(f"--storage: cannot open the study storage ({_first_line(exc)}); check the URL and that the server is up") from exc
+        raise UserError(f"--storage: cannot open the study storage ({first_line(exc)}); check the URL and that the server is up") from exc
     existing = study.user_attrs
     for key in ("profile", "model", "data_fingerprint", "latency_metric"):
         if key in existing and key in attrs and existing[key] != attrs[key]:
@@ -337,8 +335,3 @@ def requeue_interrupted(study: optuna.Study) -> int:
             study.enqueue_trial(trial.params)
             count += 1
     return count
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
