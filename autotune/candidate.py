@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from autotune import cache, export, train
-from autotune.cache import SCHEMA_VERSION, atomic_dir, atomic_write_text, content_key, file_lock, sweep_partials
+from autotune.cache import atomic_dir, atomic_write_text, content_key, file_lock, sweep_partials
 from autotune.data import Splits
 from autotune.errors import CandidateError, UserError, check_interrupted, first_line
 from autotune.export import ExportSpec, check_free_disk, export_model, merge_adapter
@@ -109,13 +109,13 @@ class Workspace:
 
     def train_key(self, spec: TrainSpec) -> str:
         libraries = ADAPTER_LIBRARIES + (("bitsandbytes",) if spec.method == "qlora" else ())
-        code = (SCHEMA_VERSION, train.CODE_VERSION, cache.library_versions(*libraries))
+        code = (cache.SCHEMA_VERSION, train.CODE_VERSION, cache.library_versions(*libraries))
         return content_key("adapter", code, self.base.fingerprint, self.splits.fingerprint, spec, self.train_device,
                            self.train_dtype)
 
     def export_key(self, spec: CandidateSpec) -> str:
         source = self.train_key(spec.train) if spec.train else f"base:{self.base.fingerprint}"
-        code = (SCHEMA_VERSION, export.CODE_VERSION, cache.library_versions(*EXPORT_LIBRARIES))
+        code = (cache.SCHEMA_VERSION, export.CODE_VERSION, cache.library_versions(*EXPORT_LIBRARIES))
         return content_key("model", code, source, spec.export.normalized())
 
     def adapter_dir(self, spec: TrainSpec) -> Path:
@@ -249,7 +249,7 @@ def _measure_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, split: 
     latency = ws.latency if with_latency else None
     provider = spec.export.execution_provider
     threads = ws.threads or 1
-    key = content_key("measure", SCHEMA_VERSION, cache.library_versions(*MEASURE_LIBRARIES), ws.export_key(spec),
+    key = content_key("measure", cache.SCHEMA_VERSION, cache.library_versions(*MEASURE_LIBRARIES), ws.export_key(spec),
                       prompts, answers, latency, provider, threads)
     path = ws.root / "measurements" / f"{key}.json"
     if path.is_file():

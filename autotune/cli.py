@@ -197,7 +197,7 @@ def _workspace(args, out: Path, profile, root: Path | None = None):
 
     splits = load_splits(_data_config(args))  # cheap and most likely to be wrong: check first
     base = resolve_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    return Workspace(
+    ws = Workspace(
         root=root or out / "cache",
         base=base,
         splits=splits,
@@ -209,6 +209,8 @@ def _workspace(args, out: Path, profile, root: Path | None = None):
         max_eval=args.max_eval,
         memory_headroom=profile.memory_headroom,
     )
+    ws.prompts("validation")  # renders the chat template now: a model without one is bad input, not a failed trial
+    return ws
 
 
 # --------------------------------------------------------------------------- commands
