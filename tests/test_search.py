@@ -310,3 +310,28 @@ def test_settings_validation_in_process() -> None:
             SearchSettings(**kwargs)
         assert exc.value.exit_code == 2 and "\n" not in str(exc.value)
     assert SearchSettings(max_latency_ms=0.5).max_latency_ms == 0.5
+
+
+# --------------------------------------------------------------------------- 8. one candidate's failure
+
+
+def test_diverging_candidates_fail_their_trials_and_the_search_goes_on(tmp_path: Path, tiny_model_dir,
+                                                                       tiny_dataset) -> None:
+    """A learning rate of 5-10 makes the loss non-finite: each trial fails with that reason, the
+    search tries the next (no exit 2 on the first), and with nothing left it exits 1 with a report."""
+    space = tmp_path / "diverge.yaml"
+    space.write_text("method: [lora]\nrank: [4]\nlearning_rate: {low: 5, high: 10}\nsteps: [6]\nbatch_size: [4]\n"
+                     "precision: [int4]\nblock_size: [32]\naccuracy_level: [4]\n")
+    out = tmp_path / "out"
+    proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, space, out, trials=3))
+    line = assert_clean_failure(proc, 1)
+    assert line.startswith("error: every candidate failed"), line
+    trials = load_study(out).get_trials(deepcopy=False)
+    assert len(trials) == 3, [(t.number, t.state) for t in trials]
+    for t in trials:
+        assert t.state == optuna.trial.TrialState.FAIL
+        assert "training diverged" in t.user_attrs["fail_reason"], t.user_attrs
+        assert 5 <= t.params["learning_rate"] <= 10
+    rows = json.loads((out / "report.json").read_text())["trials"]
+    assert all("training diverged" in row["reason"] for row in rows), rows
+    assert not list((out / "cache").rglob("*.tmp-*"))
