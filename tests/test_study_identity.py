@@ -8,7 +8,6 @@ uses its own per-hardware study. Values are faked; the storage is a real SQLite 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -94,12 +93,13 @@ def test_hardware_identity_names_the_device_that_measures() -> None:
     assert hardware_identity(cuda_profile, cpu, None)["device"] == "Fake GPU"
 
 
-def test_resumed_search_with_other_threads_refuses(tmp_path: Path, tiny_search: Path, tiny_model_dir, tiny_dataset,
-                                                   tiny_space) -> None:
-    """Through the CLI: the shared search measured with 1 thread; a rerun asking for 2 is refused."""
+def test_resumed_search_with_other_threads_refuses(tmp_path: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
+    """Through the CLI: a study measured with 1 thread, resumed asking for 2, is refused before any work."""
     out = tmp_path / "out"
     out.mkdir()
-    shutil.copy(tiny_search / "study.db", out / "study.db")
+    study = optuna.create_study(storage=f"sqlite:///{out / 'study.db'}", study_name="autotune",
+                                directions=["maximize", "minimize"])
+    study.set_user_attr("measure_threads", 1)
     proc = run_cli("--model", str(tiny_model_dir), "--data", str(tiny_dataset), "--space", str(tiny_space),
                    "--trials", "6", "--max-latency", "1000", "--threads", "2", "-o", str(out))
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -107,3 +107,4 @@ def test_resumed_search_with_other_threads_refuses(tmp_path: Path, tiny_search: 
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("error: study 'autotune' measures latency with 1 thread(s), this run with 2;"), line
     assert "--threads 1" in line and "--per-profile" in line
+    assert not study.trials and not (out / "cache" / "adapters").exists()
