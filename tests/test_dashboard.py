@@ -24,6 +24,8 @@ import pytest
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # a finished search, a server and headless Chromium (minutes)
+
 HOST = "127.0.0.1"
 METRICS = ["accuracy", "latency_ms"]
 START_TIMEOUT_S = 30

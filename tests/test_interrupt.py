@@ -44,6 +44,8 @@ import pytest
 
 from autotune.search import INTERRUPTED
 
+pytestmark = pytest.mark.slow  # real searches killed and rerun (minutes)
+
 TRIALS = 6
 POLL_S = 0.05
 # The tiny space, but training long enough to be caught in the act.

@@ -1,7 +1,8 @@
 """The search, end to end through the real CLI on the tiny random Llama (no mocks).
 
 Most checks read the shared ``tiny_search`` output (a finished 6-trial search); the
-resume, infeasible and --keep-all checks run their own small searches.
+resume, infeasible and --keep-all checks run their own small searches. Tests that run a
+search are marked ``slow`` (minutes together); the flag and settings checks stay fast.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def assert_clean_failure(proc, code: int) -> str:
 # --------------------------------------------------------------------------- 1. outputs
 
 
+@pytest.mark.slow
 def test_outputs_exist_and_load(tiny_search: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
     import onnxruntime_genai as og
 
@@ -101,6 +103,7 @@ def test_outputs_exist_and_load(tiny_search: Path, tiny_model_dir, tiny_dataset,
     assert (out / "pareto.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_study_records(tiny_search: Path) -> None:
     study = load_study(tiny_search)
     done = complete(study)
@@ -116,6 +119,9 @@ def test_study_records(tiny_search: Path) -> None:
     attrs = study.user_attrs
     for key in ("model", "data", "profile", "hardware", "versions", "chosen_trial", "chosen_test_accuracy"):
         assert key in attrs, key
+    # The hardware identity: latencies of this study compare only with latencies measured the same way.
+    assert attrs["measure_threads"] == 1 and attrs["execution_provider"] == "cpu"
+    assert attrs["device"] == attrs["hardware"]["cpu_model"]
     report = json.loads((tiny_search / "report.json").read_text())
     assert attrs["chosen_trial"] == report["chosen"]["trial"]
     assert attrs["chosen_test_accuracy"] == pytest.approx(report["chosen"]["test_accuracy"])
@@ -124,6 +130,7 @@ def test_study_records(tiny_search: Path) -> None:
 # --------------------------------------------------------------------------- 2. train once, export many
 
 
+@pytest.mark.slow
 def test_train_once_export_many(tiny_search: Path) -> None:
     done = complete(load_study(tiny_search))
     pairs = {(t.user_attrs["spec"]["train"]["method"], t.user_attrs["spec"]["train"]["rank"]) for t in done}
@@ -147,6 +154,7 @@ def test_train_once_export_many(tiny_search: Path) -> None:
 # --------------------------------------------------------------------------- 5. pruning
 
 
+@pytest.mark.slow
 def test_prune_keeps_only_the_front(tiny_search: Path) -> None:
     report = json.loads((tiny_search / "report.json").read_text())
     by_number = {t.number: t for t in complete(load_study(tiny_search))}
@@ -157,6 +165,7 @@ def test_prune_keeps_only_the_front(tiny_search: Path) -> None:
     assert 1 <= len(front_keys) <= len(report["pareto"])
 
 
+@pytest.mark.slow
 def test_keep_all(tmp_path: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
     out = tmp_path / "out"
     proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--keep-all", trials=2))
@@ -188,6 +197,7 @@ def resumed(tmp_path_factory, tiny_search: Path, tiny_model_dir, tiny_dataset, t
     return out, args, before, adapters_before, proc
 
 
+@pytest.mark.slow
 def test_resume_adds_only_missing_trials(resumed) -> None:
     out, _, before, adapters_before, proc = resumed
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -216,6 +226,7 @@ def test_resume_adds_only_missing_trials(resumed) -> None:
     assert report["trials"]["complete"] == 8
 
 
+@pytest.mark.slow
 def test_resume_when_done_runs_nothing(resumed) -> None:
     out, args, _, _, first = resumed
     assert first.returncode == 0, first.stderr[-3000:]
@@ -241,6 +252,7 @@ def infeasible(tmp_path_factory, tiny_model_dir, tiny_dataset, tiny_space):
     return out, run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, trials=2, max_latency="0.001"))
 
 
+@pytest.mark.slow
 def test_infeasible_bound_exits_3(infeasible) -> None:
     out, proc = infeasible
     line = assert_clean_failure(proc, 3)
@@ -261,6 +273,7 @@ def test_infeasible_bound_exits_3(infeasible) -> None:
     assert not (out / "best").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_looser_bound(infeasible, tiny_model_dir, tiny_dataset, tiny_space) -> None:
     out, first = infeasible
     assert first.returncode == 3

@@ -22,6 +22,8 @@ import pytest
 import postgres
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server and several workers (minutes)
+
 S = optuna.trial.TrialState
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEARTBEAT_S, GRACE_S = 2, 6  # the kill test's heartbeat settings (defaults: 10 s / 30 s)
