@@ -137,7 +137,7 @@ def _worker_parser(prog: str, description: str, worker: bool) -> argparse.Argume
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores free now)")
     if worker:
         p.add_argument("--trials", type=int, help="override the study's total trial count")
-        _add_per_profile(p)
+    _add_per_profile(p)
     return p
 
 
@@ -475,6 +475,9 @@ def cmd_worker(args) -> int:
 def cmd_select(args) -> int:
     joined = _args_from_study(args)
     ctx = _prepare_search(joined, ["select", "--storage", args.storage, "--study", args.study], join=True)
+    if not ctx.study.trials:  # --per-profile on hardware that no worker has searched on
+        raise UserError(f"study '{ctx.args.study}' has no trials; run `autotune worker --per-profile` on this "
+                        "hardware first, or select on a machine like the study's")
     return _select(ctx)
 
 
