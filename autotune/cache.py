@@ -1,16 +1,21 @@
 """Content-hash keys and atomic writes for everything autotune builds.
 
 A trained adapter is keyed by (base model, data split, training choices); an export by
-(adapter key, export choices). An artifact is written into a temporary sibling folder
-and renamed into place only when complete, so a crash or ``kill -9`` never leaves a
-half-written folder that a later run would trust.
+(adapter key, export choices). Every key also holds :data:`SCHEMA_VERSION`, the version
+of the autotune code that builds the artifact and the versions of the libraries that
+shape it (:func:`library_versions`), so an upgrade never serves a stale artifact.
+An artifact is written into a temporary sibling folder and renamed into place only when
+complete, so a crash or ``kill -9`` never leaves a half-written folder that a later run
+would trust. :func:`file_lock` keeps two workers from building the same artifact at once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -21,6 +26,13 @@ from pathlib import Path
 from typing import Any
 
 _TMP_MARK = ".tmp-"
+# Bump when the layout or the meaning of a cached artifact changes: every key changes with it.
+SCHEMA_VERSION = 2
+# One module, several wheels (CPU, CUDA, DirectML builds): the first one installed counts.
+_DISTRIBUTIONS = {
+    "onnxruntime-genai": ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime-genai-directml"),
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml"),
+}
 
 
 def cache_root() -> Path:
@@ -49,6 +61,30 @@ def content_key(*parts: Any) -> str:
 
     text = json.dumps([plain(p) for p in parts], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=None)
+def library_version(name: str) -> str | None:
+    """The installed version of package ``name`` (any of its build variants), None if absent."""
+    for dist in _DISTRIBUTIONS.get(name, (name,)):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def library_versions(*names: str) -> dict[str, str | None]:
+    """``{name: version}`` for a cache key: a changed version is a changed key."""
+    return {name: library_version(name) for name in names}
+
+
+def file_lock(path: Path):
+    """A cross-process lock beside an artifact, ``<path>.lock`` (works on a shared folder too)."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
 
 
 @contextlib.contextmanager

@@ -6,6 +6,11 @@ choices) and its exported folder by (adapter, export choices), so candidates tha
 share training reuse one adapter, and nothing done once is done again, in this run or
 a resumed one.
 
+Keys also name the versions of the code and libraries that shape each artifact
+(:data:`ADAPTER_LIBRARIES`, :data:`EXPORT_LIBRARIES`, :data:`MEASURE_LIBRARIES`), so an
+upgrade rebuilds rather than reuses. Anything that goes wrong inside one candidate
+reaches the caller as a :class:`~autotune.errors.CandidateError` with the reason.
+
 Workspace layout below ``root``::
 
     adapters/<train key>/        peft adapter (safetensors) + train_log.json
@@ -16,6 +21,7 @@ Workspace layout below ``root``::
 
 from __future__ import annotations
 
+import errno
 import json
 import tempfile
 import time
@@ -23,15 +29,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from autotune.cache import atomic_dir, atomic_write_text, content_key, sweep_partials
+from autotune import cache, export, train
+from autotune.cache import atomic_dir, atomic_write_text, content_key, file_lock, sweep_partials
 from autotune.data import Splits, instruction_prompt
+from autotune.errors import CandidateError, UserError, check_interrupted, first_line
 from autotune.export import ExportSpec, check_free_disk, export_model, merge_adapter
 from autotune.measure import MEASURE_VERSION, LatencySettings, Measurement, measure
 from autotune.models import BaseModel
-from autotune.train import TrainResult, TrainSpec, check_memory, read_train_log, render_prompt, train_adapter
+from autotune.train import TrainResult, TrainSpec, check_memory, read_train_log, train_adapter
 
 # Called as on_stage(stage, fraction_done, detail); stages: train, merge, export, measure.
 StageCallback = Callable[[str, float, str], None]
+# The libraries whose versions shape each artifact, and so are part of its cache key.
+ADAPTER_LIBRARIES = ("torch", "transformers", "peft")  # + bitsandbytes for QLoRA
+EXPORT_LIBRARIES = ("onnxruntime-genai", "onnx", "onnx-ir", "transformers")
+MEASURE_LIBRARIES = ("onnxruntime-genai", "onnxruntime")
 
 
 @dataclass(frozen=True)
@@ -96,11 +108,15 @@ class Workspace:
         self._prompts: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
 
     def train_key(self, spec: TrainSpec) -> str:
-        return content_key("adapter", self.base.fingerprint, self.splits.fingerprint, spec, self.train_device, self.train_dtype)
+        libraries = ADAPTER_LIBRARIES + (("bitsandbytes",) if spec.method == "qlora" else ())
+        code = (cache.SCHEMA_VERSION, train.CODE_VERSION, cache.library_versions(*libraries))
+        return content_key("adapter", code, self.base.fingerprint, self.splits.fingerprint, spec, self.train_device,
+                           self.train_dtype)
 
     def export_key(self, spec: CandidateSpec) -> str:
         source = self.train_key(spec.train) if spec.train else f"base:{self.base.fingerprint}"
-        return content_key("model", source, spec.export.normalized())
+        code = (cache.SCHEMA_VERSION, export.CODE_VERSION, cache.library_versions(*EXPORT_LIBRARIES))
+        return content_key("model", code, source, spec.export.normalized())
 
     def adapter_dir(self, spec: TrainSpec) -> Path:
         return self.root / "adapters" / self.train_key(spec)
@@ -112,24 +128,22 @@ class Workspace:
         return self.root / "logs" / f"{self.export_key(spec)}.builder.log"
 
     def prompts(self, split: str, style: str = "template") -> tuple[list[str], list[str]]:
-        """Rendered prompts and true labels of a split.
+        """Rendered prompts and true labels of a split, first ``max_eval`` (cached: the tokenizer loads once).
 
         ``style="template"``: the data template (chat template applied if asked), what candidates
         are trained on; ``"instruction"``: an instruction naming the labels, in the model's chat
         template where it has one (the zero-shot baselines).
         """
         if (split, style) not in self._prompts:
-            examples = list(getattr(self.splits, split))[: self.max_eval]
             tokenizer = None
             if self.splits.config.chat_template or style == "instruction":
-                from autotune.train import load_tokenizer
-
-                tokenizer = load_tokenizer(self.base, self.trust_remote_code)
+                tokenizer = train.load_tokenizer(self.base, self.trust_remote_code)
             if style == "instruction":
+                examples = list(getattr(self.splits, split))[: self.max_eval]
                 rendered = [instruction_prompt(e.prompt, self.splits.labels, tokenizer) for e in examples]
+                self._prompts[split, style] = (rendered, [e.label for e in examples])
             else:
-                rendered = [render_prompt(e.prompt, tokenizer, self.splits.config.chat_template) for e in examples]
-            self._prompts[split, style] = (rendered, [e.label for e in examples])
+                self._prompts[split, style] = self.splits.prompts(split, tokenizer, self.max_eval)
         return self._prompts[split, style]
 
 
@@ -147,8 +161,37 @@ def run_candidate(
 
     ``prompt_style`` and ``restrict_to_labels`` choose how it is asked and how it answers
     (see :meth:`Workspace.prompts` and :func:`autotune.measure.measure`); the baselines use them.
+
+    Raises:
+        CandidateError: anything went wrong inside this candidate (a diverged loss, out of
+            memory, a builder or runtime error), with the reason; other candidates may still work.
     """
-    notify = on_stage or (lambda stage, fraction, detail: None)
+    try:
+        return _run_candidate(ws, spec, split, with_latency, on_stage, prompt_style, restrict_to_labels)
+    except CandidateError:
+        check_interrupted()  # a measuring child stopped by Ctrl-C is the user's stop, not this candidate's failure
+        raise
+    except UserError as exc:  # raised by a stage about this candidate (e.g. its loss diverged)
+        raise CandidateError(str(exc)) from exc
+    except MemoryError as exc:
+        raise CandidateError("out of memory while building the candidate") from exc
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # a full disk fails every later candidate too: stop, keep what is done
+            raise
+        raise CandidateError(f"{type(exc).__name__}: {first_line(exc)}") from exc
+    except Exception as exc:  # torch's OutOfMemoryError, a library's RuntimeError, ...: this candidate's failure
+        reason = "out of memory" if "out of memory" in str(exc).lower() else first_line(exc)
+        raise CandidateError(f"{type(exc).__name__}: {reason}") from exc
+
+
+def _run_candidate(ws: Workspace, spec: CandidateSpec, split: str, with_latency: bool,
+                   on_stage: StageCallback | None, prompt_style: str, restrict_to_labels: bool) -> CandidateResult:
+    def notify(stage: str, fraction: float, detail: str) -> None:
+        check_interrupted()  # each stage and training step is a point to stop at
+        if on_stage is not None:
+            on_stage(stage, fraction, detail)
+
+    check_interrupted()
     seconds: dict[str, float] = {}
     cached: list[str] = []
     model_dir = ws.model_dir(spec)
@@ -156,14 +199,14 @@ def run_candidate(
 
     if spec.train is not None:
         adapter = ws.adapter_dir(spec.train)
-        with _lock(adapter):  # another worker may be training the same adapter right now
+        with file_lock(adapter):  # another worker may be training the same adapter right now
             train_result, trained_s = _train_cached(ws, spec, adapter, model_dir, notify)
         if trained_s is None:
             cached.append("train")
         elif trained_s:
             seconds["train"] = trained_s
 
-    with _lock(model_dir):
+    with file_lock(model_dir):
         exported = _export_cached(ws, spec, model_dir, notify, seconds)
     if not exported:
         cached.append("export")
@@ -176,14 +219,6 @@ def run_candidate(
         seconds.update(measurement.stage_seconds)
     notify("measure", 1.0, "done")
     return CandidateResult(spec, model_dir, measurement, train_result, seconds, tuple(cached))
-
-
-def _lock(path: Path):
-    """A cross-process lock beside an artifact (works on a shared folder too)."""
-    from filelock import FileLock
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path) + ".lock")
 
 
 def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: Path, notify):
@@ -233,8 +268,8 @@ def _measure_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, split: 
     latency = ws.latency if with_latency else None
     provider = spec.export.execution_provider
     threads = ws.threads or 1
-    key = content_key("measure", MEASURE_VERSION, ws.export_key(spec), prompts, answers, latency, provider, threads,
-                      restrict_to_labels)
+    key = content_key("measure", cache.SCHEMA_VERSION, MEASURE_VERSION, cache.library_versions(*MEASURE_LIBRARIES),
+                      ws.export_key(spec), prompts, answers, latency, provider, threads, restrict_to_labels)
     path = ws.root / "measurements" / f"{key}.json"
     if path.is_file():  # scored again from the stored raw answers: a changed scoring rule applies at once
         return Measurement.from_dict(json.loads(path.read_text()), answers, ws.splits.labels), True

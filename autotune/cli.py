@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from autotune.errors import UserError
+from autotune.errors import UserError, check_interrupted, handle_interrupts, interrupted
 from autotune.measure import LATENCY_METRICS
 
 SUBCOMMANDS = ("candidate", "profile", "dashboard", "search", "worker", "select")
@@ -86,7 +86,14 @@ def _search_parser() -> argparse.ArgumentParser:
     g.add_argument("--artifacts", help="folder for adapters and exported models that all workers reach (default: OUTPUT/cache)")
     g.add_argument("--keep-all", action="store_true", help="keep every candidate's model folder, not only the Pareto front's")
     g.add_argument("--no-siblings", action="store_true", help="do not queue a new adapter's other precisions as extra trials")
+    _add_per_profile(g)
     return p
+
+
+def _add_per_profile(p) -> None:
+    p.add_argument("--per-profile", action="store_true",
+                   help="if this machine's hardware (profile, device, measuring threads) differs from the study's, "
+                   "use the study STUDY@HARDWARE instead of refusing")
 
 
 def _candidate_parser() -> argparse.ArgumentParser:
@@ -135,8 +142,7 @@ def _worker_parser(prog: str, description: str, worker: bool) -> argparse.Argume
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores free now)")
     if worker:
         p.add_argument("--trials", type=int, help="override the study's total trial count")
-        p.add_argument("--per-profile", action="store_true",
-                       help="if this machine's hardware profile differs from the study's, join STUDY@PROFILE instead of refusing")
+    _add_per_profile(p)
     return p
 
 
@@ -203,7 +209,7 @@ def _workspace(args, out: Path, profile, root: Path | None = None):
 
     splits = load_splits(_data_config(args))  # cheap and most likely to be wrong: check first
     base = resolve_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-    return Workspace(
+    ws = Workspace(
         root=root or out / "cache",
         base=base,
         splits=splits,
@@ -215,6 +221,8 @@ def _workspace(args, out: Path, profile, root: Path | None = None):
         max_eval=args.max_eval,
         memory_headroom=profile.memory_headroom,
     )
+    ws.prompts("validation")  # renders the chat template now: a model without one is bad input, not a failed trial
+    return ws
 
 
 # --------------------------------------------------------------------------- commands
@@ -281,10 +289,15 @@ def default_space_path() -> Path:
     return default_profiles_dir().parent / "search_spaces" / "default.yaml"
 
 
-# Flags a worker takes from the study instead of its own command line.
-SHARED_FLAGS = ("model", "data", "text_column", "label_column", "columns", "delimiter", "template", "chat_template",
-                "label_map", "max_per_label", "max_eval", "split_seed", "target", "trust_remote_code", "allow_pickle",
-                "max_latency", "latency_metric", "trials", "timeout", "sampler", "seed", "no_siblings", "keep_all")
+# Flags about this process and machine. Every other flag of the search is the study's: recorded when
+# the study is created, and taken from it by a worker or `select` (a worker's own --trials overrides).
+LOCAL_FLAGS = ("storage", "study", "output", "artifacts", "threads", "per_profile")
+
+
+def study_config(args: argparse.Namespace) -> dict:
+    """The study-wide flags of a search (all but :data:`LOCAL_FLAGS`), as recorded in the study."""
+    shared = [name for name in vars(_search_parser().parse_args([])) if name not in LOCAL_FLAGS]
+    return {name: getattr(args, name, None) for name in shared}
 
 
 @dataclass
@@ -304,16 +317,20 @@ class SearchContext:
 
 
 def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
+    import secrets
+
     import yaml
 
     from autotune import report
     from autotune.hardware import qlora_enabled
-    from autotune.search import SearchSettings, open_study
+    from autotune.search import SearchSettings, hardware_identity, open_study
     from autotune.space import SearchSpace
 
+    # A worker samples with its own seed: with the study's, all workers would propose the same
+    # candidates at the same moments, and all but one of those trials would be duplicates.
     settings = SearchSettings(trials=args.trials, timeout_s=args.timeout, max_latency_ms=args.max_latency,
-                              latency_metric=args.latency_metric, sampler=args.sampler, seed=args.seed,
-                              siblings=not args.no_siblings)
+                              latency_metric=args.latency_metric, sampler=args.sampler,
+                              seed=secrets.randbelow(2**31) if join else args.seed, siblings=not args.no_siblings)
     info, profile = _hardware(args.target)
     space_text = getattr(args, "space_text", None)
     if space_text is None:
@@ -327,15 +344,17 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
     artifacts = Path(args.artifacts).expanduser() if getattr(args, "artifacts", None) else out / "cache"
     ws = _workspace(args, out, profile, artifacts)
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    config = {k: getattr(args, k, None) for k in SHARED_FLAGS}
-    config["space_text"] = space_text
+    config = {**study_config(args), "space_text": space_text}
     attrs = {"model": ws.base.name, "data": ws.splits.summary(), "data_fingerprint": ws.splits.fingerprint,
-             "target": args.target, "profile": profile.name, "latency_metric": settings.latency_metric,
+             "target": args.target, "latency_metric": settings.latency_metric,
              "max_latency_ms": settings.max_latency_ms, "hardware": info.to_dict(),
-             "versions": report.package_versions(), "command": report.reproduce_command(argv), "config": config}
-    if join:  # a worker adds itself; the study's own record stays as its creator wrote it
-        attrs = {k: attrs[k] for k in ("profile", "model", "data_fingerprint", "latency_metric")}
-    study = open_study(storage, args.study, settings, attrs)
+             "versions": report.package_versions(), "command": report.reproduce_command(argv), "config": config,
+             **hardware_identity(profile, info, args.threads)}
+    # Joining an existing study (worker, select) records only what it compares; a new one records it all.
+    study = open_study(storage, args.study, settings, attrs, free_threads=ws.threads,
+                       per_hardware=getattr(args, "per_profile", False), join=join)
+    ws.threads = study.user_attrs["measure_threads"]  # the study's, when --threads was not given
+    args.study = study.study_name  # STUDY@HARDWARE under --per-profile
     return SearchContext(args, argv, settings, info, profile, space, out, ws, storage, study)
 
 
@@ -379,14 +398,15 @@ def _args_from_study(args) -> argparse.Namespace:
     """A worker's or selector's flags: the study's recorded config plus its own local ones."""
     import optuna
 
-    from autotune.search import _first_line, open_storage
+    from autotune.errors import first_line
+    from autotune.search import open_storage
 
     try:
         summaries = optuna.study.get_all_study_summaries(open_storage(args.storage), include_best_trial=False)
     except UserError:
         raise
     except Exception as exc:  # sqlalchemy and the drivers raise many kinds; the message says which
-        raise UserError(f"--storage: cannot reach the study storage ({_first_line(exc)}); "
+        raise UserError(f"--storage: cannot reach the study storage ({first_line(exc)}); "
                         "check the URL and that the server is up") from exc
     summary = next((s for s in summaries if s.study_name == args.study), None)
     if summary is None:
@@ -396,40 +416,20 @@ def _args_from_study(args) -> argparse.Namespace:
     config = summary.user_attrs.get("config")
     if not config:
         raise UserError(f"study '{args.study}' has no recorded settings (not started by autotune)")
-    merged = argparse.Namespace(**config)
-    for key in ("storage", "study", "output", "artifacts", "threads"):
-        setattr(merged, key, getattr(args, key, None))
-    merged.space = None
-    merged.study_profile = summary.user_attrs.get("profile")  # not a flag: read by cmd_worker
-    merged.study_names = {s.study_name for s in summaries}
+    merged = argparse.Namespace(**{**vars(_search_parser().parse_args([])), **config})
+    for key, value in vars(args).items():  # its own local flags, and the study flags it overrides
+        if key in LOCAL_FLAGS or value is not None:
+            setattr(merged, key, value)
     return merged
 
 
 def cmd_worker(args) -> int:
-    import secrets
-
     from autotune.live import console
 
-    joined = _args_from_study(args)
-    if args.trials is not None:
-        joined.trials = args.trials
-    join = True
-    _, profile = _hardware(joined.target)
-    if joined.study_profile and joined.study_profile != profile.name:
-        per_profile = f"{args.study}@{profile.name}"
-        if not args.per_profile:
-            raise UserError(f"study '{args.study}' measures latency on hardware profile {joined.study_profile}, "
-                            f"this machine's profile is {profile.name}; pass --per-profile to join the study "
-                            f"'{per_profile}' for this hardware instead")
-        console.print(f"this machine's profile ({profile.name}) differs from the study's "
-                      f"({joined.study_profile}); joining the per-profile study {per_profile}")
-        join = per_profile in joined.study_names  # the first worker of a profile records the settings
-        joined.study = args.study = per_profile
-    if join:
-        # Every worker samples with its own seed: with the study's, all workers would propose the
-        # same candidates at the same moments, and all but one of those trials would be duplicates.
-        joined.seed = secrets.randbelow(2**31)
-    ctx = _prepare_search(joined, [], join=join)
+    ctx = _prepare_search(_args_from_study(args), [], join=True)
+    if ctx.args.study != args.study:
+        console.print(f"this machine's hardware differs from study '{args.study}''s; joining the per-hardware "
+                      f"study {ctx.args.study}")
     _run_trials(ctx)
     return 0
 
@@ -437,6 +437,9 @@ def cmd_worker(args) -> int:
 def cmd_select(args) -> int:
     joined = _args_from_study(args)
     ctx = _prepare_search(joined, ["select", "--storage", args.storage, "--study", args.study], join=True)
+    if not ctx.study.trials:  # --per-profile on hardware that no worker has searched on
+        raise UserError(f"study '{ctx.args.study}' has no trials; run `autotune worker --per-profile` on this "
+                        "hardware first, or select on a machine like the study's")
     return _select(ctx)
 
 
@@ -444,6 +447,12 @@ def cmd_dashboard(args) -> int:
     from autotune.dashboard import serve
 
     return serve(args)
+
+
+def _interrupted_exit() -> int:
+    print("interrupted: completed trials and cached artifacts are kept; rerun the same command to resume",
+          file=sys.stderr)
+    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,15 +473,19 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"candidate": cmd_candidate, "profile": cmd_profile, "dashboard": cmd_dashboard,
                 "worker": cmd_worker, "select": cmd_select,
                 "search": lambda a: cmd_search(a, list(sys.argv[1:] if not argv else argv))}
+    if command != "dashboard":  # the dashboard's Ctrl-C is its normal stop (exit 0)
+        handle_interrupts()
     try:
-        return handlers[command](args)
+        code = handlers[command](args)
+        check_interrupted()  # in case a library swallowed the KeyboardInterrupt
+        return code
     except UserError as exc:
+        if interrupted():  # e.g. the measuring child died of the same Ctrl-C
+            return _interrupted_exit()
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted: completed trials and cached artifacts are kept; rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+        return _interrupted_exit()
     except OSError as exc:
         if exc.errno == 28:  # ENOSPC
             print(f"error: disk full while writing {exc.filename or 'output'}; free space and rerun (finished work is kept)",

@@ -80,6 +80,25 @@ class Splits:
             f"labels {', '.join(self.labels)}"
         )
 
+    def prompts(self, split: str, tokenizer=None, limit: int | None = None) -> tuple[list[str], list[str]]:
+        """Rendered prompts and true labels of the first ``limit`` examples of ``split``.
+
+        ``tokenizer`` is needed only with ``config.chat_template`` (it holds the template).
+        """
+        examples = list(getattr(self, split))[:limit]
+        rendered = [render_prompt(e.prompt, tokenizer, self.config.chat_template) for e in examples]
+        return rendered, [e.label for e in examples]
+
+
+def render_prompt(prompt: str, tokenizer, chat_template: bool) -> str:
+    """The exact text the model sees before its answer (shared by training and measuring)."""
+    if not chat_template:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("--chat-template: this model's tokenizer has no chat template; drop the flag")
+    messages = [{"role": "user", "content": prompt.rstrip()}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
 
 def load_splits(config: DataConfig) -> Splits:
     """Read ``config.path``, render prompts and split them.

@@ -7,6 +7,10 @@ and exits with :attr:`UserError.exit_code`; no traceback.
 
 from __future__ import annotations
 
+import signal
+import threading
+
+_interrupted = threading.Event()
 
 class UserError(Exception):
     """A problem with the user's input or machine, with the fix in the message.
@@ -27,3 +31,36 @@ class CandidateError(UserError):
     A search records it as a failed trial with this message and carries on; a single
     ``autotune candidate`` run reports it and exits non-zero.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none), for a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def handle_interrupts() -> None:
+    """Make Ctrl-C (SIGINT) stop autotune however it was started, and never be lost.
+
+    A shell starts a background job with SIGINT *ignored* (``cmd &`` in a script, CI
+    runners); Python then raises no KeyboardInterrupt, and a search sent SIGINT ran on to
+    the end and exited 0. This handler is installed whatever the inherited setting. It also
+    remembers the interrupt, so one that a library swallows (inside a finalizer, or C code
+    that clears Python errors) is raised again at the next :func:`check_interrupted`.
+    """
+    def on_sigint(signum, frame) -> None:
+        _interrupted.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
+def interrupted() -> bool:
+    """Whether SIGINT arrived since :func:`handle_interrupts`."""
+    return _interrupted.is_set()
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if SIGINT arrived (called between stages)."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt

@@ -17,6 +17,8 @@ from pathlib import Path
 from autotune.errors import CandidateError, UserError
 from autotune.models import BaseModel
 
+# Bump when a change to this module changes the models it exports: it is part of every export's cache key.
+CODE_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 INT4_ALGOS = ("default", "rtn", "k_quant")

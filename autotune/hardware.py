@@ -5,8 +5,8 @@ Two halves:
 * :func:`probe` measures what this machine *can* run (CPU, RAM, GPUs, whether
   bitsandbytes 4-bit really works, which onnxruntime-genai execution providers are
   installed) and returns a frozen :class:`HardwareInfo`.
-* :func:`choose_profile` picks one :class:`Profile` (loaded from the YAML files in
-  ``hardware_profiles/``) for a ``--target``. It never falls back silently: a
+* :func:`choose_profile` picks one :class:`~autotune.profiles.Profile` (loaded from
+  the YAML files in ``hardware_profiles/``) for a ``--target``. It never falls back silently: a
   target this machine cannot run raises :class:`~autotune.errors.UserError` with
   the reason and the fix.
 
@@ -17,20 +17,24 @@ importing this module stays cheap.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import logging
 import os
 import platform
-import subprocess
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
-import yaml
 
 from autotune.errors import UserError
+from autotune.profiles import (  # noqa: F401  (re-exported: the profiles are part of this stage's interface)
+    EXECUTION_PROVIDERS,
+    VALID_PRECISIONS,
+    Profile,
+    default_profiles_dir,
+    load_profiles,
+    parse_capability,
+)
 
 if TYPE_CHECKING:
     from rich.console import Group
@@ -39,22 +43,6 @@ if TYPE_CHECKING:
 _logger = logging.getLogger(__name__)
 
 TARGETS = ("auto", "cpu", "cuda", "dml")
-EXECUTION_PROVIDERS = ("cpu", "cuda", "dml")
-
-# Export precisions each execution provider can actually *run*. ModelBuilder also
-# builds fp16/bf16 models for CPU, but onnxruntime's CPU EP lacks fp16/bf16
-# kernels for the ops it emits, so they fail at load/run time; DirectML has no
-# bf16 and runs fp32 poorly (and ModelBuilder does not emit int8 for it).
-VALID_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "cpu": ("fp32", "int8", "int4"),
-    "cuda": ("fp32", "fp16", "bf16", "int4"),
-    "dml": ("fp16", "int4"),
-}
-TRAIN_DEVICES = ("cpu", "cuda")
-TRAIN_DTYPES = ("float32", "bfloat16", "float16")
-OSES = ("linux", "windows", "darwin")
-REQUIRES_KEYS = ("gpu", "min_compute_capability", "os", "provider")
-
 # The genai wheels are separate distributions that all install the same
 # ``onnxruntime_genai`` module; which one is installed decides the providers.
 _GENAI_CUDA_DIST = "onnxruntime-genai-cuda"
@@ -127,18 +115,9 @@ class HardwareInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict for reports."""
-        return {
-            "os": self.os,
-            "cpu_model": self.cpu_model,
-            "physical_cores": self.physical_cores,
-            "logical_cores": self.logical_cores,
-            "isa": list(self.isa),
-            "ram_gb": self.ram_gb,
-            "gpus": [g.to_dict() for g in self.gpus],
-            "bnb_4bit": self.bnb_4bit,
-            "genai_providers": list(self.genai_providers),
-            "ort_providers": list(self.ort_providers),
-        }
+        record = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**record, "gpus": [g.to_dict() for g in self.gpus],
+                **{k: list(record[k]) for k in ("isa", "genai_providers", "ort_providers")}}
 
 
 # --------------------------------------------------------------------------- probe
@@ -151,8 +130,14 @@ def probe() -> HardwareInfo:
     bnb_4bit False) instead of raising. Without a GPU this takes about as long as
     importing torch and bitsandbytes, which the 4-bit probe needs.
     """
-    logical = _usable_logical_cores()
-    gpus = _probe_gpus()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        cpu = pool.submit(_guard, _cpu_info, {})  # waits on a child process while torch imports here
+        logical = _usable_logical_cores()
+        gpus = _probe_gpus()
+        bnb_4bit = _probe_bnb_4bit("cuda" if gpus else "cpu")
+        cpu.result()
     return HardwareInfo(
         os=_os_name(),
         cpu_model=_guard(_cpu_model, "unknown CPU"),
@@ -161,7 +146,7 @@ def probe() -> HardwareInfo:
         isa=_guard(_probe_isa, ()),
         ram_gb=_guard(_ram_gb, 0.0),
         gpus=gpus,
-        bnb_4bit=_probe_bnb_4bit("cuda" if gpus else "cpu"),
+        bnb_4bit=bnb_4bit,
         genai_providers=_guard(lambda: _genai_providers(bool(gpus)), ("cpu",)),
         ort_providers=_guard(_ort_providers, ()),
     )
@@ -176,78 +161,41 @@ def _guard(fn: Any, default: Any) -> Any:
 
 
 def _os_name() -> str:
-    if sys.platform.startswith("win"):
-        return "windows"
-    if sys.platform == "darwin":
-        return "darwin"
-    return "linux" if sys.platform.startswith("linux") else sys.platform
+    return platform.system().lower()  # linux, windows, darwin
 
 
 @functools.lru_cache(maxsize=1)
-def _proc_cpuinfo() -> dict[str, str]:
-    """The first processor's ``key: value`` lines of /proc/cpuinfo (Linux only)."""
-    info: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return info
-    for line in text.splitlines():
-        if not line.strip():
-            if info:
-                break  # all processors repeat the same flags
-            continue
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    return info
+def _cpu_info() -> dict[str, Any]:
+    """py-cpuinfo's record of this CPU (brand, flags) on Linux, macOS and Windows alike.
 
+    It reads CPUID in a child process (about a second): :func:`probe` runs it beside the
+    torch and bitsandbytes probes.
+    """
+    import cpuinfo
 
-def _sysctl(name: str) -> str:
-    out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=2)
-    return out.stdout.strip()
+    return cpuinfo.get_cpu_info()
 
 
 def _cpu_model() -> str:
-    cpuinfo = _proc_cpuinfo()
-    # ARM Linux has no "model name" on many kernels.
-    for key in ("model name", "Model", "Hardware", "cpu model"):
-        if cpuinfo.get(key):
-            return cpuinfo[key]
-    if sys.platform == "darwin":
-        name = _guard(lambda: _sysctl("machdep.cpu.brand_string"), "")
-        if name:
-            return name
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return _cpu_info().get("brand_raw") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+# The SIMD extensions that matter for int4/int8 kernels, and py-cpuinfo's spellings of them.
+_ISA_FLAGS = {
+    "avx2": ("avx2",),
+    "avx512": ("avx512f",),
+    "avx512_vnni": ("avx512_vnni", "avx512vnni"),
+    "avx_vnni": ("avx_vnni", "avxvnni"),
+    "amx": ("amx_tile", "amx_int8", "amxtile", "amxint8"),
+}
 
 
 def _probe_isa() -> tuple[str, ...]:
     machine = platform.machine().lower()
     if machine in ("arm64", "aarch64") or machine.startswith("armv8"):
-        # Advanced SIMD (NEON) is mandatory on AArch64.
-        return ("neon",)
-    flags = set(_proc_cpuinfo().get("flags", "").split())
-    if not flags and sys.platform == "darwin":
-        text = _sysctl("machdep.cpu.features") + " " + _sysctl("machdep.cpu.leaf7_features")
-        flags = {f.lower().replace(".", "_") for f in text.split()}
-    if flags:
-        found = {
-            "avx2": "avx2" in flags,
-            "avx512": "avx512f" in flags,
-            "avx512_vnni": "avx512_vnni" in flags or "avx512vnni" in flags,
-            "avx_vnni": "avx_vnni" in flags or "avxvnni" in flags,
-            "amx": "amx_tile" in flags or "amx_int8" in flags,
-        }
-    else:
-        # Windows has no flag list; torch's dispatcher checks CPUID for us.
-        import torch
-
-        cpu = torch._C._cpu
-        found = {
-            "avx2": bool(cpu._is_avx2_supported()),
-            "avx512": bool(cpu._is_avx512_supported()),
-            "avx512_vnni": bool(cpu._is_vnni_supported()),
-            "amx": bool(cpu._is_amx_tile_supported()),
-        }
-    return tuple(name for name, present in found.items() if present)
+        return ("neon",)  # Advanced SIMD (NEON) is mandatory on AArch64
+    flags = set(_cpu_info().get("flags", ()))
+    return tuple(name for name, spellings in _ISA_FLAGS.items() if flags.intersection(spellings))
 
 
 def _usable_cpu_ids() -> list[int]:
@@ -303,11 +251,8 @@ def _cgroup_memory_limit() -> int | None:
 
 
 def _ram_gb() -> float:
-    total = psutil.virtual_memory().total
-    limit = _guard(_cgroup_memory_limit, None)
-    if limit is not None:
-        total = min(total, limit)
-    return round(total / 2**30, 1)
+    limit = _guard(_cgroup_memory_limit, None) or float("inf")
+    return round(min(psutil.virtual_memory().total, limit) / 2**30, 1)
 
 
 def _probe_gpus() -> tuple[GpuInfo, ...]:
@@ -366,14 +311,6 @@ def _probe_bnb_4bit(device: str) -> bool:
         return False
 
 
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
 def _genai_providers(has_gpu: bool) -> tuple[str, ...]:
     providers = ["cpu"]  # every onnxruntime-genai build runs on CPU
     # The CPU and CUDA wheels install the same module, so ask the module itself which
@@ -383,7 +320,9 @@ def _genai_providers(has_gpu: bool) -> tuple[str, ...]:
 
         cuda, dml = og.is_cuda_available(), og.is_dml_available()
     except (ImportError, AttributeError):
-        cuda, dml = _installed(_GENAI_CUDA_DIST), _installed(_GENAI_DML_DIST)
+        from autotune.cache import library_version
+
+        cuda, dml = (library_version(dist) is not None for dist in (_GENAI_CUDA_DIST, _GENAI_DML_DIST))
     if has_gpu and cuda:
         providers.append("cuda")
     if _os_name() == "windows" and dml:
@@ -433,225 +372,6 @@ def choose_threads(requested: int | None = None) -> int:
     return requested
 
 
-# --------------------------------------------------------------------------- profiles
-
-
-def _parse_capability(value: Any) -> tuple[int, int] | None:
-    """``8.0`` / ``"8.6"`` / ``[8, 6]`` -> ``(8, 6)``; None if not a capability."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return (value[0], value[1])
-    if isinstance(value, (int, float, str)):
-        major, _, minor = str(value).strip().partition(".")
-        if major.isdigit() and (minor.isdigit() or minor == ""):
-            return (int(major), int(minor or 0))
-    return None
-
-
-@dataclass(frozen=True)
-class Profile:
-    """A hardware profile: what the search may train and export on one kind of machine.
-
-    Loaded 1:1 from a YAML file in ``hardware_profiles/``.
-
-    Attributes:
-        name: unique profile name, e.g. ``"cuda-sm80"``.
-        description: one line for ``autotune profile``.
-        execution_provider: the onnxruntime-genai EP exports run on: ``cpu``,
-            ``cuda`` or ``dml``.
-        precisions: export precisions to search, each valid on the EP
-            (see :data:`VALID_PRECISIONS`).
-        qlora: whether QLoRA (bitsandbytes 4-bit base) candidates are searched; also
-            needs :attr:`HardwareInfo.bnb_4bit` (see :func:`qlora_enabled`).
-        train_device: ``cpu`` or ``cuda``.
-        train_dtype: ``float32``, ``bfloat16`` or ``float16``.
-        memory_headroom: fraction of the free RAM/VRAM one candidate may use.
-        requires: match conditions; keys from :data:`REQUIRES_KEYS`:
-            ``gpu`` (bool), ``min_compute_capability`` (e.g. ``8.0``), ``os`` (name
-            or list), ``provider`` (a genai provider that must be usable).
-        priority: higher wins under ``--target auto``.
-        source: the YAML file it came from.
-    """
-
-    name: str
-    description: str
-    execution_provider: str
-    precisions: tuple[str, ...]
-    qlora: bool
-    train_device: str
-    train_dtype: str
-    memory_headroom: float
-    requires: dict[str, Any] = field(hash=False)
-    priority: int
-    source: Path
-
-    @classmethod
-    def from_yaml(cls, path: Path | str) -> Profile:
-        """Load and validate one profile; any problem raises a one-line UserError."""
-        path = Path(path)
-        where = f"hardware profile {path}"
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UserError(f"{where}: cannot read: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            detail = " ".join(str(exc).split())
-            raise UserError(f"{where}: invalid YAML: {detail}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
-        return cls._from_mapping(data, path)
-
-    @classmethod
-    def _from_mapping(cls, data: dict[str, Any], path: Path) -> Profile:
-        where = f"hardware profile {path}"
-        known = [f for f in cls.__dataclass_fields__ if f != "source"]
-        for key in data:
-            if key not in known:
-                raise UserError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
-        missing = [k for k in known if k not in data]
-        if missing:
-            raise UserError(f"{where}: missing key(s) {', '.join(missing)}")
-
-        def bad(key: str, expected: str) -> UserError:
-            return UserError(f"{where}: {key} must be {expected} (got {data[key]!r})")
-
-        def one_of(key: str, choices: tuple[str, ...]) -> str:
-            if data[key] not in choices:
-                raise bad(key, "one of " + ", ".join(choices))
-            return data[key]
-
-        for key in ("name", "description"):
-            if not isinstance(data[key], str) or (key == "name" and not data[key].strip()):
-                raise bad(key, "a non-empty string" if key == "name" else "a string")
-        ep = one_of("execution_provider", EXECUTION_PROVIDERS)
-        precisions = data["precisions"]
-        if not isinstance(precisions, list) or not precisions:
-            raise bad("precisions", "a non-empty list")
-        for p in precisions:
-            if p not in VALID_PRECISIONS[ep]:
-                raise UserError(
-                    f"{where}: precision {p!r} does not run on execution_provider {ep} "
-                    f"(valid: {', '.join(VALID_PRECISIONS[ep])})"
-                )
-        if len(set(precisions)) != len(precisions):
-            raise bad("precisions", "a list without duplicates")
-        if not isinstance(data["qlora"], bool):
-            raise bad("qlora", "true or false")
-        train_device = one_of("train_device", TRAIN_DEVICES)
-        train_dtype = one_of("train_dtype", TRAIN_DTYPES)
-        headroom = data["memory_headroom"]
-        if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 < headroom <= 1:
-            raise bad("memory_headroom", "a fraction in (0, 1]")
-        priority = data["priority"]
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise bad("priority", "an integer")
-        requires = data["requires"] if data["requires"] is not None else {}
-        if not isinstance(requires, dict):
-            raise bad("requires", "a mapping (or {})")
-        _validate_requires(requires, where)
-
-        # Combinations that would only fail deep inside a run.
-        min_cc = _parse_capability(requires.get("min_compute_capability", 0)) or (0, 0)
-        needs_gpu = requires.get("gpu") is True
-        if train_device == "cuda" and not needs_gpu:
-            raise UserError(f"{where}: train_device cuda needs requires.gpu: true")
-        if train_dtype == "float16" and train_device != "cuda":
-            raise UserError(f"{where}: train_dtype float16 needs train_device cuda (CPU fp16 training is unsupported)")
-        if train_device == "cuda" and train_dtype == "bfloat16" and min_cc < (8, 0):
-            raise UserError(f"{where}: train_dtype bfloat16 needs requires.min_compute_capability: 8.0 (bf16 is sm80+)")
-        if ep == "cuda" and "bf16" in precisions and min_cc < (8, 0):
-            raise UserError(f"{where}: precision bf16 needs requires.min_compute_capability: 8.0 (bf16 is sm80+)")
-
-        return cls(
-            name=data["name"],
-            description=data["description"],
-            execution_provider=ep,
-            precisions=tuple(precisions),
-            qlora=data["qlora"],
-            train_device=train_device,
-            train_dtype=train_dtype,
-            memory_headroom=float(headroom),
-            requires=dict(requires),
-            priority=priority,
-            source=path,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict for reports."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "execution_provider": self.execution_provider,
-            "precisions": list(self.precisions),
-            "qlora": self.qlora,
-            "train_device": self.train_device,
-            "train_dtype": self.train_dtype,
-            "memory_headroom": self.memory_headroom,
-            "requires": dict(self.requires),
-            "priority": self.priority,
-            "source": str(self.source),
-        }
-
-
-def _validate_requires(requires: dict[str, Any], where: str) -> None:
-    for key, value in requires.items():
-        if key not in REQUIRES_KEYS:
-            raise UserError(f"{where}: unknown key 'requires.{key}' (known: {', '.join(REQUIRES_KEYS)})")
-        if key == "gpu" and not isinstance(value, bool):
-            raise UserError(f"{where}: requires.gpu must be true or false (got {value!r})")
-        if key == "min_compute_capability" and _parse_capability(value) is None:
-            raise UserError(f"{where}: requires.min_compute_capability must look like 8.0 (got {value!r})")
-        if key == "os":
-            names = value if isinstance(value, list) else [value]
-            if not names or any(n not in OSES for n in names):
-                raise UserError(f"{where}: requires.os must be one or a list of {', '.join(OSES)} (got {value!r})")
-        if key == "provider" and value not in EXECUTION_PROVIDERS:
-            raise UserError(
-                f"{where}: requires.provider must be one of {', '.join(EXECUTION_PROVIDERS)} (got {value!r})"
-            )
-
-
-def default_profiles_dir() -> Path:
-    """Where the shipped profiles live.
-
-    The first existing of: ``$AUTOTUNE_PROFILES_DIR``, the source checkout's
-    ``hardware_profiles/``, ``<sys.prefix>/share/autotune/hardware_profiles`` (the
-    installed wheel's data files).
-    """
-    env = os.environ.get("AUTOTUNE_PROFILES_DIR")
-    if env:
-        # An explicit setting that points nowhere is a mistake, not a hint.
-        if not Path(env).is_dir():
-            raise UserError(f"AUTOTUNE_PROFILES_DIR={env} is not a directory; fix or unset it")
-        return Path(env)
-    repo = Path(__file__).resolve().parent.parent / "hardware_profiles"
-    installed = Path(sys.prefix) / "share" / "autotune" / "hardware_profiles"
-    for candidate in (repo, installed):
-        if candidate.is_dir():
-            return candidate
-    return repo
-
-
-def load_profiles(directory: Path | None = None) -> list[Profile]:
-    """Load every ``*.yaml``/``*.yml`` profile in ``directory`` (default: :func:`default_profiles_dir`)."""
-    directory = Path(directory) if directory is not None else default_profiles_dir()
-    if not directory.is_dir():
-        raise UserError(f"hardware profiles directory {directory} does not exist; reinstall autotune")
-    paths = sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
-    if not paths:
-        raise UserError(f"no hardware profiles (*.yaml) in {directory}; reinstall autotune")
-    profiles: list[Profile] = []
-    seen: dict[str, Path] = {}
-    for path in paths:
-        profile = Profile.from_yaml(path)
-        if profile.name in seen:
-            raise UserError(f"hardware profile {path}: name {profile.name!r} already used by {seen[profile.name]}")
-        seen[profile.name] = path
-        profiles.append(profile)
-    return profiles
-
-
 # --------------------------------------------------------------------------- choice
 
 
@@ -667,7 +387,7 @@ def _mismatch(profile: Profile, info: HardwareInfo) -> str | None:
     if req.get("gpu") is False and info.gpus:
         return "is for machines without a GPU"
     if "min_compute_capability" in req:
-        need = _parse_capability(req["min_compute_capability"]) or (0, 0)
+        need = parse_capability(req["min_compute_capability"]) or (0, 0)
         best = max((g.compute_capability for g in info.gpus), default=None)
         if best is None or best < need:
             found = f"{best[0]}.{best[1]}" if best else "no GPU"
@@ -727,19 +447,6 @@ def choose_profile(info: HardwareInfo, target: str, profiles: list[Profile]) -> 
 def qlora_enabled(profile: Profile, info: HardwareInfo) -> bool:
     """Whether QLoRA candidates may be searched: the profile allows it and the 4-bit probe passed."""
     return profile.qlora and info.bnb_4bit
-
-
-def memory_budget_gb(profile: Profile) -> float:
-    """GiB one candidate may use now: free RAM/VRAM on the train device x memory_headroom."""
-    free = psutil.virtual_memory().available
-    if profile.train_device == "cuda":
-        try:
-            import torch
-
-            free, _total = torch.cuda.mem_get_info()
-        except Exception as exc:
-            raise UserError(f"profile {profile.name} trains on cuda but CUDA memory is unreadable: {exc}") from None
-    return round(free / 2**30 * profile.memory_headroom, 2)
 
 
 # --------------------------------------------------------------------------- display

@@ -24,7 +24,7 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
-from autotune.cache import atomic_dir, atomic_write_text
+from autotune.cache import atomic_dir, atomic_write_text, file_lock
 from autotune.candidate import CandidateResult, CandidateSpec, Workspace, run_candidate
 from autotune.dashboard import write_study_note
 from autotune.errors import UserError
@@ -352,7 +352,6 @@ def prune(ws: Workspace, study: optuna.Study, keep: list[optuna.trial.FrozenTria
     Only folders of this study's finished trials go (a shared artifacts folder may hold other
     studies' models, and running workers' exports), each under its lock.
     """
-    from autotune.candidate import _lock
 
     keep_keys = {t.user_attrs.get("model_key") for t in keep} | {ws.export_key(s) for s in keep_specs}
     busy = {t.user_attrs.get("model_key") for t in study.get_trials(
@@ -364,7 +363,7 @@ def prune(ws: Workspace, study: optuna.Study, keep: list[optuna.trial.FrozenTria
             continue
         folder = ws.root / "models" / key
         if folder.is_dir():
-            with _lock(folder):  # the lock file stays: deleting it could let two holders in
+            with file_lock(folder):  # the lock file stays: deleting it could let two holders in
                 shutil.rmtree(folder, ignore_errors=True)
             removed += 1
     return removed

@@ -24,8 +24,9 @@ from typing import Any
 
 import optuna
 
-from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, _lock, run_candidate
-from autotune.errors import CandidateError, UserError
+from autotune.cache import file_lock
+from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, run_candidate
+from autotune.errors import CandidateError, UserError, first_line
 from autotune.measure import LATENCY_METRICS
 from autotune.space import SearchSpace
 
@@ -151,7 +152,7 @@ class Search:
         trial.set_user_attr("spec", asdict(spec))  # also on failed trials: their note and artifacts need it
         # Claim the candidate: check and mark under a lock in the shared artifacts folder, so two
         # workers proposing the same candidate at once cannot both miss the other's claim.
-        with _lock(self.ws.root / "claims" / key):
+        with file_lock(self.ws.root / "claims" / key):
             earlier = self._same_candidate(trial.number, key)
             trial.set_user_attr("model_key", key)
             if earlier is not None:  # the sampler proposed a candidate that is done or under way
@@ -163,12 +164,9 @@ class Search:
         fresh_adapter = spec.train is not None and not (self.ws.adapter_dir(spec.train) / "train_log.json").is_file()
         try:
             result = run_candidate(self.ws, spec, on_stage=on_stage)
-        except CandidateError as exc:
+        except CandidateError as exc:  # run_candidate turns any failure inside the candidate into this
             trial.set_user_attr("fail_reason", str(exc))
             raise
-        except MemoryError as exc:
-            trial.set_user_attr("fail_reason", "out of memory")
-            raise CandidateError("out of memory while building the candidate") from exc
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", INTERRUPTED)  # Optuna marks it FAIL; a rerun retries it
             raise
@@ -247,33 +245,104 @@ def counted_trials(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.
                 and t.number not in retried)]
 
 
-def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[str, Any]) -> optuna.Study:
-    """Create the study, or load it to resume; refuse to mix hardware profiles or settings.
+# What makes latencies comparable: every trial of a study is measured on the same kind of device,
+# through the same execution provider, with the same thread count. Recorded when a study is created.
+HARDWARE_KEYS = ("profile", "execution_provider", "device", "measure_threads")
+# Settings a resumed run or a worker must share with the study (the rest it takes from the study).
+SETTINGS_KEYS = ("model", "data_fingerprint", "latency_metric")
 
-    Trials left RUNNING by a killed single-machine run are marked failed and their
-    parameters enqueued again, so the interrupted candidate is retried (from its cache).
+
+def hardware_identity(profile: Any, info: Any, threads: int | None) -> dict[str, Any]:
+    """The study attributes of :data:`HARDWARE_KEYS` for this process.
+
+    ``threads`` None means "the study's": a resumed run or a worker without ``--threads``
+    measures with the thread count the study was created with (:func:`open_study`).
+    """
+    gpu = info.gpus[0].name if profile.execution_provider == "cuda" and info.gpus else None
+    return {"profile": profile.name, "execution_provider": profile.execution_provider,
+            "device": gpu or info.cpu_model, "measure_threads": threads}
+
+
+def per_hardware_name(study: str, identity: dict[str, Any]) -> str:
+    """The study that workers with this hardware identity share under ``--per-profile``."""
+    from autotune.cache import content_key
+
+    device = content_key(identity["device"], identity["execution_provider"])[:6]
+    return f"{study}@{identity['profile']}-{identity['measure_threads']}t-{device}"
+
+
+def _hardware_difference(name: str, recorded: dict[str, Any], mine: dict[str, Any]) -> str | None:
+    """One line naming the first hardware attribute where this process differs from the study."""
+    for key in HARDWARE_KEYS:
+        if key not in recorded or recorded[key] == mine[key]:
+            continue
+        if key == "measure_threads":
+            return (f"study '{name}' measures latency with {recorded[key]} thread(s), this run with {mine[key]}; "
+                    f"pass --threads {recorded[key]}, or --per-profile to join the study "
+                    f"'{per_hardware_name(name, mine)}' for this hardware")
+        what = {"profile": "hardware profile", "execution_provider": "execution provider", "device": "device"}[key]
+        return (f"study '{name}' measures latency on {what} {recorded[key]!r}, this machine's is {mine[key]!r}; "
+                f"pass --per-profile to join the study '{per_hardware_name(name, mine)}' for this hardware instead")
+    return None
+
+
+def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[str, Any], *,
+               free_threads: int = 1, per_hardware: bool = False, join: bool = False) -> optuna.Study:
+    """Create the study, or load it to resume or join; refuse to mix settings or hardware.
+
+    ``attrs`` are the study attributes this process would record, :data:`HARDWARE_KEYS`
+    included (``measure_threads`` None: the study's, or ``free_threads`` for a new study).
+    A process whose hardware differs from the study's refuses with a one-line error, or
+    with ``per_hardware`` opens its own :func:`per_hardware_name` study. Joining
+    (``join``) an existing study records only the keys compared; a new study records all.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = optuna.create_study(
-            storage=open_storage(storage), study_name=name, directions=list(DIRECTIONS),
-            sampler=make_sampler(settings), load_if_exists=True,
-        )
+        backend = open_storage(storage)
+        recorded = _recorded_attrs(backend, name)
+        attrs = dict(attrs)
+        if attrs.get("measure_threads") is None:
+            attrs["measure_threads"] = (recorded or {}).get("measure_threads", free_threads)
+        if recorded is not None:
+            _check_settings(name, recorded, attrs)
+            difference = _hardware_difference(name, recorded, attrs)
+            if difference and not per_hardware:
+                raise UserError(difference)
+            if difference:
+                name = per_hardware_name(name, attrs)
+                recorded = _recorded_attrs(backend, name)
+                if recorded is not None:
+                    _check_settings(name, recorded, attrs)
+        if recorded is not None and join:
+            attrs = {k: attrs[k] for k in SETTINGS_KEYS + HARDWARE_KEYS if k in attrs}
+        study = optuna.create_study(storage=backend, study_name=name, directions=list(DIRECTIONS),
+                                    sampler=make_sampler(settings), load_if_exists=True)
+        study.set_metric_names(list(METRIC_NAMES))
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
     except UserError:
         raise
     except Exception as exc:  # sqlalchemy raises many kinds; the message says which
-        raise UserError(f"--storage: cannot open the study storage ({_first_line(exc)}); check the URL and that the server is up") from exc
-    existing = study.user_attrs
-    for key in ("profile", "model", "data_fingerprint", "latency_metric"):
-        if key in existing and key in attrs and existing[key] != attrs[key]:
+        raise UserError(f"--storage: cannot open the study storage ({first_line(exc)}); check the URL and that the server is up") from exc
+    return study
+
+
+def _recorded_attrs(storage: optuna.storages.BaseStorage, name: str) -> dict[str, Any] | None:
+    """The user attributes of study ``name``, None if there is no such study yet."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    return storage.get_study_user_attrs(study_id)
+
+
+def _check_settings(name: str, recorded: dict[str, Any], attrs: dict[str, Any]) -> None:
+    for key in SETTINGS_KEYS:
+        if key in recorded and key in attrs and recorded[key] != attrs[key]:
             raise UserError(
-                f"study '{name}' was run with {key}={existing[key]!r}, this run has {attrs[key]!r}; "
+                f"study '{name}' was run with {key}={recorded[key]!r}, this run has {attrs[key]!r}; "
                 "use another --output or --study name, or rerun with the same settings"
             )
-    study.set_metric_names(list(METRIC_NAMES))
-    for key, value in attrs.items():
-        study.set_user_attr(key, value)
-    return study
 
 
 HEARTBEAT_S = 10  # env AUTOTUNE_HEARTBEAT_S overrides
@@ -357,8 +426,3 @@ def requeue_interrupted(study: optuna.Study) -> int:
             study.enqueue_trial(trial.params)
             count += 1
     return count
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -16,10 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from autotune.data import Example, Splits
+from autotune.data import Example, Splits, render_prompt
 from autotune.errors import CandidateError, UserError
 from autotune.models import BaseModel
 
+# Bump when a change to this module changes the adapters it trains: it is part of every adapter's cache key.
+CODE_VERSION = 1
 METHODS = ("lora", "qlora")
 TARGET_MODULES = {
     "all-linear": "all-linear",
@@ -72,16 +74,6 @@ class TrainResult:
     def final_loss(self) -> float:
         tail = self.losses[-10:]
         return sum(tail) / len(tail)
-
-
-def render_prompt(prompt: str, tokenizer, chat_template: bool) -> str:
-    """The exact text the model sees before its answer (shared by training and measuring)."""
-    if not chat_template:
-        return prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise UserError("--chat-template: this model's tokenizer has no chat template; drop the flag")
-    messages = [{"role": "user", "content": prompt.rstrip()}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def load_tokenizer(base: BaseModel, trust_remote_code: bool = False):

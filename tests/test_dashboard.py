@@ -26,6 +26,8 @@ import pytest
 
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # a finished search, a server and headless Chromium (minutes)
+
 HOST = "127.0.0.1"
 METRICS = ["accuracy", "latency_ms"]
 ARTIFACT_NAMES = {"loss-curve.png", "confusion.png", "builder.log", "measurement.json"}

@@ -7,7 +7,12 @@ in its own session, watches it from outside and stops it at a chosen point:
   (``cache/adapters/*.tmp-*`` exists), while a model is being exported
   (``cache/models/*.tmp-*``), while a model is being measured (an ``autotune.measure``
   child process exists) and between trials (the COMPLETE count in study.db just rose);
-* Ctrl-C (SIGINT to the process group) mid-export.
+* Ctrl-C (SIGINT to the process group) mid-export of a trial, and during selection (while
+  the front is re-benchmarked, and while the zero-shot base is exported for the test split).
+
+Each test waits for its stage to be observable (a partial folder, a measuring child, a
+trial count in study.db), never for an amount of time; a stage it cannot catch fails the
+test instead of sending the signal elsewhere.
 
 Every kill comes after at least one trial finished, so there is something to lose.
 The same command is then run again to completion, and the rerun must keep every
@@ -38,6 +43,8 @@ import psutil
 import pytest
 
 from autotune.search import INTERRUPTED
+
+pytestmark = pytest.mark.slow  # real searches killed and rerun (minutes)
 
 TRIALS = 6
 POLL_S = 0.05
@@ -195,14 +202,14 @@ def last_line(text: str) -> str:
 
 
 def assert_resumed_without_loss(out: Path, before: dict[int, tuple], adapters_before: dict[str, int],
-                                rerun: subprocess.CompletedProcess) -> dict:
+                                rerun: subprocess.CompletedProcess, expected: int = TRIALS) -> dict:
     """The checks after every rerun; returns the figures."""
     where = f"stdout:\n{rerun.stdout[-3000:]}\nstderr:\n{rerun.stderr[-3000:]}"
     assert "Traceback" not in rerun.stderr, where
     assert rerun.returncode == 0, where
     trials = load_trials(out)
     after = finished(trials)
-    assert len(after) >= TRIALS, f"only {len(after)} COMPLETE trials after the rerun"
+    assert len(after) >= expected, f"only {len(after)} COMPLETE trials after the rerun"
     lost = [n for n, record in before.items() if after.get(n) != record]
     assert not lost, f"trials finished before the kill changed or vanished: {lost}"
     assert not partials(out), partials(out)
@@ -291,7 +298,10 @@ def test_ctrl_c_keeps_finished_work_and_resumes(tmp_path: Path, tiny_model_dir, 
     proc = start(command, logs)
     try:
         wait_for(proc, lambda: complete_count(out) >= 1, 300, "the first trial finished", logs)
-        wait_for(proc, lambda: _exporting(out, proc), 300, "an export after a finished trial", logs)
+        # A trial's export, with trials still to come: selection exports too (the zero-shot base), and
+        # a signal that lands there is the next test's case, not this one's.
+        wait_for(proc, lambda: _exporting(out, proc) and complete_count(out) <= TRIALS - 2, 300,
+                 "a trial's export after a finished trial", logs)
         stop_group(proc, signal.SIGINT)
         proc.wait(timeout=120)
     finally:
@@ -321,6 +331,46 @@ def test_ctrl_c_keeps_finished_work_and_resumes(tmp_path: Path, tiny_model_dir, 
     assert retried, "the interrupted candidate was not retried"
     FIGURES["ctrl-c exporting"] = {**figures, "exit_code": proc.returncode, "retried_as": retried[0].number,
                                    "survived": True}
+
+
+SELECTION_POINTS = {
+    "re-benchmark": _measuring,  # the front's latency measured again
+    "zero-shot export": _exporting,  # the base exported at the chosen precision, for the test split
+}
+
+
+@pytest.mark.parametrize("point", list(SELECTION_POINTS))
+def test_ctrl_c_during_selection_stops_and_resumes(point: str, tmp_path: Path, tiny_model_dir, tiny_dataset,
+                                                   tiny_space) -> None:
+    trials = 4
+    out = tmp_path / "out"
+    command = search_command(tiny_model_dir, tiny_dataset, tiny_space, out, trials=trials)
+    logs = tmp_path / "first"
+    proc = start(command, logs)
+    condition = SELECTION_POINTS[point]
+    try:
+        # Every trial is COMPLETE before selection starts, so what runs after that is selection.
+        wait_for(proc, lambda: complete_count(out) >= trials and condition(out, proc), 300,
+                 f"selection's {point}", logs)
+        stop_group(proc, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc, signal.SIGKILL)
+            proc.wait()
+    stderr = (logs / "stderr.txt").read_text()
+    assert "Traceback" not in stderr, _tail(logs)
+    assert proc.returncode == 130, _tail(logs)
+    assert last_line(stderr).startswith("interrupted:"), _tail(logs)
+    assert not (out / "best").exists(), "the run went on after Ctrl-C and wrote best/"
+    assert not partials(out), f"Ctrl-C left partial artifacts: {partials(out)}"
+    before = finished(load_trials(out))
+    assert len(before) == trials
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    figures = assert_resumed_without_loss(out, before, trained_adapters(out), rerun, expected=trials)
+    assert len(finished(load_trials(out))) == trials  # selection only: no trial ran again
+    FIGURES[f"ctrl-c {point}"] = {**figures, "exit_code": proc.returncode, "survived": True}
 
 
 # --------------------------------------------------------------------------- every candidate fails

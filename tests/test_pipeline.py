@@ -14,6 +14,7 @@ import pytest
 from autotune.cache import atomic_dir, content_key, folder_size
 from autotune.candidate import CandidateSpec, Workspace, run_candidate
 from autotune.data import DataConfig, load_splits
+from autotune.errors import UserError
 from autotune.export import ExportSpec, export_model, merge_adapter
 from autotune.measure import (LatencySettings, Measurement, measure, normalize_answer, parity_check, score,
                               wilson_interval)
@@ -463,6 +464,27 @@ def test_instruction_prompt(base):
     chat = instruction_prompt(prompt, labels, load_tokenizer(base))  # SmolLM2's tokenizer has a chat template
     assert "Fear, Joy" in chat and "it rained all day" in chat
     assert chat.endswith("assistant\nThe tone is:")  # the template's answer cue opens the answer
+
+
+@pytest.mark.parametrize("raised, reason", [
+    (UserError("training diverged (loss nan) at step 2; lower the learning rate"),
+     "training diverged (loss nan) at step 2; lower the learning rate"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), "RuntimeError: out of memory"),
+    (MemoryError(), "out of memory while building the candidate"),
+    (ValueError("bad shape\nsecond line"), "ValueError: bad shape"),
+])
+def test_run_candidate_fails_only_the_candidate(base, splits, tmp_path, monkeypatch, raised, reason):
+    """Whatever goes wrong inside one candidate reaches the search as CandidateError, its reason in one line."""
+    import autotune.candidate
+    from autotune.errors import CandidateError
+
+    def broken(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(autotune.candidate, "train_adapter", broken)
+    with pytest.raises(CandidateError) as exc:
+        run_candidate(_workspace(tmp_path / "ws", base, splits), CandidateSpec(SHORT, ExportSpec(precision="int4")))
+    assert str(exc.value) == reason
 
 
 def test_workspace_sweeps_partials(base, splits, tmp_path):

@@ -1,7 +1,8 @@
 """The search, end to end through the real CLI on the tiny random Llama (no mocks).
 
 Most checks read the shared ``tiny_search`` output (a finished 6-trial search); the
-resume, infeasible and --keep-all checks run their own small searches.
+resume, infeasible and --keep-all checks run their own small searches. Tests that run a
+search are marked ``slow`` (minutes together); the flag and settings checks stay fast.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def assert_clean_failure(proc, code: int) -> str:
 # --------------------------------------------------------------------------- 1. outputs
 
 
+@pytest.mark.slow
 def test_outputs_exist_and_load(tiny_search: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
     import onnxruntime_genai as og
 
@@ -121,6 +123,7 @@ def test_outputs_exist_and_load(tiny_search: Path, tiny_model_dir, tiny_dataset,
     assert (out / "pareto.png").read_bytes()[:8] == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_study_records(tiny_search: Path) -> None:
     study = load_study(tiny_search)
     done = complete(study)
@@ -139,6 +142,9 @@ def test_study_records(tiny_search: Path) -> None:
     for key in ("model", "data", "profile", "hardware", "versions", "chosen_trial", "chosen_test_accuracy",
                 "chosen_baselines"):
         assert key in attrs, key
+    # The hardware identity: latencies of this study compare only with latencies measured the same way.
+    assert attrs["measure_threads"] == 1 and attrs["execution_provider"] == "cpu"
+    assert attrs["device"] == attrs["hardware"]["cpu_model"]
     report = json.loads((tiny_search / "report.json").read_text())
     assert attrs["chosen_trial"] == report["chosen"]["trial"]
     assert attrs["chosen_test_accuracy"] == pytest.approx(report["chosen"]["test_accuracy"])
@@ -147,6 +153,7 @@ def test_study_records(tiny_search: Path) -> None:
 # --------------------------------------------------------------------------- 2. train once, export many
 
 
+@pytest.mark.slow
 def test_train_once_export_many(tiny_search: Path) -> None:
     done = complete(load_study(tiny_search))
     pairs = {(t.user_attrs["spec"]["train"]["method"], t.user_attrs["spec"]["train"]["rank"]) for t in done}
@@ -170,6 +177,7 @@ def test_train_once_export_many(tiny_search: Path) -> None:
 # --------------------------------------------------------------------------- 5. pruning
 
 
+@pytest.mark.slow
 def test_prune_keeps_only_the_front(tiny_search: Path) -> None:
     report = json.loads((tiny_search / "report.json").read_text())
     by_number = {t.number: t for t in complete(load_study(tiny_search))}
@@ -180,6 +188,7 @@ def test_prune_keeps_only_the_front(tiny_search: Path) -> None:
     assert 1 <= len(front_keys) <= len(report["pareto"])
 
 
+@pytest.mark.slow
 def test_keep_all(tmp_path: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
     out = tmp_path / "out"
     proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--keep-all", trials=2))
@@ -211,6 +220,7 @@ def resumed(tmp_path_factory, tiny_search: Path, tiny_model_dir, tiny_dataset, t
     return out, args, before, adapters_before, proc
 
 
+@pytest.mark.slow
 def test_resume_adds_only_missing_trials(resumed) -> None:
     out, _, before, adapters_before, proc = resumed
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -239,6 +249,7 @@ def test_resume_adds_only_missing_trials(resumed) -> None:
     assert report["trials"]["complete"] == 8
 
 
+@pytest.mark.slow
 def test_resume_when_done_runs_nothing(resumed) -> None:
     out, args, _, _, first = resumed
     assert first.returncode == 0, first.stderr[-3000:]
@@ -264,6 +275,7 @@ def infeasible(tmp_path_factory, tiny_model_dir, tiny_dataset, tiny_space):
     return out, run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, trials=2, max_latency="0.001"))
 
 
+@pytest.mark.slow
 def test_infeasible_bound_exits_3(infeasible) -> None:
     out, proc = infeasible
     line = assert_clean_failure(proc, 3)
@@ -284,6 +296,7 @@ def test_infeasible_bound_exits_3(infeasible) -> None:
     assert not (out / "best").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_looser_bound(infeasible, tiny_model_dir, tiny_dataset, tiny_space) -> None:
     out, first = infeasible
     assert first.returncode == 3
@@ -335,6 +348,7 @@ def test_settings_validation_in_process() -> None:
     assert SearchSettings(max_latency_ms=0.5).max_latency_ms == 0.5
 
 
+@pytest.mark.slow
 def test_latency_metric(tmp_path: Path, tiny_search: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
     from autotune.search import SearchSettings, latency_of
 
@@ -351,6 +365,7 @@ def test_latency_metric(tmp_path: Path, tiny_search: Path, tiny_model_dir, tiny_
     assert "latency_metric='request'" in line and "'token'" in line, line
 
 
+@pytest.mark.slow
 def test_progress_log_without_a_terminal(tmp_path: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
     """``autotune ... > log.txt``: one plain line per stage and per trial, no control codes."""
     import os
@@ -374,3 +389,28 @@ def test_progress_log_without_a_terminal(tmp_path: Path, tiny_model_dir, tiny_da
     for line in trial_lines:
         assert re.search(r"acc \d\.\d{3}  request [\d.]+ ms  feasible", line), line
     assert "re-benchmarking" in text and "chosen #" in text
+
+
+# --------------------------------------------------------------------------- 8. one candidate's failure
+
+
+def test_diverging_candidates_fail_their_trials_and_the_search_goes_on(tmp_path: Path, tiny_model_dir,
+                                                                       tiny_dataset) -> None:
+    """A learning rate of 5-10 makes the loss non-finite: each trial fails with that reason, the
+    search tries the next (no exit 2 on the first), and with nothing left it exits 1 with a report."""
+    space = tmp_path / "diverge.yaml"
+    space.write_text("method: [lora]\nrank: [4]\nlearning_rate: {low: 5, high: 10}\nsteps: [6]\nbatch_size: [4]\n"
+                     "precision: [int4]\nblock_size: [32]\naccuracy_level: [4]\n")
+    out = tmp_path / "out"
+    proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, space, out, trials=3))
+    line = assert_clean_failure(proc, 1)
+    assert line.startswith("error: every candidate failed"), line
+    trials = load_study(out).get_trials(deepcopy=False)
+    assert len(trials) == 3, [(t.number, t.state) for t in trials]
+    for t in trials:
+        assert t.state == optuna.trial.TrialState.FAIL
+        assert "training diverged" in t.user_attrs["fail_reason"], t.user_attrs
+        assert 5 <= t.params["learning_rate"] <= 10
+    rows = json.loads((out / "report.json").read_text())["trials"]
+    assert all("training diverged" in row["reason"] for row in rows), rows
+    assert not list((out / "cache").rglob("*.tmp-*"))

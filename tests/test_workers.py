@@ -22,6 +22,8 @@ import pytest
 import postgres
 from conftest import run_cli
 
+pytestmark = pytest.mark.slow  # a PostgreSQL server and several workers (minutes)
+
 S = optuna.trial.TrialState
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 HEARTBEAT_S, GRACE_S = 2, 6  # the kill test's heartbeat settings (defaults: 10 s / 30 s)
@@ -225,9 +227,12 @@ def test_worker_refuses_another_profile_unless_per_profile(s1: SharedRun) -> Non
     proc = run_cli("worker", "--storage", url, "--study", "s3", "--per-profile", "--trials", "1",
                    "--artifacts", str(tmp / "shared3"), "-o", str(tmp / "out3"), "--threads", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"s3@{here}" in proc.stdout + proc.stderr
+    from autotune.search import HARDWARE_KEYS, per_hardware_name
+
+    name = per_hardware_name("s3", {k: load(url, "s1").user_attrs[k] for k in HARDWARE_KEYS})  # this machine's
+    assert name.startswith(f"s3@{here}-1t-") and name in proc.stdout + proc.stderr
     assert not load(url, "s3").trials  # the cuda study is left alone
-    mine = load(url, f"s3@{here}")
+    mine = load(url, name)
     assert mine.user_attrs["profile"] == here
     assert mine.user_attrs["config"] == load(url, "s1").user_attrs["config"] | {"trials": 1}
     assert len([t for t in mine.trials if t.state == S.COMPLETE]) == 1

@@ -1,0 +1,125 @@
+"""A cache never serves what a changed library or constant would have built differently.
+
+Each key (adapter, export, measurement) holds the schema version, the version of the
+autotune code that builds the artifact and the versions of the libraries that shape it.
+The end-to-end test builds one candidate on the tiny random Llama, then changes one
+version at a time and checks which stages run again; unchanged inputs reuse everything.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from autotune import cache, export, train
+from autotune.candidate import CandidateSpec, Workspace, run_candidate
+from autotune.data import DataConfig, load_splits
+from autotune.export import ExportSpec
+from autotune.models import resolve_model
+from autotune.train import TrainSpec
+from conftest import LABELS, write_jsonl
+
+SPEC = CandidateSpec(train=TrainSpec(rank=4, alpha=8.0, steps=2, batch_size=4, learning_rate=1e-3),
+                     export=ExportSpec(precision="int4"))
+
+
+def fake_versions(monkeypatch: pytest.MonkeyPatch, **changed: str) -> None:
+    """Pretend that the packages named (``peft``, ``onnxruntime_genai`` ...) are at another version."""
+    real = cache.library_version
+    changed = {name.replace("_", "-"): version for name, version in changed.items()}
+    monkeypatch.setattr(cache, "library_version", lambda name: changed.get(name) or real(name))
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return resolve_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    rows = [{"text": f"example number {i} about {label.lower()} things", "label": label}
+            for i in range(10) for label in LABELS]
+    return load_splits(DataConfig(path=str(write_jsonl(tmp_path_factory.mktemp("data") / "d.jsonl", rows))))
+
+
+def workspace(root, base, splits) -> Workspace:
+    return Workspace(root=root, base=base, splits=splits, threads=1, max_eval=4)
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def test_library_version_reads_installed_packages() -> None:
+    assert cache.library_version("torch")
+    assert cache.library_version("onnxruntime-genai")  # whichever of its wheels is installed
+    assert cache.library_version("no-such-package-for-autotune") is None
+    assert cache.library_versions("peft", "onnx") == {"peft": cache.library_version("peft"),
+                                                      "onnx": cache.library_version("onnx")}
+
+
+@pytest.mark.parametrize("package, keys", [
+    ("torch", {"adapter", "model"}),
+    ("transformers", {"adapter", "model"}),
+    ("peft", {"adapter", "model"}),
+    ("bitsandbytes", set()),  # LoRA does not use it; QLoRA does (next test)
+    ("onnxruntime_genai", {"model"}),
+    ("onnx", {"model"}),
+    ("onnx_ir", {"model"}),
+    ("onnxruntime", set()),  # it runs the model, it does not build it: measurement keys only
+])
+def test_keys_name_the_libraries_that_shape_the_artifact(package, keys, monkeypatch, base, splits, tmp_path) -> None:
+    ws = workspace(tmp_path, base, splits)
+    before = {"adapter": ws.train_key(SPEC.train), "model": ws.export_key(SPEC)}
+    fake_versions(monkeypatch, **{package: "999.0"})
+    after = {"adapter": ws.train_key(SPEC.train), "model": ws.export_key(SPEC)}
+    assert {k for k in before if before[k] != after[k]} == keys
+
+
+def test_qlora_key_names_bitsandbytes(monkeypatch, base, splits, tmp_path) -> None:
+    ws = workspace(tmp_path, base, splits)
+    qlora = TrainSpec(method="qlora", rank=4, alpha=8.0, steps=2, batch_size=4)
+    before = ws.train_key(qlora)
+    fake_versions(monkeypatch, bitsandbytes="999.0")
+    assert ws.train_key(qlora) != before
+
+
+@pytest.mark.parametrize("module, name, keys", [
+    (cache, "SCHEMA_VERSION", {"adapter", "model"}),
+    (train, "CODE_VERSION", {"adapter", "model"}),
+    (export, "CODE_VERSION", {"model"}),
+])
+def test_code_versions_are_in_the_keys(module, name, keys, monkeypatch, base, splits, tmp_path) -> None:
+    ws = workspace(tmp_path, base, splits)
+    before = {"adapter": ws.train_key(SPEC.train), "model": ws.export_key(SPEC)}
+    monkeypatch.setattr(module, name, getattr(module, name) + 1)
+    after = {"adapter": ws.train_key(SPEC.train), "model": ws.export_key(SPEC)}
+    assert {k for k in before if before[k] != after[k]} == keys
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_changed_versions_rebuild_and_unchanged_inputs_reuse(monkeypatch, base, splits, tmp_path) -> None:
+    root = tmp_path / "ws"
+
+    def run():
+        return run_candidate(workspace(root, base, splits), SPEC, with_latency=False)
+
+    first = run()
+    assert first.cached == ()
+    assert set(run().cached) == {"train", "export", "measure"}  # unchanged inputs: nothing runs again
+
+    fake_versions(monkeypatch, onnxruntime="999.0")  # the runtime: measure again, nothing else
+    assert set(run().cached) == {"train", "export"}
+
+    fake_versions(monkeypatch, onnxruntime_genai="999.0")  # the builder: export and measure again
+    again = run()
+    assert set(again.cached) == {"train"} and again.model_dir != first.model_dir
+
+    monkeypatch.setattr(train, "CODE_VERSION", train.CODE_VERSION + 1)  # training code: train again
+    retrained = run()
+    assert retrained.cached == () and "train" in retrained.stage_seconds
+    assert set(run().cached) == {"train", "export", "measure"}  # and the new artifacts are reused
+
+    monkeypatch.undo()  # back to the real versions: the first artifacts are still there
+    assert set(run().cached) == {"train", "export", "measure"}
+    assert not list(root.rglob("*.tmp-*"))
