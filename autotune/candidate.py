@@ -27,7 +27,8 @@ from autotune.data import Splits
 from autotune.export import ExportSpec, check_free_disk, export_model, merge_adapter
 from autotune.measure import Accuracy, Latency, LatencySettings, Measurement, measure
 from autotune.models import BaseModel
-from autotune.train import TrainResult, TrainSpec, check_memory, read_train_log, render_prompt, train_adapter
+from autotune.train import (TrainResult, TrainSpec, check_memory, read_train_log, render_prompt, tokens_per_step,
+                            train_adapter)
 
 # Called as on_stage(stage, fraction_done, detail); stages: train, merge, export, measure.
 StageCallback = Callable[[str, float, str], None]
@@ -174,14 +175,15 @@ def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: 
         return read_train_log(adapter), None
     if (model_dir / "genai_config.json").is_file():
         return None, 0.0
-    check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom)
-    notify("train", 0.0, "loading base model")
+    checkpointing = check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom,
+                                 tokens_per_step(ws.splits, spec.train))
+    notify("train", 0.0, "loading base model" + (" (gradient checkpointing: memory is short)" if checkpointing else ""))
     start = time.perf_counter()
     with atomic_dir(adapter) as tmp:
         train_adapter(
             ws.base, ws.splits, spec.train, tmp,
             device=ws.train_device, dtype=ws.train_dtype, threads=ws.train_threads,
-            trust_remote_code=ws.trust_remote_code,
+            trust_remote_code=ws.trust_remote_code, checkpointing=checkpointing,
             on_step=lambda step, loss: notify("train", step / spec.train.steps, f"step {step} loss {loss:.3f}"),
         )
     return read_train_log(adapter), time.perf_counter() - start
