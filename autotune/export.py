@@ -16,6 +16,7 @@ from pathlib import Path
 
 from autotune.errors import CandidateError, UserError
 from autotune.models import BaseModel
+from autotune.train import release_memory
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -90,6 +91,8 @@ def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_re
     )
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
+    del model, merged
+    release_memory()  # the builder reads the saved copy; this one must not stay resident beside it
     AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
     if (base.path / "generation_config.json").is_file():
         shutil.copy2(base.path / "generation_config.json", out_dir / "generation_config.json")
