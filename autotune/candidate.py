@@ -24,7 +24,7 @@ from pathlib import Path
 
 from autotune.cache import atomic_dir, atomic_write_text, content_key, sweep_partials
 from autotune.data import Splits
-from autotune.export import ExportSpec, check_free_disk, export_model, merge_adapter
+from autotune.export import ExportSpec, check_export_memory, check_free_disk, export_model, merge_adapter
 from autotune.measure import Accuracy, Latency, LatencySettings, Measurement, measure
 from autotune.models import BaseModel
 from autotune.train import (TrainResult, TrainSpec, check_memory, read_train_log, render_prompt, tokens_per_step,
@@ -194,6 +194,7 @@ def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, 
     if (model_dir / "genai_config.json").is_file():
         return False
     check_free_disk(model_dir.parent, ws.base, spec.export, merged=spec.train is not None)
+    check_export_memory(ws.base, ws.memory_headroom)
     # Named <model>.tmp-merge-*: a partial of this model, under its lock (held here), so the next start's
     # sweep removes a killed run's merged copy but never a live worker's.
     with tempfile.TemporaryDirectory(prefix=f"{model_dir.name}.tmp-merge-", dir=model_dir.parent) as work:

@@ -192,11 +192,13 @@ def _output_dir(path: str) -> Path:
 def _workspace(args, out: Path, profile, root: Path | None = None):
     from autotune.candidate import Workspace
     from autotune.data import load_splits
+    from autotune.export import check_export_memory
     from autotune.hardware import choose_threads
     from autotune.models import resolve_model
 
     splits = load_splits(_data_config(args))  # cheap and most likely to be wrong: check first
     base = resolve_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    check_export_memory(base, profile.memory_headroom)  # a model that cannot fit is refused before any work
     return Workspace(
         root=root or out / "cache",
         base=base,

@@ -13,7 +13,8 @@ autotune's stratified splitter takes 250 rows per label: 150 train / 50 validati
 ``--max-eval 160`` scores the first 160 test phrases.
 
 Each autotune run is ``autotune candidate --no-baseline --json`` in a fresh output folder (nothing cached),
-run the way a user runs it. Wall is the command's; peak RSS is the largest sum of resident memory over the
+run the way a user runs it. Wall is the command's, CPU the user + system seconds of its process tree (less
+sensitive than wall to other work on a shared machine); peak RSS is the largest sum of resident memory over the
 command's whole process tree (sampled every 50 ms), so a stage moved into a child process still counts;
 tokens/s counts the real (unpadded) tokens of the 150 x 8 training examples over the training seconds.
 
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -85,18 +87,21 @@ def run_candidate(code: Path, data: Path, steps: int, seed: int, threads: int, o
                "--steps", str(steps), "--batch-size", "8", "--precision", "int4", "--seed", str(seed),
                "--threads", str(threads), "-o", str(out)]
     env = {**os.environ, "PYTHONPATH": str(code), "TRANSFORMERS_VERBOSITY": "error"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = psutil.Popen(command, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, tree_rss(proc))
         time.sleep(0.05)
-    wall = time.perf_counter() - start
     stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the whole tree's CPU time, less sensitive to load than wall
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if proc.returncode != 0:
         raise SystemExit(f"{code}: autotune candidate failed:\n{stderr[-3000:]}")
     record = json.loads(stdout[stdout.index("{"):])["candidate"]
-    return {"wall": wall, "peak_gib": peak / 2**30, "train": record["train_seconds"],
+    return {"wall": wall, "cpu": cpu, "peak_gib": peak / 2**30, "train": record["train_seconds"],
             "accuracy": record["measurement"]["accuracy"], "stages": record["stage_seconds"]}
 
 
@@ -138,7 +143,7 @@ def main() -> None:
             run["tokens_per_s"] = tokens / run["train"]
             rows[name].append(run)
             acc = run["accuracy"]
-            print(f"seed {seed} {name}: wall {run['wall']:.0f} s, peak {run['peak_gib']:.2f} GiB, train {run['train']:.0f} s, "
+            print(f"seed {seed} {name}: wall {run['wall']:.0f} s, CPU {run['cpu']:.0f} s, peak {run['peak_gib']:.2f} GiB, train {run['train']:.0f} s, "
                   f"{run['tokens_per_s']:.0f} tokens/s, int4 accuracy {acc['accuracy']:.3f} (n={acc['n']}), "
                   f"stages {json.dumps({k: round(v, 1) for k, v in run['stages'].items()})}, load {os.getloadavg()[0]:.1f}",
                   flush=True)
