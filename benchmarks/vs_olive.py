@@ -105,15 +105,21 @@ def run_candidate(code: Path, data: Path, steps: int, seed: int, threads: int, o
             "accuracy": record["measurement"]["accuracy"], "stages": record["stage_seconds"]}
 
 
+def emotion_config(data: Path):
+    """The :class:`DataConfig` the command-line flags of :func:`run_candidate` describe."""
+    from autotune.data import DataConfig
+
+    return DataConfig(path=str(data), delimiter=";", columns=("text", "label"), max_per_label=250,
+                      label_map=tuple(tuple(pair.split("=")) for pair in LABEL_MAP.split(",")))
+
+
 def training_tokens(data: Path, steps: int, seed: int) -> int:
     """Real (unpadded) tokens of the examples the run trains on: the same batches autotune draws."""
-    from autotune.data import DataConfig, load_splits
+    from autotune.data import load_splits
     from autotune.models import resolve_model
     from autotune.train import _batches, encode_example, load_tokenizer
 
-    config = DataConfig(path=str(data), delimiter=";", columns=("text", "label"), max_per_label=250,
-                        label_map=tuple(tuple(pair.split("=")) for pair in LABEL_MAP.split(",")))
-    splits = load_splits(config)
+    splits = load_splits(emotion_config(data))
     tokenizer = load_tokenizer(resolve_model(None))
     lengths = [len(encode_example(e, tokenizer, False)[0]) for e in splits.train]
     return sum(lengths[i] for batch in _batches(len(lengths), 8, steps, seed) for i in batch)
