@@ -272,7 +272,8 @@ def train_adapter(
     optimizer_class = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[spec.optimizer]
     optimizer = optimizer_class(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, spec.lr_factor)
-    packed = spec.batching == "packed"
+    # A model with its own code may not build its mask from packed position ids; padding gives the same loss.
+    packed = spec.batching == "packed" and not trust_remote_code
     order = _batches(len(encoded), spec.batch_size, spec.steps, spec.seed)
     losses: list[float] = []
     start = time.perf_counter()
