@@ -289,6 +289,7 @@ def train_adapter(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        trim_heap()  # packed lengths vary per step; without this glibc's heap grows ~0.3 GB by fragmentation
         if on_step is not None:
             on_step(step + 1, losses[-1])
     seconds = time.perf_counter() - start
@@ -326,14 +327,20 @@ def _peft_model(base: BaseModel, spec: TrainSpec, device: str, dtype: str, trust
     return model
 
 
-def release_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+def trim_heap() -> None:
+    """Hand free heap pages back to the OS (glibc keeps them otherwise); a no-op off glibc."""
     import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def release_memory() -> None:
+    """Collect garbage, then trim the heap: what a finished stage held leaves the process's RSS."""
     import gc
 
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
 
 
 def read_train_log(adapter_dir: Path) -> TrainResult:
