@@ -60,6 +60,13 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(base, splits):
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (packed, g_packed), (padded, g_padded) = grads
     assert packed == pytest.approx(padded, rel=1e-5)
+    # ... and both equal transformers' own loss over full logits, the loop before the head was cut to the answers.
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch])
+    labels = torch.tensor([t + [-100] * (width - len(t)) for _, t in batch])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() == pytest.approx(padded, rel=1e-5)
     for a, b in zip(g_packed, g_padded):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
@@ -72,14 +79,14 @@ def test_gradient_checkpointing_changes_nothing_but_memory(base, splits, tmp_pat
     assert json.loads((tmp_path / "ckpt" / "train_log.json").read_text())["checkpointing"] is True
 
 
-def test_padded_batching_still_trains(base, splits, tmp_path):
-    spec = TrainSpec(rank=4, alpha=8.0, steps=2, batch_size=4, batching="padded")
+def test_packed_batching_trains(base, splits, tmp_path):
+    spec = TrainSpec(rank=4, alpha=8.0, steps=2, batch_size=4, batching="packed")
     assert len(train_adapter(base, splits, spec, tmp_path, threads=1).losses) == 2
 
 
 @pytest.mark.parametrize("change", [
     {"optimizer": "sgd"}, {"weight_decay": 0.01}, {"max_grad_norm": 0.5}, {"lr_schedule": "linear"},
-    {"min_lr_ratio": 0.0}, {"warmup_fraction": 0.2}, {"batching": "padded"}, {"gradient_checkpointing": "on"},
+    {"min_lr_ratio": 0.0}, {"warmup_fraction": 0.2}, {"batching": "packed"}, {"gradient_checkpointing": "on"},
 ])
 def test_changing_a_training_constant_misses_the_adapter_cache(base, splits, tmp_path, change):
     ws = Workspace(root=tmp_path, base=base, splits=splits)
