@@ -3,6 +3,7 @@
     python benchmarks/vs_olive.py                                 # autotune at the issue's budget, seed 0
     python benchmarks/vs_olive.py --seeds 0 1 2 --baseline-code /work/main   # and an older checkout, interleaved
     python benchmarks/vs_olive.py --steps 20                      # a quick look
+    python benchmarks/vs_olive.py --seeds 0 1 2 --batching packed --baseline-code OLD   # packing's 3-seed check
 
 Setup (issue 13): SmolLM2-135M-Instruct, LoRA r16 / alpha 32 on all linear layers, 150 steps of batch 8,
 lr 3e-4, int4 export (block 32, accuracy level 4); 600 balanced training phrases of the public emotion data
@@ -79,13 +80,13 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_candidate(code: Path, data: Path, steps: int, seed: int, threads: int, out: Path) -> dict:
+def run_candidate(code: Path, data: Path, steps: int, seed: int, threads: int, out: Path, extra: list[str]) -> dict:
     """``autotune candidate`` from the checkout ``code``: its JSON record plus wall and peak tree RSS."""
     command = [sys.executable, "-m", "autotune.cli", "candidate", "--no-baseline", "--json",
                "--data", str(data), "--delimiter", ";", "--columns", "text,label", "--label-map", LABEL_MAP,
                "--max-per-label", "250", "--max-eval", "160", "--rank", "16", "--alpha", "32", "--lr", "3e-4",
                "--steps", str(steps), "--batch-size", "8", "--precision", "int4", "--seed", str(seed),
-               "--threads", str(threads), "-o", str(out)]
+               "--threads", str(threads), "-o", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": str(code), "TRANSFORMERS_VERBOSITY": "error"}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="training and measuring threads (default: 2, as Olive's)")
     parser.add_argument("--data", type=Path, default=DATA, help="the emotion data's train.txt (text;label lines)")
     parser.add_argument("--baseline-code", type=Path, help="another checkout of autotune to run interleaved, e.g. main")
+    parser.add_argument("--batching", choices=["padded", "packed"], help="this checkout's --batching (default: its own)")
     args = parser.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"--data {args.data}: no such file; point it at the emotion data's train.txt")
@@ -145,7 +147,8 @@ def main() -> None:
         tokens = training_tokens(args.data, args.steps, seed)
         for name, code in codes.items():  # interleaved: each seed runs every checkout back to back
             with tempfile.TemporaryDirectory() as tmp:
-                run = run_candidate(code, args.data, args.steps, seed, args.threads, Path(tmp) / "out")
+                extra = ["--batching", args.batching] if args.batching and code == ROOT else []
+                run = run_candidate(code, args.data, args.steps, seed, args.threads, Path(tmp) / "out", extra)
             run["tokens_per_s"] = tokens / run["train"]
             rows[name].append(run)
             acc = run["accuracy"]
