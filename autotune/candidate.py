@@ -33,10 +33,10 @@ from autotune import cache, export, train
 from autotune.cache import atomic_dir, atomic_write_text, content_key, file_lock, sweep_partials
 from autotune.data import Splits, instruction_prompt
 from autotune.errors import CandidateError, UserError, check_interrupted, first_line
-from autotune.export import ExportSpec, check_free_disk, export_model, merge_adapter
+from autotune.export import ExportSpec, check_export_memory, check_free_disk, export_model, merge_adapter
 from autotune.measure import MEASURE_VERSION, LatencySettings, Measurement, measure
 from autotune.models import BaseModel
-from autotune.train import TrainResult, TrainSpec, check_memory, read_train_log, train_adapter
+from autotune.train import TrainResult, TrainSpec, check_memory, read_train_log, tokens_per_step, train_adapter
 
 # Called as on_stage(stage, fraction_done, detail); stages: train, merge, export, measure.
 StageCallback = Callable[[str, float, str], None]
@@ -227,14 +227,15 @@ def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: 
         return read_train_log(adapter), None
     if (model_dir / "genai_config.json").is_file():
         return None, 0.0
-    check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom)
-    notify("train", 0.0, "loading base model")
+    checkpointing = check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom,
+                                 tokens_per_step(ws.splits, spec.train))
+    notify("train", 0.0, "loading base model" + (" (gradient checkpointing: memory is short)" if checkpointing else ""))
     start = time.perf_counter()
     with atomic_dir(adapter) as tmp:
         train_adapter(
             ws.base, ws.splits, spec.train, tmp,
             device=ws.train_device, dtype=ws.train_dtype, threads=ws.train_threads,
-            trust_remote_code=ws.trust_remote_code,
+            trust_remote_code=ws.trust_remote_code, checkpointing=checkpointing,
             on_step=lambda step, loss: notify("train", step / spec.train.steps, f"step {step} loss {loss:.3f}"),
         )
     return read_train_log(adapter), time.perf_counter() - start
@@ -245,6 +246,7 @@ def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, 
     if (model_dir / "genai_config.json").is_file():
         return False
     check_free_disk(model_dir.parent, ws.base, spec.export, merged=spec.train is not None)
+    check_export_memory(ws.base, ws.memory_headroom)
     # Named <model>.tmp-merge-*: a partial of this model, under its lock (held here), so the next start's
     # sweep removes a killed run's merged copy but never a live worker's.
     with tempfile.TemporaryDirectory(prefix=f"{model_dir.name}.tmp-merge-", dir=model_dir.parent) as work:

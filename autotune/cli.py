@@ -113,6 +113,8 @@ def _candidate_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=8, help="batch size (default: 8)")
     t.add_argument("--target-modules", default="all-linear", choices=["all-linear", "attention", "mlp"], help="layers that get LoRA (default: all-linear)")
     t.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
+    t.add_argument("--batching", default="padded", choices=["padded", "packed"],
+                   help="padded rows, or a step's examples packed into one row without padding (default: padded)")
     e = p.add_argument_group("export")
     e.add_argument("--precision", default="int4", choices=["fp32", "fp16", "bf16", "int8", "int4"], help="export precision (default: int4)")
     e.add_argument("--block-size", type=int, default=32, help="int4/int8 block size (default: 32)")
@@ -204,11 +206,13 @@ def _output_dir(path: str) -> Path:
 def _workspace(args, out: Path, profile, root: Path | None = None):
     from autotune.candidate import Workspace
     from autotune.data import load_splits
+    from autotune.export import check_export_memory
     from autotune.hardware import choose_threads
     from autotune.models import resolve_model
 
     splits = load_splits(_data_config(args))  # cheap and most likely to be wrong: check first
     base = resolve_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    check_export_memory(base, profile.memory_headroom)  # a model that cannot fit is refused before any work
     ws = Workspace(
         root=root or out / "cache",
         base=base,
@@ -243,7 +247,7 @@ def cmd_candidate(args) -> int:
         raise UserError(f"--method qlora: profile {profile.name} cannot run bitsandbytes 4-bit; use --method lora")
     train = TrainSpec(method=args.method, rank=args.rank, alpha=args.alpha or 2.0 * args.rank, dropout=args.dropout,
                       learning_rate=args.lr, steps=args.steps, batch_size=args.batch_size,
-                      target_modules=args.target_modules, seed=args.seed)
+                      target_modules=args.target_modules, seed=args.seed, batching=args.batching)
     export = ExportSpec(precision=args.precision, execution_provider=profile.execution_provider,
                         block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo).normalized()
     out = _output_dir(args.output)

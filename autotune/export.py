@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.errors import CandidateError, UserError
-from autotune.models import BaseModel
+from autotune.models import BaseModel, model_shape
+from autotune.train import free_memory, release_memory
 
 # Bump when a change to this module changes the models it exports: it is part of every export's cache key.
 CODE_VERSION = 1
@@ -92,10 +93,37 @@ def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_re
     )
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     merged.save_pretrained(out_dir, safe_serialization=True)
+    del model, merged
+    release_memory()  # the builder reads the saved copy; this one must not stay resident beside it
     AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
     if (base.path / "generation_config.json").is_file():
         shutil.copy2(base.path / "generation_config.json", out_dir / "generation_config.json")
     return out_dir
+
+
+def export_memory_need(base: BaseModel) -> int:
+    """Bytes the merge and the builder hold at their peak: the runtime plus the fp32 model once.
+
+    Both read the full-precision model (QLoRA adapters too are merged into the fp32 base); the
+    builder quantizes it layer by layer, so its output adds about a quarter on top.
+    """
+    from autotune.train import RUNTIME_BYTES
+
+    return int(RUNTIME_BYTES + model_shape(base).parameters * 4 * 1.25)
+
+
+def check_export_memory(base: BaseModel, headroom: float) -> None:
+    """Refuse a model whose merge and export cannot fit in free RAM, before any work starts.
+
+    Raises:
+        CandidateError: with the memory needed and free (exit code 2 from the CLI).
+    """
+    need, (free, _) = export_memory_need(base), free_memory("cpu")
+    if need > free * headroom:
+        raise CandidateError(
+            f"not enough free RAM to merge and export {base.name}: about {need / 2**30:.1f} GiB needed, "
+            f"{free / 2**30:.1f} GiB free ({headroom:.0%} usable); close other programs or choose a smaller --model"
+        )
 
 
 def _checkpoint_bytes_per_param(base: BaseModel) -> float:

@@ -221,3 +221,41 @@ def _describe(name: str, path: Path, trust_remote_code: bool) -> BaseModel:
         size += stat.st_size
         digest.update(f"{weight.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return BaseModel(name=name, path=path, architecture=architecture, fingerprint=digest.hexdigest()[:16], size_bytes=size)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide a model's memory: read from ``config.json``, no weights loaded."""
+
+    parameters: int
+    embedding_parameters: int  # input embeddings plus an untied output head
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+
+def model_shape(base: BaseModel) -> ModelShape:
+    """Parameter count and widths of ``base`` from its config (decoder-only transformer layout).
+
+    Falls back to the weights' size on disk (fp32 assumed) for configs without the usual fields.
+    """
+    try:
+        config = json.loads((base.path / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    config = {**config.get("text_config", {}), **config}
+    hidden = config.get("hidden_size") or config.get("n_embd") or 0
+    layers = config.get("num_hidden_layers") or config.get("n_layer") or 0
+    vocab = config.get("vocab_size") or 0
+    if not (hidden and layers and vocab):
+        params = base.size_bytes // 4
+        return ModelShape(params, 0, 0, 0, 0, 0)
+    intermediate = config.get("intermediate_size") or 4 * hidden
+    heads = config.get("num_attention_heads") or 1
+    head_dim = config.get("head_dim") or hidden // heads
+    kv = (config.get("num_key_value_heads") or heads) * head_dim
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv
+    mlp = 3 * hidden * intermediate  # gated MLP (Llama, Qwen, Phi-3, Mistral, Gemma)
+    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", False) else 2)
+    return ModelShape(layers * (attention + mlp) + embeddings, embeddings, hidden, intermediate, layers, vocab)

@@ -1,0 +1,148 @@
+"""Training internals on the tiny random Llama: packed batches, checkpointing, constants, memory checks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from autotune.candidate import Workspace
+from autotune.data import DataConfig, load_splits
+from autotune.errors import CandidateError
+from autotune.models import BaseModel, model_shape, resolve_model
+from autotune.train import (TrainSpec, _packed_loss, _padded_loss, _peft_model, check_memory, encode_example,
+                            load_tokenizer, memory_need, train_adapter)
+from conftest import LABELS, write_jsonl
+
+# Phi-3-mini-4k-instruct's config.json (3.8B parameters): sizes only, no weights.
+PHI3_MINI = {"architectures": ["Phi3ForCausalLM"], "hidden_size": 3072, "intermediate_size": 8192,
+             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
+             "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return resolve_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    rows = [{"text": f"example {'long ' * (i % 5)}number {i} about {label.lower()}", "label": label}
+            for i in range(10) for label in LABELS]
+    return load_splits(DataConfig(path=str(write_jsonl(tmp_path_factory.mktemp("data") / "d.jsonl", rows))))
+
+
+def _fake_free(monkeypatch, free_bytes: int) -> None:
+    import autotune.export
+    import autotune.train
+
+    for module in (autotune.train, autotune.export):
+        monkeypatch.setattr(module, "free_memory", lambda device: (free_bytes, "RAM"))
+
+
+def test_packed_batch_gives_the_padded_loss_and_gradients(base, splits):
+    import torch
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(base)
+    batch = [encode_example(e, tokenizer, False) for e in splits.train[:6]]
+    assert len({len(ids) for ids, _ in batch}) > 1  # padding would really be needed
+    model = _peft_model(base, TrainSpec(rank=4, alpha=8.0, dropout=0.0), "cpu", "float32", False, False)
+    for lora_b in (p for n, p in model.named_parameters() if "lora_B" in n):
+        torch.nn.init.normal_(lora_b, std=0.02)  # non-zero, so the LoRA A gradients are non-zero too
+    grads = []
+    for loss_fn in (lambda: _packed_loss(model, batch, "cpu"), lambda: _padded_loss(model, batch, tokenizer.pad_token_id, "cpu")):
+        model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (packed, g_packed), (padded, g_padded) = grads
+    assert packed == pytest.approx(padded, rel=1e-5)
+    # ... and both equal transformers' own loss over full logits, the loop before the head was cut to the answers.
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch])
+    labels = torch.tensor([t + [-100] * (width - len(t)) for _, t in batch])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() == pytest.approx(padded, rel=1e-5)
+    for a, b in zip(g_packed, g_padded):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(base, splits, tmp_path):
+    spec = TrainSpec(rank=4, alpha=8.0, steps=3, batch_size=4, learning_rate=1e-3)
+    plain = train_adapter(base, splits, spec, tmp_path / "plain", threads=1, checkpointing=False)
+    recomputed = train_adapter(base, splits, spec, tmp_path / "ckpt", threads=1, checkpointing=True)
+    assert recomputed.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert json.loads((tmp_path / "ckpt" / "train_log.json").read_text())["checkpointing"] is True
+
+
+def test_packed_batching_trains(base, splits, tmp_path):
+    spec = TrainSpec(rank=4, alpha=8.0, steps=2, batch_size=4, batching="packed")
+    assert len(train_adapter(base, splits, spec, tmp_path, threads=1).losses) == 2
+
+
+@pytest.mark.parametrize("change", [
+    {"optimizer": "sgd"}, {"weight_decay": 0.01}, {"max_grad_norm": 0.5}, {"lr_schedule": "linear"},
+    {"min_lr_ratio": 0.0}, {"warmup_fraction": 0.2}, {"batching": "packed"}, {"gradient_checkpointing": "on"},
+])
+def test_changing_a_training_constant_misses_the_adapter_cache(base, splits, tmp_path, change):
+    ws = Workspace(root=tmp_path, base=base, splits=splits)
+    spec = TrainSpec()
+    assert ws.train_key(replace(spec, **change)) != ws.train_key(spec)
+    assert ws.train_key(TrainSpec()) == ws.train_key(spec)
+
+
+def test_lr_schedules():
+    cosine = TrainSpec(steps=100, warmup_fraction=0.1)
+    assert cosine.lr_factor(0) == pytest.approx(0.1) and cosine.lr_factor(9) == pytest.approx(1.0)
+    assert cosine.lr_factor(10) == pytest.approx(1.0) and cosine.lr_factor(100) == pytest.approx(0.1)
+    assert replace(cosine, lr_schedule="constant").lr_factor(60) == 1.0
+    assert replace(cosine, lr_schedule="linear", min_lr_ratio=0.0).lr_factor(55) == pytest.approx(0.5)
+
+
+def test_model_shape_counts_parameters_from_the_config(base, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32).parameters())
+    assert model_shape(base).parameters == pytest.approx(real, rel=0.01)  # norms are left out
+    (tmp_path / "config.json").write_text(json.dumps(PHI3_MINI))
+    phi3 = BaseModel("phi3-mini", tmp_path, "Phi3ForCausalLM", "x", 0)
+    assert model_shape(phi3).parameters == pytest.approx(3.82e9, rel=0.01)
+
+
+def test_memory_check_turns_on_checkpointing_only_when_short(base, monkeypatch):
+    spec = TrainSpec()
+    plain = memory_need(base, spec, "float32", 4096, checkpointing=False)
+    lean = memory_need(base, spec, "float32", 4096, checkpointing=True)
+    assert lean < plain
+    _fake_free(monkeypatch, 10 * plain)
+    assert check_memory(base, spec, "cpu", "float32", 1.0, 4096) is False
+    _fake_free(monkeypatch, (plain + lean) // 2)
+    assert check_memory(base, spec, "cpu", "float32", 1.0, 4096) is True
+    with pytest.raises(CandidateError):
+        check_memory(base, replace(spec, gradient_checkpointing="off"), "cpu", "float32", 1.0, 4096)
+    _fake_free(monkeypatch, lean // 2)
+    with pytest.raises(CandidateError, match=r"GiB needed, .* GiB free"):
+        check_memory(base, spec, "cpu", "float32", 1.0, 4096)
+
+
+def test_a_model_too_large_is_refused_before_any_work(tmp_path, monkeypatch, capsys, small_dataset):
+    from safetensors.torch import save_file
+
+    from autotune import cli
+
+    folder = tmp_path / "phi3-mini"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(PHI3_MINI))
+    save_file({}, str(folder / "model.safetensors"))  # a stand-in: no weight is read before the refusal
+    _fake_free(monkeypatch, 16 * 2**30)
+    code = cli.main(["candidate", "--model", str(folder), "--data", str(small_dataset), "--target", "cpu",
+                     "--threads", "1", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "GiB needed" in err and "16.0 GiB free" in err, err
+    assert not (tmp_path / "out" / "cache" / "adapters").exists()
