@@ -29,6 +29,7 @@ def _quiet_libraries() -> None:
     # The libraries' own progress bars and deprecation chatter would drown our view.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. transformers' GGUF conversion uses plain tqdm
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
     import logging
