@@ -288,12 +288,6 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def default_space_path() -> Path:
-    from autotune.hardware import default_profiles_dir
-
-    return default_profiles_dir().parent / "search_spaces" / "default.yaml"
-
-
 # Flags about this process and machine. Every other flag of the search is the study's: recorded when
 # the study is created, and taken from it by a worker or `select` (a worker's own --trials overrides).
 LOCAL_FLAGS = ("storage", "study", "output", "artifacts", "threads", "per_profile")
@@ -329,7 +323,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
     from autotune import report
     from autotune.hardware import qlora_enabled
     from autotune.search import SearchSettings, hardware_identity, open_study
-    from autotune.space import SearchSpace
+    from autotune.space import SearchSpace, default_space_path
 
     # A worker samples with its own seed: with the study's, all workers would propose the same
     # candidates at the same moments, and all but one of those trials would be duplicates.

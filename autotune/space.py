@@ -216,6 +216,13 @@ class SearchSpace:
         return total * exports
 
 
+def default_space_path() -> Path:
+    """The shipped default space: ``search_spaces/default.yaml`` beside the shipped hardware profiles."""
+    from autotune.profiles import default_profiles_dir
+
+    return default_profiles_dir().parent / "search_spaces" / "default.yaml"
+
+
 def _sampled(param: Param) -> bool:
     return isinstance(param, Range) and param.low != param.high or isinstance(param, Choice) and len(param.values) > 1
 
