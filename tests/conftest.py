@@ -116,3 +116,19 @@ def tiny_search(tmp_path_factory, tiny_model_dir, tiny_dataset, tiny_space) -> P
                    "--trials", "6", "--max-latency", "1000", "--threads", "1", "-o", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def base(tiny_model_dir):
+    """The tiny model as a resolved :class:`autotune.models.BaseModel`."""
+    from autotune.models import resolve_model
+
+    return resolve_model(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def splits(tiny_dataset):
+    """The tiny dataset (10 examples per label), split the usual way."""
+    from autotune.data import DataConfig, load_splits
+
+    return load_splits(DataConfig(path=str(tiny_dataset)))

@@ -12,11 +12,8 @@ import pytest
 
 from autotune import cache, export, train
 from autotune.candidate import CandidateSpec, Workspace, run_candidate
-from autotune.data import DataConfig, load_splits
 from autotune.export import ExportSpec
-from autotune.models import resolve_model
 from autotune.train import TrainSpec
-from conftest import LABELS, write_jsonl
 
 SPEC = CandidateSpec(train=TrainSpec(rank=4, alpha=8.0, steps=2, batch_size=4, learning_rate=1e-3),
                      export=ExportSpec(precision="int4"))
@@ -27,18 +24,6 @@ def fake_versions(monkeypatch: pytest.MonkeyPatch, **changed: str) -> None:
     real = cache.library_version
     changed = {name.replace("_", "-"): version for name, version in changed.items()}
     monkeypatch.setattr(cache, "library_version", lambda name: changed.get(name) or real(name))
-
-
-@pytest.fixture(scope="module")
-def base(tiny_model_dir):
-    return resolve_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    rows = [{"text": f"example number {i} about {label.lower()} things", "label": label}
-            for i in range(10) for label in LABELS]
-    return load_splits(DataConfig(path=str(write_jsonl(tmp_path_factory.mktemp("data") / "d.jsonl", rows))))
 
 
 def workspace(root, base, splits) -> Workspace:

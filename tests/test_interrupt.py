@@ -162,6 +162,26 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
+def ctrl_c_when(proc: subprocess.Popen, waits: list[tuple[Callable[[], bool], str]], logs: Path) -> str:
+    """Wait for each condition in turn, then Ctrl-C the run's process group.
+
+    Asserts that it stopped cleanly (exit 130, no traceback) and returns its stderr.
+    """
+    try:
+        for condition, what in waits:
+            wait_for(proc, condition, 300, what, logs)
+        stop_group(proc, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc, signal.SIGKILL)
+            proc.wait()
+    stderr = (logs / "stderr.txt").read_text()
+    assert "Traceback" not in stderr, _tail(logs)
+    assert proc.returncode == 130, _tail(logs)
+    return stderr
+
+
 def _tail(logs: Path, n: int = 3000) -> str:
     parts = []
     for name in ("stdout.txt", "stderr.txt"):
@@ -296,21 +316,13 @@ def test_ctrl_c_keeps_finished_work_and_resumes(tmp_path: Path, tiny_model_dir, 
     command = search_command(tiny_model_dir, tiny_dataset, slow_space, out)
     logs = tmp_path / "first"
     proc = start(command, logs)
-    try:
-        wait_for(proc, lambda: complete_count(out) >= 1, 300, "the first trial finished", logs)
+    stderr = ctrl_c_when(proc, [
+        (lambda: complete_count(out) >= 1, "the first trial finished"),
         # A trial's export, with trials still to come: selection exports too (the zero-shot base), and
         # a signal that lands there is the next test's case, not this one's.
-        wait_for(proc, lambda: _exporting(out, proc) and complete_count(out) <= TRIALS - 2, 300,
-                 "a trial's export after a finished trial", logs)
-        stop_group(proc, signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            stop_group(proc, signal.SIGKILL)
-            proc.wait()
-    stderr = (logs / "stderr.txt").read_text()
-    assert "Traceback" not in stderr, _tail(logs)
-    assert proc.returncode == 130, _tail(logs)
+        (lambda: _exporting(out, proc) and complete_count(out) <= TRIALS - 2,
+         "a trial's export after a finished trial"),
+    ], logs)
     line = last_line(stderr)
     assert line.startswith("interrupted:") and "kept" in line and "rerun" in line, line
     assert not partials(out), f"Ctrl-C left partial artifacts: {partials(out)}"
@@ -348,19 +360,9 @@ def test_ctrl_c_during_selection_stops_and_resumes(point: str, tmp_path: Path, t
     logs = tmp_path / "first"
     proc = start(command, logs)
     condition = SELECTION_POINTS[point]
-    try:
-        # Every trial is COMPLETE before selection starts, so what runs after that is selection.
-        wait_for(proc, lambda: complete_count(out) >= trials and condition(out, proc), 300,
-                 f"selection's {point}", logs)
-        stop_group(proc, signal.SIGINT)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            stop_group(proc, signal.SIGKILL)
-            proc.wait()
-    stderr = (logs / "stderr.txt").read_text()
-    assert "Traceback" not in stderr, _tail(logs)
-    assert proc.returncode == 130, _tail(logs)
+    # Every trial is COMPLETE before selection starts, so what runs after that is selection.
+    stderr = ctrl_c_when(proc, [(lambda: complete_count(out) >= trials and condition(out, proc),
+                                 f"selection's {point}")], logs)
     assert last_line(stderr).startswith("interrupted:"), _tail(logs)
     assert not (out / "best").exists(), "the run went on after Ctrl-C and wrote best/"
     assert not partials(out), f"Ctrl-C left partial artifacts: {partials(out)}"

@@ -18,7 +18,6 @@ from autotune.errors import UserError
 from autotune.export import ExportSpec, export_model, merge_adapter
 from autotune.measure import (LatencySettings, Measurement, measure, normalize_answer, parity_check, score,
                               wilson_interval)
-from autotune.models import resolve_model
 from autotune.train import TrainSpec, load_base_for_training, read_train_log, train_adapter
 from conftest import LABELS, write_jsonl
 
@@ -28,19 +27,6 @@ SHORT = TrainSpec(rank=4, alpha=8.0, steps=6, batch_size=4, learning_rate=1e-3)
 
 
 # --------------------------------------------------------------------------- shared artifacts
-
-
-@pytest.fixture(scope="module")
-def base(tiny_model_dir):
-    return resolve_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    rows = [{"text": f"example number {i} about {label.lower()} things", "label": label}
-            for i in range(10) for label in LABELS]
-    path = write_jsonl(tmp_path_factory.mktemp("data") / "small.jsonl", rows)
-    return load_splits(DataConfig(path=str(path)))
 
 
 @pytest.fixture(scope="module")

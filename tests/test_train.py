@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from autotune.candidate import Workspace
 from autotune.data import DataConfig, load_splits
 from autotune.errors import CandidateError
-from autotune.models import BaseModel, model_shape, resolve_model
+from autotune.models import BaseModel, model_shape
 from autotune.train import (TrainSpec, _packed_loss, _padded_loss, _peft_model, check_memory, encode_example,
                             load_tokenizer, memory_need, train_adapter)
 from conftest import LABELS, write_jsonl
@@ -20,11 +19,6 @@ from conftest import LABELS, write_jsonl
 PHI3_MINI = {"architectures": ["Phi3ForCausalLM"], "hidden_size": 3072, "intermediate_size": 8192,
              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-
-
-@pytest.fixture(scope="module")
-def base(tiny_model_dir):
-    return resolve_model(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")
