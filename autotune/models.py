@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.errors import UserError
-from autotune.cache import atomic_dir, cache_root
+from autotune.cache import atomic_dir, cache_root, content_key, library_version
 
 DEFAULT_MODEL = "smollm2"
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -131,9 +131,7 @@ def _convert_gguf(gguf: Path, slug: str) -> Path:
     transformers' GGUF reader has changed between releases, so a conversion made by
     another one is made again, never reused.
     """
-    import transformers
-
-    version = hashlib.sha256(f"{GGUF_CONVERSION_VERSION}:{transformers.__version__}".encode()).hexdigest()[:8]
+    version = content_key(GGUF_CONVERSION_VERSION, library_version("transformers"))[:8]
     target = cache_root() / "models" / f"{slug}-{_file_identity(gguf)}-{version}"
     if (target / "config.json").is_file():
         return target
