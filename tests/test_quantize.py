@@ -1,0 +1,394 @@
+"""int4 grids: quantize_rtn is bit-exact to the builder's int4 export, and write_prequantized ships our int4.
+
+Every comparison is exact (zero mismatches), on a tiny random Llama at hidden 128 whose weights are
+rigged with rounding ties, near-ties and corner blocks (all zero, |max| == |min|, one-signed), for
+block sizes 16/32/64, symmetric and asymmetric.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autotune.errors import UserError
+from autotune.quantize import Int4Grid, QuantizedWeight, fake_quantize, quantize_rtn, write_prequantized
+from conftest import build_tiny_model
+
+GRIDS = [Int4Grid(block, symmetric) for block in (16, 32, 64) for symmetric in (True, False)]
+GRID_IDS = [f"b{g.block_size}-{'sym' if g.symmetric else 'asym'}" for g in GRIDS]
+LINEARS = [f"model.layers.{i}.{part}" for i in range(2) for part in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+TABLE = "model.embed_tokens"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The machine's other core is busy; torch here and onnxruntime below run on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny128(tmp_path_factory) -> Path:
+    """The conftest tiny Llama at hidden 128 (intermediate 256): several blocks per row at every block size."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama-128"), hidden=128)
+
+
+def _rigged(weight: torch.Tensor, grid: Int4Grid, seed: int) -> torch.Tensor:
+    """``weight`` with a quarter of each block on rounding ties of ``grid``, a quarter one ulp above, a quarter
+    one ulp below, and corner blocks in the first 19 rows: all zero, |max| == |min|, all positive, all
+    negative, and asymmetric zero points that land on k + 0.5."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = weight.detach().clone().float().reshape(weight.shape[0], -1, grid.block_size)
+    blocks[0] = 0.0
+    blocks[1, :, 0], blocks[1, :, 1] = 0.25, -0.25
+    blocks[2], blocks[3] = blocks[2].abs(), -blocks[3].abs()
+    for k in range(15):
+        lo, hi = -(2 * k + 1) * 2.0**-8, (29 - 2 * k) * 2.0**-8  # scale 2^-7, zero point exactly k + 0.5
+        blocks[4 + k].clamp_(lo, hi)
+        blocks[4 + k, :, 0], blocks[4 + k, :, 1] = lo, hi
+    grid_now = quantize_rtn(blocks.reshape(weight.shape), grid)
+    scale = grid_now.scales.unsqueeze(-1)
+    zero = grid_now.zero_points.float().unsqueeze(-1)
+    step = torch.randint(0, 15, blocks.shape, generator=gen).float()
+    tie = (step + 0.5 - zero) * scale
+    kind = torch.randint(0, 4, blocks.shape, generator=gen)
+    moved = torch.where(kind == 0, tie, torch.where(kind == 1, torch.nextafter(tie, tie + 1), torch.nextafter(tie, tie - 1)))
+    hi, lo = blocks.amax(-1, keepdim=True), blocks.amin(-1, keepdim=True)
+    # Keep each block's extremes (they set its scale and zero point) and the corner rows as they are.
+    keep = (kind == 3) | (blocks == hi) | (blocks == lo) | (moved > hi) | (moved < lo)
+    keep[:19] = True
+    return torch.where(keep, blocks, moved).reshape(weight.shape)
+
+
+def _copy_with_weights(src: Path, dst: Path, replace) -> Path:
+    """``src``'s checkpoint with every Linear weight and the embedding table passed through ``replace``."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    tensors = load_file(src / "model.safetensors")
+    tensors = {name: replace(name.removesuffix(".weight"), t) if t.dim() == 2 else t for name, t in tensors.items()}
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    for extra in src.iterdir():
+        if extra.name != "model.safetensors":
+            shutil.copy2(extra, dst / extra.name)
+    return dst
+
+
+def _export(src: Path, out: Path, grid: Int4Grid, accuracy_level: int = 4) -> Path:
+    """The builder's int4 CPU export of ``src``, in-process as autotune.export runs it."""
+    from onnxruntime_genai.models import builder
+
+    options = [*grid.builder_options(), f"accuracy_level={accuracy_level}", "hf_remote=false"]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        extra = builder.parse_extra_options("", str(src), str(out), "int4", "cpu", str(out / "cache"), options)
+        builder.create_model("", str(src), str(out), "int4", "cpu", str(out / "cache"), **extra)
+    return out
+
+
+def _unpack(packed: np.ndarray, rows: int) -> torch.Tensor:
+    data = torch.from_numpy(packed.copy()).reshape(rows, -1)
+    return torch.stack([data & 0xF, data >> 4], -1).reshape(rows, -1)  # low nibble first
+
+
+def _shipped(model_dir: Path, hf_config: dict) -> tuple[dict[str, QuantizedWeight], dict]:
+    """The int4 weight of every MatMulNBits in the export, keyed by HF Linear name (fused q/k/v split back)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_dir / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    head = hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    q_rows, kv_rows = hf_config["num_attention_heads"] * head, hf_config["num_key_value_heads"] * head
+    shipped = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        n, k, blocks = attrs["N"], attrs["K"], attrs["K"] // attrs["block_size"]
+        scales = torch.from_numpy(inits[node.input[2]].copy()).reshape(n, blocks)
+        zeros = (_unpack(inits[node.input[3]], n)[:, :blocks] if len(node.input) > 3
+                 else torch.full((n, blocks), 8, dtype=torch.uint8))  # MatMulNBits' default zero point
+        qw = QuantizedWeight(_unpack(inits[node.input[1]], n)[:, :k], scales, zeros)
+        parts = node.name.strip("/").split("/")  # e.g. model/layers.0/attn/qkv_proj/MatMul_Q4, lm_head/MatMulNBits
+        if parts[0] == "lm_head":
+            shipped["lm_head"] = qw
+        elif parts[3] == "qkv_proj":
+            for proj, rows in zip("qkv", (slice(0, q_rows), slice(q_rows, q_rows + kv_rows), slice(q_rows + kv_rows, None))):
+                shipped[f"model.{parts[1]}.self_attn.{proj}_proj"] = QuantizedWeight(qw.q[rows], qw.scales[rows], qw.zero_points[rows])
+        else:
+            shipped[f"model.{parts[1]}.{'self_attn' if parts[2] == 'attn' else 'mlp'}.{parts[3]}"] = qw
+    return shipped, {"model": model, "inits": inits}
+
+
+def _embedding_rows(graph: dict, ids: list[int]) -> torch.Tensor:
+    """Run the export's GatherBlockQuantized alone on its own initializers: the embedding rows it ships."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    nodes = {out: node for node in graph["model"].graph.node for out in node.output}
+    gather = next(n for n in graph["model"].graph.node if n.op_type == "GatherBlockQuantized")
+    data = graph["inits"][nodes[gather.input[0]].input[0]]  # the Reshape of the lm_head's packed weight
+    vocab = graph["inits"][gather.input[2]].shape[0]
+    feeds = {"data": data.reshape(vocab, -1), "ids": np.array([ids], dtype=np.int64)}
+    names = ["data", "ids"]
+    for name, init in zip(("scales", "zeros"), gather.input[2:]):
+        feeds[name] = graph["inits"][init]
+        names.append(name)
+    kinds = {np.dtype("uint8"): TensorProto.UINT8, np.dtype("int64"): TensorProto.INT64, np.dtype("float32"): TensorProto.FLOAT}
+    node = helper.make_node("GatherBlockQuantized", names, ["rows"], domain="com.microsoft",
+                            **{a.name: helper.get_attribute_value(a) for a in gather.attribute})
+    model = helper.make_model(
+        helper.make_graph([node], "embedding", [helper.make_tensor_value_info(k, kinds[v.dtype], v.shape) for k, v in feeds.items()],
+                          [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)]),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, feeds)[0][0])
+
+
+def _assert_same(name: str, shipped: QuantizedWeight, expected: QuantizedWeight) -> None:
+    mismatches = {
+        "dequantized": int((shipped.dequantize() != expected.dequantize()).sum()),
+        "q": int((shipped.q != expected.q).sum()),
+        "scales": int((shipped.scales != expected.scales).sum()),
+        "zero_points": int((shipped.zero_points != expected.zero_points).sum()),
+    }
+    assert not any(mismatches.values()), f"{name}: {mismatches}"
+
+
+def _hf_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text())
+
+
+# --- quantize_rtn against the quantizer itself: fast, no export --------------------------------------
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+def test_quantize_rtn_matches_the_mlas_quantizer(grid):
+    """The C++ quantizer the builder calls (onnxruntime's quantize_matmul_4bits), on rigged weights."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    weight = _rigged(torch.randn(256, 256, generator=torch.Generator().manual_seed(1)) * 0.02, grid, seed=2)
+    rows, cols = weight.shape
+    blocks = cols // grid.block_size
+    packed = np.zeros((rows, blocks, grid.block_size // 2), np.uint8)
+    scales = np.zeros((rows, blocks), np.float32)
+    zeros = np.zeros((rows, (blocks + 1) // 2), np.uint8)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(weight.T.numpy()), scales, zeros, grid.block_size, rows, cols, grid.symmetric)
+    mlas = QuantizedWeight(_unpack(packed, rows), torch.from_numpy(scales),
+                           _unpack(zeros, rows)[:, :blocks] if not grid.symmetric else torch.full((rows, blocks), 8, dtype=torch.uint8))
+    ours = quantize_rtn(weight, grid)
+    _assert_same("rigged", mlas, ours)
+    # The rigging has teeth: dividing by the scale instead of multiplying by its reciprocal, or
+    # rounding ties to even, each move thousands of these weights by a step.
+    # (Rows from 19 on: the corner rows above hold blocks with scale 0.)
+    body = weight[19:].reshape(rows - 19, blocks, -1)
+    scale, zero = ours.scales[19:].unsqueeze(-1), ours.zero_points[19:].unsqueeze(-1)
+    by_division = torch.floor(body / scale + zero + 0.5).clamp(0, 15).reshape(rows - 19, cols)
+    assert int((by_division != mlas.q[19:]).sum()) > 100
+    to_even = torch.round(body * (1 / scale) + zero).clamp(0, 15).reshape(rows - 19, cols)
+    assert int((to_even != mlas.q[19:]).sum()) > 100
+
+
+def test_quantize_rtn_corner_blocks():
+    weight = torch.zeros(2, 32)
+    weight[1, :3] = torch.tensor([0.5, -0.5, 0.1])
+    sym = quantize_rtn(weight, Int4Grid(16, True))
+    assert sym.q[0].tolist() == [8] * 32 and sym.zero_points.unique().tolist() == [8]
+    assert sym.scales[1, 0].item() == 0.0625  # |max| == |min|: the min sets the scale (-0.5 / -8)
+    assert sym.dequantize()[1, :2].tolist() == [0.4375, -0.5]  # so +0.5 clips to step 7
+    asym = quantize_rtn(weight.abs(), Int4Grid(16, False))
+    assert asym.zero_points[:, 0].tolist() == [0, 0] and asym.q[0].unique().tolist() == [0]
+    assert torch.equal(asym.dequantize()[1, :2], torch.tensor([0.5, 0.5]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_quantize_forward_is_the_grid_and_gradient_is_identity(dtype):
+    grid = Int4Grid(32, False)
+    weight = (torch.randn(64, 128, generator=torch.Generator().manual_seed(0)) * 0.05).to(dtype).requires_grad_()
+    out = fake_quantize(weight, grid)
+    assert out.dtype == dtype
+    assert torch.equal(out.detach(), quantize_rtn(weight.detach(), grid).dequantize().to(dtype))
+    assert not torch.equal(out.detach(), weight.detach())
+    upstream = torch.randn(64, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out.backward(upstream)
+    assert torch.equal(weight.grad, upstream)
+
+
+# --- the builder's plain int4 export ----------------------------------------------------------------
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+def test_plain_export_ships_quantize_rtn(grid, tiny128, tmp_path):
+    rigged = _copy_with_weights(tiny128, tmp_path / "rigged", lambda name, w: _rigged(w, grid, seed=len(name)))
+    out = _export(rigged, tmp_path / "onnx", grid)
+    shipped, graph = _shipped(out, _hf_config(rigged))
+    from safetensors.torch import load_file
+
+    fp32 = load_file(rigged / "model.safetensors")
+    assert sorted(shipped) == sorted([*LINEARS, "lm_head"])
+    for name in LINEARS:
+        _assert_same(name, shipped[name], quantize_rtn(fp32[f"{name}.weight"], grid))
+    table = quantize_rtn(fp32[f"{TABLE}.weight"], grid)
+    _assert_same("lm_head", shipped["lm_head"], table)
+    if grid.symmetric:
+        # The tied embedding reads the lm_head's int4 through GatherBlockQuantized. (The asymmetric
+        # plain export of 0.18 wires it to the fp32 table instead, and the model does not load.)
+        ids = [0, 1, 2, 3, 4, 20, 1000, 49151]
+        assert torch.equal(_embedding_rows(graph, ids), table.dequantize()[ids])
+
+
+# --- pre-quantized checkpoints ----------------------------------------------------------------------
+
+def _chosen(shape: tuple[int, int], grid: Int4Grid, seed: int) -> QuantizedWeight:
+    """int4 weights no RTN would produce: random steps, signed scales, random zero points."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, blocks = shape[0], shape[1] // grid.block_size
+    zeros = (torch.full((rows, blocks), 8, dtype=torch.uint8) if grid.symmetric
+             else torch.randint(0, 16, (rows, blocks), generator=gen, dtype=torch.uint8))
+    return QuantizedWeight(torch.randint(0, 16, shape, generator=gen, dtype=torch.uint8),
+                           torch.randn(rows, blocks, generator=gen) * 0.01, zeros)
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRID_IDS)
+def test_prequantized_export_ships_our_weights(grid, tiny128, tmp_path):
+    from safetensors.torch import load_file
+
+    fp32 = load_file(tiny128 / "model.safetensors")
+    left_out = "model.layers.1.mlp.down_proj"  # the writer rounds it with quantize_rtn, as the plain export would
+    weights = {name: _chosen(tuple(fp32[f"{name}.weight"].shape), grid, seed=i)
+               for i, name in enumerate([*LINEARS, TABLE]) if name != left_out}
+    if grid.block_size == 32:
+        weights["lm_head"] = weights.pop(TABLE)  # the tied table under its other name
+    table = weights.get(TABLE, weights.get("lm_head"))
+    folder = write_prequantized(tiny128, tmp_path / "prequantized", weights, grid)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == "quant_auto"
+    assert (folder / "tokenizer.json").is_file() and (folder / "generation_config.json").is_file()
+
+    out = _export(folder, tmp_path / "onnx", Int4Grid(128, not grid.symmetric))  # the export's own grid must not matter
+    shipped, graph = _shipped(out, _hf_config(tiny128))
+    assert sorted(shipped) == sorted([*LINEARS, "lm_head"])
+    for name in LINEARS:
+        expected = quantize_rtn(fp32[f"{name}.weight"], grid) if name == left_out else weights[name]
+        _assert_same(name, shipped[name], expected)
+    _assert_same("lm_head", shipped["lm_head"], table)
+    nodes = [n for n in graph["model"].graph.node if n.op_type == "MatMulNBits"]
+    assert {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"} == {4}
+    assert all(graph["inits"][n.input[2]].dtype == np.float32 for n in nodes)  # scales stay fp32 on CPU
+    ids = [0, 1, 2, 3, 4, 20, 1000, 49151]
+    assert torch.equal(_embedding_rows(graph, ids), table.dequantize()[ids])
+
+
+def _torch_greedy(folder: Path, weights: dict[str, QuantizedWeight], prompt: list[int], new_tokens: int):
+    """Greedy tokens and first-step logits of the fp32 model with every int4 weight dequantized in."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, qw in weights.items():
+            params[f"{name}.weight"].copy_(qw.dequantize())
+        ids = torch.tensor([prompt])
+        first = None
+        for _ in range(new_tokens):
+            logits = model(ids).logits[0, -1]
+            first = logits if first is None else first
+            ids = torch.cat([ids, logits.argmax().view(1, 1)], 1)
+    return ids[0].tolist(), first
+
+
+def _genai_greedy(folder: Path, prompt: list[int], new_tokens: int):
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([prompt])
+    first = torch.from_numpy(np.array(generator.get_output("logits")))
+    first = first.reshape(-1, first.shape[-1])[-1]  # the prompt's last position
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)], first
+
+
+@pytest.mark.parametrize("grid", [Int4Grid(32, False), Int4Grid(64, True)], ids=["b32-asym", "b64-sym"])
+def test_prequantized_export_generates_like_torch(grid, tiny128, tmp_path):
+    from safetensors.torch import load_file
+
+    fp32 = load_file(tiny128 / "model.safetensors")
+    # Our int4: the RTN of moved weights, so that it is not the builder's own RTN. Linears x8 make the
+    # random model's greedy tokens vary (at x1 it repeats one token).
+    gen = torch.Generator().manual_seed(3)
+    weights = {name: quantize_rtn(fp32[f"{name}.weight"] * (1.0 if name == TABLE else 8.0)
+                                  + 0.002 * torch.randn(fp32[f"{name}.weight"].shape, generator=gen), grid)
+               for name in [*LINEARS, TABLE]}
+    folder = write_prequantized(tiny128, tmp_path / "prequantized", weights, grid)
+    prompt, new = [1, 100, 2000, 300, 7], 10
+    expected, expected_logits = _torch_greedy(tiny128, weights, prompt, new)
+    # accuracy_level 1 computes in fp32: same tokens, logits equal to float rounding.
+    tokens, logits = _genai_greedy(_export(folder, tmp_path / "a1", grid, accuracy_level=1), prompt, new)
+    assert tokens == expected
+    assert torch.allclose(logits, expected_logits, rtol=0, atol=1e-4 * expected_logits.abs().max())
+    # accuracy_level 4 rounds activations to int8 per block: close, not equal.
+    tokens4, logits4 = _genai_greedy(_export(folder, tmp_path / "a4", grid, accuracy_level=4), prompt, new)
+    # Measured: 2.4-2.7% of the largest logit; greedy tokens the same for 5-10 steps, then they may part.
+    assert torch.allclose(logits4, expected_logits, rtol=0, atol=0.05 * expected_logits.abs().max())
+    assert tokens4[len(prompt)] == expected[len(prompt)]
+
+
+def test_prequantized_untied_model_ships_its_lm_head(tiny128, tmp_path):
+    """An untied checkpoint goes out in the Olive format: our int4 lm_head, an fp32 embedding."""
+    from safetensors.torch import load_file, save_file
+
+    untied = _copy_with_weights(tiny128, tmp_path / "untied", lambda name, w: w)
+    tensors = load_file(untied / "model.safetensors")
+    tensors["lm_head.weight"] = torch.randn(tensors[f"{TABLE}.weight"].shape, generator=torch.Generator().manual_seed(5)) * 0.02
+    save_file(tensors, str(untied / "model.safetensors"), metadata={"format": "pt"})
+    config = _hf_config(untied)
+    (untied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+
+    grid = Int4Grid(32, False)
+    weights = {"lm_head": _chosen(tuple(tensors["lm_head.weight"].shape), grid, seed=9),
+               LINEARS[0]: _chosen(tuple(tensors[f"{LINEARS[0]}.weight"].shape), grid, seed=10)}
+    folder = write_prequantized(untied, tmp_path / "prequantized", weights, grid)
+    assert _hf_config(folder)["quantization_config"]["quant_method"] == "olive"
+    shipped, graph = _shipped(_export(folder, tmp_path / "onnx", grid), config)
+    _assert_same("lm_head", shipped["lm_head"], weights["lm_head"])
+    _assert_same(LINEARS[0], shipped[LINEARS[0]], weights[LINEARS[0]])
+    for name in LINEARS[1:]:
+        _assert_same(name, shipped[name], quantize_rtn(tensors[f"{name}.weight"], grid))
+    embedding = graph["inits"]["model.embed_tokens.weight"]
+    assert np.array_equal(embedding, tensors[f"{TABLE}.weight"].numpy())
+
+
+def test_write_prequantized_rejects_what_cannot_ship(tiny128, tmp_path):
+    from safetensors.torch import load_file
+
+    fp32 = load_file(tiny128 / "model.safetensors")
+    shape = tuple(fp32[f"{LINEARS[0]}.weight"].shape)
+    sym, asym = Int4Grid(32, True), Int4Grid(32, False)
+    cases = {
+        "no Linear layer named": ({"model.layers.9.self_attn.q_proj": _chosen(shape, sym, 0)}, sym),
+        "blocks of 16": ({LINEARS[0]: _chosen(shape, Int4Grid(16, True), 0)}, sym),
+        "zero point 8": ({LINEARS[0]: _chosen(shape, asym, 0)}, sym),
+        "the checkpoint's is": ({LINEARS[0]: _chosen((128, 256), sym, 0)}, sym),
+        "give it once": ({TABLE: _chosen((49152, 128), sym, 0), "lm_head": _chosen((49152, 128), sym, 1)}, sym),
+    }
+    for message, (weights, grid) in cases.items():
+        with pytest.raises(UserError, match=message):
+            write_prequantized(tiny128, tmp_path / "out", weights, grid)
+    with pytest.raises(UserError, match="block size must be one of"):
+        Int4Grid(48)
