@@ -33,7 +33,7 @@ from autotune import cache, export, train
 from autotune.cache import atomic_dir, atomic_write_text, content_key, file_lock, sweep_partials
 from autotune.data import Splits, instruction_prompt
 from autotune.errors import CandidateError, UserError, check_interrupted, first_line
-from autotune.export import ExportSpec, check_export_memory, check_free_disk, export_model, merge_adapter
+from autotune.export import ExportSpec, calibrate, check_export_memory, check_free_disk, export_model, merge_adapter
 from autotune.measure import MEASURE_VERSION, LatencySettings, Measurement, measure
 from autotune.models import BaseModel
 from autotune.train import TrainResult, TrainSpec, check_memory, read_train_log, tokens_per_step, train_adapter
@@ -44,6 +44,9 @@ StageCallback = Callable[[str, float, str], None]
 ADAPTER_LIBRARIES = ("torch", "transformers", "peft")  # + bitsandbytes for QLoRA
 EXPORT_LIBRARIES = ("onnxruntime-genai", "onnx", "onnx-ir", "transformers")
 MEASURE_LIBRARIES = ("onnxruntime-genai", "onnxruntime")
+# How an int4 export keeps its accuracy: rtn (the builder rounds the trained weights), int4-aware
+# (the adapter is trained against that rounding), gptq (we choose the int4 weights, calibrated on the task).
+INT4_METHODS = ("rtn", "int4-aware", "gptq")
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,31 @@ class CandidateSpec:
     train: TrainSpec | None
     export: ExportSpec
 
+    def __post_init__(self) -> None:
+        t, e = self.train, self.export
+        if t is not None and t.int4_aware and e.precision == "int4":
+            grid = (e.block_size, e.symmetric, e.algo, e.int8_layers, e.calibration)
+            if grid != (t.int4_block_size, True, "default", "none", "none"):
+                raise UserError(f"an int4-aware adapter exports at int4 on the grid it was trained against (symmetric, "
+                                f"block {t.int4_block_size}, default rounding, no int8 layers, no calibration); "
+                                f"drop the other int4 options")
+
+    @property
+    def int4_method(self) -> str:
+        """One of :data:`INT4_METHODS`: how this candidate's int4 weights were made (an int8 or fp32
+        export of an int4-aware adapter is still ``int4-aware``: its adapter was trained that way)."""
+        if self.train is not None and self.train.int4_aware:
+            return "int4-aware"
+        return "gptq" if self.export.calibration == "gptq" else "rtn"
+
     def describe(self) -> str:
         export = self.export.label()
         if self.train is None:
             return f"zero-shot base {export}"
         t = self.train
         modules = "" if t.target_modules == "all-linear" else f" {t.target_modules}"
-        return f"{t.method} r{t.rank} a{t.alpha:g} lr{t.learning_rate:.0e} {t.steps}st{modules} {export}"
+        aware = f" int4-aware b{t.int4_block_size}" if t.int4_aware else ""
+        return f"{t.method} r{t.rank} a{t.alpha:g} lr{t.learning_rate:.0e} {t.steps}st{modules}{aware} {export}"
 
 
 @dataclass(frozen=True)
@@ -126,6 +147,10 @@ class Workspace:
 
     def builder_log(self, spec: CandidateSpec) -> Path:
         return self.root / "logs" / f"{self.export_key(spec)}.builder.log"
+
+    def calibration_samples(self) -> list[list[int]]:
+        """What a calibrated int4 export is fitted to (:func:`autotune.train.calibration_samples`)."""
+        return train.calibration_samples(self.splits, train.load_tokenizer(self.base, self.trust_remote_code))
 
     def prompts(self, split: str, style: str = "template") -> tuple[list[str], list[str]]:
         """Rendered prompts and true labels of a split, first ``max_eval`` (cached: the tokenizer loads once).
@@ -257,6 +282,13 @@ def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, 
             source = merge_adapter(ws.base, ws.adapter_dir(spec.train), Path(work) / "merged",
                                    trust_remote_code=ws.trust_remote_code)
             seconds["merge"] = time.perf_counter() - start
+        if spec.export.calibration == "gptq":
+            notify("calibrate", 0.0, f"GPTQ on {spec.export.calibration_samples} training examples")
+            start = time.perf_counter()
+            source = calibrate(source, Path(work) / "prequantized", spec.export, ws.calibration_samples(),
+                               trust_remote_code=ws.trust_remote_code,
+                               on_layer=lambda i, n: notify("calibrate", i / n, f"layer {i} of {n}"))
+            seconds["calibrate"] = time.perf_counter() - start
         notify("export", 0.0, f"onnxruntime-genai builder, {spec.export.label()}")
         with atomic_dir(model_dir) as tmp:
             seconds["export"] = export_model(source, tmp, spec.export, work_dir=Path(work) / "builder",

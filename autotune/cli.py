@@ -120,7 +120,12 @@ def _candidate_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", default="int4", choices=["fp32", "fp16", "bf16", "int8", "int4"], help="export precision (default: int4)")
     e.add_argument("--block-size", type=int, default=32, help="int4/int8 block size (default: 32)")
     e.add_argument("--accuracy-level", type=int, default=4, help="int4/int8 MatMul accuracy level: 0 builder default, 1 fp32 .. 4 int8 (default: 4)")
-    e.add_argument("--algo", default="default", choices=["default", "rtn", "k_quant"], help="int4/int8 quantization algorithm (default: default)")
+    e.add_argument("--algo", default="default", choices=["default", "rtn", "k_quant"], help="int4 rounding algorithm (default: default)")
+    e.add_argument("--int4-method", default="rtn", choices=["rtn", "int4-aware", "gptq"], help="rtn: the builder rounds; "
+                   "int4-aware: train against that rounding; gptq: int4 weights calibrated on the training data (default: rtn)")
+    e.add_argument("--asymmetric", action="store_true", help="int4 with a zero point per block (default: symmetric)")
+    e.add_argument("--int8-layers", default="none", choices=["none", "last", "mixed"], help="keep the LM head (last) or "
+                   "also llama.cpp's sensitive layers (mixed) at int8 in an int4 model (default: none)")
     o = p.add_argument_group("output")
     o.add_argument("--split", default="validation", choices=["validation", "test"],
                    help="split to score on (default: validation; test only to report a final choice)")
@@ -248,9 +253,12 @@ def cmd_candidate(args) -> int:
         raise UserError(f"--method qlora: profile {profile.name} cannot run bitsandbytes 4-bit; use --method lora")
     train = TrainSpec(method=args.method, rank=args.rank, alpha=args.alpha or 2.0 * args.rank, dropout=args.dropout,
                       learning_rate=args.lr, steps=args.steps, batch_size=args.batch_size,
-                      target_modules=args.target_modules, seed=args.seed, batching=args.batching)
+                      target_modules=args.target_modules, seed=args.seed, batching=args.batching,
+                      int4_aware=args.int4_method == "int4-aware", int4_block_size=args.block_size)
     export = ExportSpec(precision=args.precision, execution_provider=profile.execution_provider,
-                        block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo).normalized()
+                        block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo,
+                        symmetric=not args.asymmetric, int8_layers=args.int8_layers,
+                        calibration="gptq" if args.int4_method == "gptq" else "none").normalized()
     out = _output_dir(args.output)
     if args.json:  # stdout carries the JSON record only
         console.file = sys.stderr
@@ -322,6 +330,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
 
     from autotune import report
     from autotune.hardware import qlora_enabled
+    from autotune.models import model_shape
     from autotune.search import SearchSettings, hardware_identity, open_study
     from autotune.space import SearchSpace, default_space_path
 
@@ -338,10 +347,12 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
         space_text = space_path.read_text()
     else:
         space = SearchSpace.from_dict(yaml.safe_load(space_text), where="the study's search space")
-    space = space.restrict(profile.precisions, qlora_enabled(profile, info), profile.execution_provider)
     out = _output_dir(args.output)
     artifacts = Path(args.artifacts).expanduser() if getattr(args, "artifacts", None) else out / "cache"
     ws = _workspace(args, out, profile, artifacts)
+    shape = model_shape(ws.base)
+    space = space.restrict(profile.precisions, qlora_enabled(profile, info), profile.execution_provider,
+                           widths=(shape.hidden, shape.intermediate))
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     config = {**study_config(args), "space_text": space_text}
     attrs = {"model": ws.base.name, "data": ws.splits.summary(), "data_fingerprint": ws.splits.fingerprint,

@@ -8,6 +8,7 @@ result is a folder an app loads as is with ``og.Model(folder)``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import time
@@ -16,13 +17,16 @@ from pathlib import Path
 
 from autotune.errors import CandidateError, UserError
 from autotune.models import BaseModel, model_shape
+from autotune.quantize import BLOCK_SIZES
 from autotune.train import free_memory, release_memory
 
 # Bump when a change to this module changes the models it exports: it is part of every export's cache key.
 CODE_VERSION = 1
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
-BLOCK_SIZES = (16, 32, 64, 128, 256)
 INT4_ALGOS = ("default", "rtn", "k_quant")
+# int8_layers -> the builder's matmul_mixed_precision selectors kept at int8 in an int4 model.
+INT8_LAYERS = {"none": "", "last": "last_matmul:int8", "mixed": "last_matmul:int8,mixed_layers:int8"}
+CALIBRATIONS = ("none", "gptq")
 # Bytes per weight on disk, for the free-disk check before an export.
 _BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.1, "int4": 0.6}
 
@@ -31,9 +35,17 @@ _BYTES_PER_PARAM = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.1, "int4": 
 class ExportSpec:
     """The export choices of one candidate.
 
-    ``block_size``, ``accuracy_level`` and ``algo`` apply to the weight-only quantized
-    precisions (int4, int8) only; :meth:`normalized` resets them elsewhere so that equal
-    exports hash equally. ``accuracy_level`` 0 leaves the builder's default for the EP.
+    ``block_size``, ``accuracy_level``, ``algo`` and ``symmetric`` apply to the weight-only
+    quantized precisions (int4, int8) only; ``int8_layers`` and ``calibration`` to int4 only.
+    :meth:`normalized` resets what does not apply, so that equal exports hash equally.
+    ``accuracy_level`` 0 leaves the builder's default for the EP.
+
+    ``int8_layers`` keeps the most rounding-sensitive MatMuls at int8 inside an int4 model:
+    ``last`` the LM head (the tied embedding too), ``mixed`` also llama.cpp's "mixed" set (the
+    first and last eighth of the layers and every third layer's qkv/v/down projections).
+    ``calibration`` ``gptq`` chooses the int4 weights ourselves, by GPTQ on the task's own
+    training prompts (``calibration_samples`` of them, Hessian damping
+    ``calibration_damping``), and hands them to the builder as a pre-quantized checkpoint.
     """
 
     precision: str = "int4"
@@ -41,6 +53,11 @@ class ExportSpec:
     block_size: int = 32
     accuracy_level: int = 4
     algo: str = "default"
+    symmetric: bool = True
+    int8_layers: str = "none"
+    calibration: str = "none"
+    calibration_samples: int = 128
+    calibration_damping: float = 0.01
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -51,30 +68,60 @@ class ExportSpec:
             raise UserError(f"accuracy level must be 0-4, got {self.accuracy_level}")
         if self.algo not in INT4_ALGOS:
             raise UserError(f"unknown quantization algo '{self.algo}' (choose from {', '.join(INT4_ALGOS)})")
+        if self.int8_layers not in INT8_LAYERS:
+            raise UserError(f"unknown int8 layers '{self.int8_layers}' (choose from {', '.join(INT8_LAYERS)})")
+        if self.calibration not in CALIBRATIONS:
+            raise UserError(f"unknown calibration '{self.calibration}' (choose from {', '.join(CALIBRATIONS)})")
+        if self.calibration != "none" and (self.algo != "default" or self.int8_layers != "none"):
+            raise UserError("a calibrated int4 export chooses its own weights: use it with algo default and int8 layers none")
+        if self.calibration_samples < 1 or not 0 < self.calibration_damping < 1:
+            raise UserError("calibration samples must be at least 1 and damping in (0, 1)")
 
     @property
     def quantized(self) -> bool:
         return self.precision in ("int4", "int8")
 
     def normalized(self) -> "ExportSpec":
-        if self.quantized:
-            return self
-        return ExportSpec(self.precision, self.execution_provider, 32, 0, "default")
+        if not self.quantized:
+            return ExportSpec(self.precision, self.execution_provider, 32, 0, "default")
+        if self.precision == "int8":  # the int4 knobs (an asymmetric int8 is not searched either)
+            return dataclasses.replace(self, symmetric=True, int8_layers="none", calibration="none",
+                                       calibration_samples=128, calibration_damping=0.01)
+        if self.calibration == "none":
+            return dataclasses.replace(self, calibration_samples=128, calibration_damping=0.01)
+        return self
 
     def builder_options(self) -> list[str]:
-        """``KEY=VALUE`` extra options for the builder."""
+        """``KEY=VALUE`` extra options for the builder (0.18's names: the old ``int4_*`` ones are ignored)."""
         if not self.quantized:
             return []
         options = [f"block_size={self.block_size}", f"algo_config={self.algo}"]
         if self.accuracy_level:
             options.append(f"accuracy_level={self.accuracy_level}")
+        if not self.symmetric:
+            options.append("is_symmetric=false")
+        if self.int8_layers != "none":
+            options.append(f"matmul_mixed_precision={INT8_LAYERS[self.int8_layers]}")
+        if self.unshared_embeddings:
+            options.append("shared_embeddings=false")
         return options
+
+    @property
+    def unshared_embeddings(self) -> bool:
+        """Builder 0.18 writes broken graphs for a tied embedding shared as asymmetric int4 or beside an
+        int8 LM head with its default/rtn quantizer (k_quant is fine), so those keep the input embedding as
+        its own float table: a working model, bigger on disk (measured, so the search sees it)."""
+        return (self.precision == "int4" and self.algo != "k_quant"
+                and (not self.symmetric or self.int8_layers != "none"))
 
     def label(self) -> str:
         if not self.quantized:
             return self.precision
-        algo = "" if self.algo == "default" else f" {self.algo}"
-        return f"{self.precision} b{self.block_size} a{self.accuracy_level}{algo}"
+        extras = [] if self.algo == "default" else [self.algo]
+        extras += [] if self.symmetric else ["asym"]
+        extras += [] if self.int8_layers == "none" else [f"int8-{self.int8_layers}"]
+        extras += [] if self.calibration == "none" else [self.calibration]
+        return " ".join([f"{self.precision} b{self.block_size} a{self.accuracy_level}", *extras])
 
 
 def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_remote_code: bool = False) -> Path:
@@ -99,6 +146,25 @@ def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_re
     if (base.path / "generation_config.json").is_file():
         shutil.copy2(base.path / "generation_config.json", out_dir / "generation_config.json")
     return out_dir
+
+
+def calibrate(hf_dir: Path, out_dir: Path, spec: ExportSpec, samples: list[list[int]], *,
+              trust_remote_code: bool = False, on_layer=None) -> Path:
+    """Choose the int4 weights of ``hf_dir`` by GPTQ on ``samples`` and write them as a pre-quantized
+    checkpoint in ``out_dir``, which the builder exports unchanged (see :mod:`autotune.quantize`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autotune.quantize import Int4Grid, gptq_quantize, write_prequantized
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    model.eval()
+    grid = Int4Grid(spec.block_size, spec.symmetric)
+    weights = gptq_quantize(model, samples[: spec.calibration_samples], grid, spec.calibration_damping, on_layer)
+    del model
+    release_memory()
+    return write_prequantized(hf_dir, out_dir, weights, grid)
 
 
 def export_memory_need(base: BaseModel) -> int:

@@ -25,7 +25,7 @@ from autotune.search import best_trial, counted_trials
 # tables get room there instead of rich's 80 columns, and rich writes no control codes.
 INTERACTIVE = sys.stdout.isatty()
 console = Console(file=sys.stderr if INTERACTIVE else sys.stdout, width=None if INTERACTIVE else 140)
-STAGES = ("train", "merge", "export", "measure")
+STAGES = ("train", "merge", "calibrate", "export", "measure")
 
 
 class StageProgress:

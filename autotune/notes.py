@@ -26,7 +26,7 @@ LATENCY_ROWS = (
     ("token_p90_ms", "decode per token p90", None),
 )
 # Stages as candidate.run_candidate times them, and the cached step each belongs to.
-STAGE_GROUP = {"train": "train", "merge": "export", "export": "export",
+STAGE_GROUP = {"train": "train", "merge": "export", "calibrate": "export", "export": "export",
                "load": "measure", "accuracy": "measure", "latency": "measure"}
 # Known failure causes and what to do (a message that already ends in "; <fix>" keeps its own).
 FIXES = (

@@ -29,6 +29,7 @@ The pre-quantized route below exports asymmetric tied models that load.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -40,6 +41,8 @@ from typing import TYPE_CHECKING
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
 # MatMulNBits and GatherBlockQuantized take power-of-two blocks from 16 up.
@@ -280,3 +283,141 @@ def write_prequantized(merged_dir: Path, out_dir: Path, weights: dict[str, Quant
         if extra.is_file() and extra.name != "config.json" and not extra.name.endswith((".safetensors", ".safetensors.index.json", ".bin")):
             shutil.copy2(extra, out_dir / extra.name)
     return out_dir
+
+
+# ---------------------------------------------------------------------- calibrated int4 (GPTQ)
+
+
+def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: float = 0.01,
+                  on_layer: "Callable[[int, int], None] | None" = None) -> dict[str, QuantizedWeight]:
+    """Int4 weights for every Linear of the decoder layers, chosen by GPTQ on ``samples``.
+
+    GPTQ (Frantar et al., 2022) rounds a weight matrix one input column at a time and moves
+    each column's rounding error onto the columns not yet rounded, weighted by the inverse
+    Hessian ``H = X^T X`` of the layer's inputs, so the layer's *outputs* on the calibration
+    inputs change as little as possible. Layers are done in order, each calibrated on the
+    outputs of the layers before it *as quantized*, so later layers correct earlier errors.
+    Scales and zero points follow the export's grid (:func:`quantize_rtn` per block, taken
+    when the block's first column is reached), so the result ships as plain ``MatMulNBits``.
+
+    Args:
+        model: a causal LM (Llama/Qwen2/Phi3 layout: ``model.model.layers``), full precision.
+        samples: token ids of the calibration sequences (the task's own training examples).
+        grid: block size and symmetry of the int4 export.
+        damping: added to the Hessian's diagonal, as a fraction of its mean (numerical stability).
+        on_layer: called with (layer index, layer count) as each layer is done.
+
+    Returns:
+        ``{module name: QuantizedWeight}``, names as in the model's state dict (without ``.weight``).
+    """
+    import torch
+
+    layers = model.model.layers
+    inputs = _layer_inputs(model, samples)
+    prefix = next(name for name, module in model.named_modules() if module is layers) + "."
+    result: dict[str, QuantizedWeight] = {}
+    with torch.no_grad():
+        for index, layer in enumerate(layers):
+            linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+            hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32) for name, m in linears.items()}
+            counts = dict.fromkeys(linears, 0)
+
+            def accumulate(name):
+                def hook(module, args, output):
+                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+                    hessians[name].addmm_(x.T, x)
+                    counts[name] += x.shape[0]
+                return hook
+
+            handles = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
+            for args, kwargs in inputs:
+                layer(*args, **kwargs)
+            for handle in handles:
+                handle.remove()
+            for name, module in linears.items():
+                weight = gptq_weight(module.weight.detach().float().cpu(), hessians[name] / max(1, counts[name]), grid, damping)
+                result[f"{prefix}{index}.{name}"] = weight
+                module.weight.copy_(weight.dequantize().to(module.weight.dtype))
+            del hessians
+            inputs = [_run_layer(layer, args, kwargs) for args, kwargs in inputs]  # what the next layer sees
+            if on_layer is not None:
+                on_layer(index + 1, len(layers))
+    return result
+
+
+def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid, damping: float = 0.01,
+                columns_per_pass: int = 128) -> QuantizedWeight:
+    """GPTQ of one ``[out, in]`` weight given its input Hessian ``[in, in]`` (the reference algorithm, with
+    each block's scale taken from its columns as already updated)."""
+    import torch
+
+    w = weight.clone()
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damping * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    # The upper Cholesky factor of H^-1: row i holds how column i's error spreads over the columns after it.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    out_features, in_features = w.shape
+    block = grid.block_size
+    q = torch.zeros_like(w, dtype=torch.uint8)
+    scales = torch.zeros(out_features, in_features // block)
+    zeros = torch.zeros(out_features, in_features // block, dtype=torch.uint8)
+    for start in range(0, in_features, columns_per_pass):
+        end = min(start + columns_per_pass, in_features)
+        w1, err1, hinv1 = w[:, start:end].clone(), torch.zeros(out_features, end - start), hinv[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if column % block == 0:
+                rounded = quantize_rtn(w1[:, i:i + block].contiguous(), Int4Grid(block, grid.symmetric))
+                scale, zero = rounded.scales[:, 0], rounded.zero_points[:, 0]
+                scales[:, column // block], zeros[:, column // block] = scale, zero
+            qi = round_to_grid(w1[:, i], scale, zero)
+            q[:, column] = qi
+            error = (w1[:, i] - (qi.float() - zero.float()) * scale) / hinv1[i, i]
+            w1[:, i:] -= error.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = error
+        w[:, end:] -= err1 @ hinv[start:end, end:]
+    return QuantizedWeight(q, scales, zeros)
+
+
+def round_to_grid(column: "torch.Tensor", scale: "torch.Tensor", zero: "torch.Tensor") -> "torch.Tensor":
+    """The int4 code of each weight of ``column`` on its block's grid, rounded as :func:`quantize_rtn` rounds."""
+    import torch
+
+    reciprocal = torch.where(scale != 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
+    return _round_half_away(column * reciprocal + zero.float()).clamp(0.0, 15.0).to(torch.uint8)
+
+
+class _Captured(Exception):
+    """Raised by the hook that records the first decoder layer's inputs: the rest of the forward is not needed."""
+
+
+def _layer_inputs(model, samples: list[list[int]]) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) the first decoder layer receives for each sample (hidden states, rotary
+    embeddings, masks: whatever this architecture passes), one sample per call, no padding."""
+    import torch
+
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Captured
+
+    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for ids in samples:
+                with contextlib.suppress(_Captured):
+                    model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    output = layer(*args, **kwargs)
+    hidden = output[0] if isinstance(output, tuple) else output
+    return (hidden, *args[1:]), kwargs

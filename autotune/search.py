@@ -111,6 +111,7 @@ def trial_attrs(result: CandidateResult, ws: Workspace) -> dict[str, Any]:
         "stage_seconds": result.stage_seconds,
         "cached": list(result.cached),
         "candidate": result.spec.describe(),
+        "int4_method": result.spec.int4_method,
         "spec": asdict(result.spec),
         "model_key": ws.export_key(result.spec),
     }
@@ -182,7 +183,7 @@ class Search:
 
     def _enqueue_siblings(self, trial: optuna.Trial, spec: CandidateSpec) -> None:
         """Queue the new adapter at the space's other precisions (export + measure only)."""
-        train_params = {k: v for k, v in trial.params.items() if k in self.space.train_param_names() or k == "alpha"}
+        train_params = self.space.training_params(trial.params)
         for precision in self.space.precision.values:
             if precision != spec.export.precision:
                 self.study.enqueue_trial({**train_params, "precision": precision}, skip_if_exists=True)

@@ -26,9 +26,9 @@ from typing import Any, Union
 
 import yaml
 
-from autotune.candidate import CandidateSpec
+from autotune.candidate import INT4_METHODS, CandidateSpec
 from autotune.errors import UserError
-from autotune.export import BLOCK_SIZES, INT4_ALGOS, PRECISIONS, ExportSpec
+from autotune.export import BLOCK_SIZES, INT4_ALGOS, INT8_LAYERS, PRECISIONS, ExportSpec
 from autotune.train import METHODS, TARGET_MODULES, TrainSpec
 
 
@@ -67,8 +67,9 @@ class Range:
 
 Param = Union[Choice, Range]
 
-_TRAIN_KEYS = ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "steps", "batch_size", "dropout", "target_modules")
-_EXPORT_KEYS = ("precision", "block_size", "accuracy_level", "algo")
+_TRAIN_KEYS = ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "steps", "batch_size", "dropout", "target_modules",
+               "int4_method")
+_EXPORT_KEYS = ("precision", "block_size", "accuracy_level", "algo", "symmetric", "int8_layers")
 _WHOLE = ("rank", "steps", "batch_size")
 _ALLOWED = {
     "method": METHODS,
@@ -77,6 +78,9 @@ _ALLOWED = {
     "block_size": BLOCK_SIZES,
     "accuracy_level": (0, 1, 2, 3, 4),
     "algo": INT4_ALGOS,
+    "int4_method": INT4_METHODS,
+    "symmetric": (True, False),
+    "int8_layers": tuple(INT8_LAYERS),
 }
 
 
@@ -97,6 +101,9 @@ class SearchSpace:
     block_size: Param = Choice((32,))
     accuracy_level: Param = Choice((4,))
     algo: Param = Choice(("default",))
+    int4_method: Param = Choice(("rtn",))
+    symmetric: Param = Choice((True,))
+    int8_layers: Param = Choice(("none",))
     seed: int = 0
     source: str = field(default="", compare=False)
 
@@ -140,9 +147,15 @@ class SearchSpace:
 
     # ------------------------------------------------------------------ hardware
 
-    def restrict(self, precisions: tuple[str, ...], qlora: bool, execution_provider: str) -> "SearchSpace":
-        """Only what the profile can run. Raises if nothing is left of a choice."""
+    def restrict(self, precisions: tuple[str, ...], qlora: bool, execution_provider: str,
+                 widths: tuple[int, ...] = ()) -> "SearchSpace":
+        """Only what the profile can run, and block sizes that divide the model's ``widths``
+        (hidden and MLP sizes: the builder quantizes along them). Raises if nothing is left of a choice."""
         where = self.source or "search space"
+        blocks = [b for b in _values(self.block_size) if all(w % b == 0 for w in widths)]
+        if not blocks:
+            raise UserError(f"{where}: no block size in {list(_values(self.block_size))} divides this model's widths "
+                            f"{list(widths)}; add one that does, e.g. 16")
         allowed = [p for p in _values(self.precision) if p in precisions]
         if not allowed:
             raise UserError(
@@ -152,20 +165,33 @@ class SearchSpace:
         methods = [m for m in _values(self.method) if m != "qlora" or qlora]
         if not methods:
             raise UserError(f"{where}: QLoRA is the only method, but this hardware cannot run bitsandbytes 4-bit; add lora")
-        changes: dict[str, Any] = {"precision": Choice(tuple(allowed)), "method": Choice(tuple(methods))}
+        changes: dict[str, Any] = {"precision": Choice(tuple(allowed)), "method": Choice(tuple(methods)),
+                                   "block_size": Choice(tuple(blocks))}
+        if "int4" not in allowed:  # the int4 methods have nothing to act on
+            changes["int4_method"] = Choice(("rtn",))
         if execution_provider != "cpu":
             changes["accuracy_level"] = Choice((0,))  # a CPU kernel setting; others use their default
         return dataclasses.replace(self, **changes)
 
     def suggest(self, trial, execution_provider: str) -> CandidateSpec:
-        """Sample one candidate (define-by-run: export options only where they apply)."""
+        """Sample one candidate (define-by-run: each option only where it applies).
+
+        ``int4_method`` is drawn with the training choices, since ``int4-aware`` changes the
+        adapter: its int4 block size is then a training choice too, and an int4 export of that
+        adapter uses exactly that grid (symmetric, the builder's default rounding, no int8
+        layers). QLoRA never draws ``int4-aware`` (its forward is nf4, not the export's int4).
+        """
         rank = int(self.rank.suggest(trial, "rank"))
         if self.alpha is not None:
             alpha = float(self.alpha.suggest(trial, "alpha"))
         else:
             alpha = float(self.alpha_ratio.suggest(trial, "alpha_ratio")) * rank
+        method = self.method.suggest(trial, "method")
+        int4_method = self._int4_method(method).suggest(trial, "int4_method" if method == "lora" else f"int4_method_{method}")
+        aware = int4_method == "int4-aware"
+        grid_block = int(self.block_size.suggest(trial, "block_size")) if aware else 32
         train = TrainSpec(
-            method=self.method.suggest(trial, "method"),
+            method=method,
             rank=rank,
             alpha=alpha,
             dropout=float(self.dropout.suggest(trial, "dropout")),
@@ -174,46 +200,69 @@ class SearchSpace:
             batch_size=int(self.batch_size.suggest(trial, "batch_size")),
             target_modules=self.target_modules.suggest(trial, "target_modules"),
             seed=self.seed,
+            int4_aware=aware,
+            int4_block_size=grid_block,
         )
         precision = self.precision.suggest(trial, "precision")
         export = ExportSpec(precision=precision, execution_provider=execution_provider)
         if export.quantized:
-            export = ExportSpec(
-                precision=precision,
-                execution_provider=execution_provider,
-                block_size=int(self.block_size.suggest(trial, "block_size")),
+            knobs = dict(
+                block_size=grid_block if aware else int(self.block_size.suggest(trial, "block_size")),
                 accuracy_level=int(self.accuracy_level.suggest(trial, "accuracy_level")),
-                algo=self.algo.suggest(trial, "algo"),
             )
+            if precision == "int4" and int4_method == "gptq":
+                knobs.update(symmetric=self.symmetric.suggest(trial, "symmetric"), calibration="gptq")
+            elif precision == "int4" and not aware:
+                knobs.update(symmetric=self.symmetric.suggest(trial, "symmetric"), algo=self.algo.suggest(trial, "algo"),
+                             int8_layers=self.int8_layers.suggest(trial, "int8_layers"))
+            export = ExportSpec(precision=precision, execution_provider=execution_provider, **knobs)
         return CandidateSpec(train=train, export=export.normalized())
+
+    def _int4_method(self, method: str) -> Choice:
+        """The int4 methods open to a training method (QLoRA cannot be int4-aware)."""
+        if method == "lora":
+            return self.int4_method
+        return Choice(tuple(m for m in self.int4_method.values if m != "int4-aware") or ("rtn",))
+
+    def training_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The sampled parameters of a trial that decide its adapter (to queue its siblings)."""
+        names = set(self.train_param_names()) | {"alpha", "int4_method_qlora"}
+        if params.get("int4_method") == "int4-aware":
+            names.add("block_size")  # the grid it was trained against
+        return {k: v for k, v in params.items() if k in names}
 
     def train_param_names(self) -> tuple[str, ...]:
         """Names of the sampled parameters that change the adapter."""
         return tuple(k for k in _TRAIN_KEYS if isinstance(getattr(self, k), (Choice, Range)) and _sampled(getattr(self, k)))
 
     def size(self) -> int | None:
-        """Number of distinct candidates if every choice is categorical, else ``None``."""
-        total = 1
-        for key in ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "steps", "batch_size", "dropout", "target_modules"):
-            param = getattr(self, key)
-            if param is None:
-                continue
-            if isinstance(param, Range):
-                return None
-            total *= len(param.values)
-        exports = 0
-        for precision in _values(self.precision):
-            if precision in ("int4", "int8"):
-                n = 1
-                for key in ("block_size", "accuracy_level", "algo"):
-                    param = getattr(self, key)
-                    if isinstance(param, Range):
-                        return None
-                    n *= len(param.values)
-                exports += n
-            else:
-                exports += 1
-        return total * exports
+        """An upper bound on the distinct candidates if every choice is categorical, else ``None``.
+
+        (An rtn and a gptq trial of one adapter at int8 or fp32 are the same model, counted twice.)
+        """
+        params = [getattr(self, k) for k in _TRAIN_KEYS[:-1] + _EXPORT_KEYS[1:] if getattr(self, k) is not None]
+        if any(isinstance(p, Range) for p in params):
+            return None
+        n = {k: len(getattr(self, k).values) for k in ("block_size", "accuracy_level", "algo", "symmetric", "int8_layers")}
+        shared = 1
+        for key in ("rank", "alpha", "alpha_ratio", "learning_rate", "steps", "batch_size", "dropout", "target_modules"):
+            if getattr(self, key) is not None:
+                shared *= len(getattr(self, key).values)
+        total = 0
+        for method in self.method.values:
+            for int4_method in self._int4_method(method).values:
+                aware = int4_method == "int4-aware"
+                exports = 0
+                for precision in _values(self.precision):
+                    if precision == "int4":
+                        exports += n["accuracy_level"] * (1 if aware else n["block_size"] * n["symmetric"] * (
+                            1 if int4_method == "gptq" else n["algo"] * n["int8_layers"]))
+                    elif precision == "int8":
+                        exports += n["accuracy_level"] * (1 if aware else n["block_size"])
+                    else:
+                        exports += 1
+                total += shared * exports * (n["block_size"] if aware else 1)
+        return total
 
 
 def default_space_path() -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 from autotune.data import Example, Splits, render_prompt
 from autotune.errors import CandidateError, UserError
 from autotune.models import BaseModel, model_shape
+from autotune.quantize import Int4Grid, fake_quantize
 
 # Bump when a change to this module changes the adapters it trains: it is part of every adapter's cache key.
 CODE_VERSION = 1
@@ -48,6 +49,10 @@ class TrainSpec:
     ``min_lr_ratio`` of its peak. ``max_grad_norm`` 0 turns gradient clipping off.
     ``gradient_checkpointing`` ``auto`` turns it on only when memory is short: it recomputes
     activations in the backward pass (same gradients; each layer's forward runs twice).
+    ``int4_aware`` trains against the int4 export the builder will write: every quantized
+    weight is computed as its symmetric int4 rounding in blocks of ``int4_block_size`` (see
+    :func:`quantization_aware`), so the adapter learns to land well on that grid. (Symmetric
+    only: builder 0.18 exports an asymmetric int4 of a tied embedding only by untying it.)
     """
 
     method: str = "lora"
@@ -67,6 +72,8 @@ class TrainSpec:
     min_lr_ratio: float = 0.1
     batching: str = "padded"
     gradient_checkpointing: str = "auto"
+    int4_aware: bool = False
+    int4_block_size: int = 32
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,8 +89,17 @@ class TrainSpec:
                               ("gradient_checkpointing", CHECKPOINTING)):
             if getattr(self, name) not in choices:
                 raise UserError(f"unknown {name.replace('_', ' ')} '{getattr(self, name)}' (choose from {', '.join(choices)})")
+        if self.int4_aware:
+            self.int4_grid()  # raises on a block size the export cannot use
+        if self.int4_aware and self.method == "qlora":
+            raise UserError("int4-aware training needs the full-precision base (QLoRA trains against nf4 weights, not "
+                            "the int4 grid of the export); use --method lora with it")
         if self.weight_decay < 0 or self.max_grad_norm < 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_fraction < 1:
             raise UserError("weight decay and max grad norm must be >= 0, min lr ratio in [0, 1] and warm-up fraction in [0, 1)")
+
+    def int4_grid(self) -> Int4Grid | None:
+        """The export grid this adapter is trained against, or None for plain training."""
+        return Int4Grid(self.int4_block_size, symmetric=True) if self.int4_aware else None
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``learning_rate`` at optimizer step ``step`` (0-based)."""
@@ -124,6 +140,14 @@ def encode_example(example: Example, tokenizer, chat_template: bool) -> tuple[li
     prompt_ids = tokenizer(render_prompt(example.prompt, tokenizer, chat_template), add_special_tokens=True)["input_ids"]
     answer_ids = tokenizer(example.label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
+def calibration_samples(splits: Splits, tokenizer) -> list[list[int]]:
+    """Token ids of the training examples (prompt and answer), in a fixed shuffled order: what a
+    calibrated int4 export is fitted to. Never validation or test data."""
+    examples = list(splits.train)
+    random.Random(0).shuffle(examples)
+    return [encode_example(e, tokenizer, splits.config.chat_template)[0] for e in examples]
 
 
 def load_base_for_training(base: BaseModel, spec: TrainSpec, device: str, dtype: str, trust_remote_code: bool):
@@ -315,8 +339,63 @@ def _peft_model(base: BaseModel, spec: TrainSpec, device: str, dtype: str, trust
         model = get_peft_model(model, lora)
     except ValueError as exc:
         raise UserError(f"LoRA target modules '{spec.target_modules}' do not exist in {base.architecture} ({exc})") from exc
+    if spec.int4_aware:
+        quantization_aware(model, spec.int4_grid())
     model.train()
     return model
+
+
+def quantization_aware(model, grid: Int4Grid) -> None:
+    """Make a peft model compute with the int4 weights its export will ship.
+
+    A LoRA-wrapped Linear computes ``x @ fake_quantize(W + s * B @ A)``: the merged weight
+    rounded to the export grid, with a straight-through gradient to A and B. Every other
+    Linear the builder quantizes (the layers LoRA does not wrap and the LM head, which is
+    the tied embedding in SmolLM2-like models) is frozen, so it is rounded once, in place.
+    After a normal merge, the builder's int4 weights equal what training computed with.
+    LoRA dropout stays a regulariser of the adapter's path only: the noise term
+    ``s * B @ A (dropout(x) - x)`` is zero in expectation and absent at export.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    wrapped = set()
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.base_layer, torch.nn.Linear):
+            module.forward = _int4_forward(module, grid)
+            wrapped.add(id(module.base_layer))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            # The builder quantizes the decoder's MatMuls and the LM head; embeddings are Gathers (a tied
+            # one shares the LM head's weight, so rounding the head rounds both, as the export does).
+            if isinstance(module, torch.nn.Linear) and id(module) not in wrapped and _exported_as_int4(name):
+                module.weight.copy_(fake_quantize(module.weight, grid))
+
+
+def _exported_as_int4(name: str) -> bool:
+    parts = name.split(".")
+    if any(part.startswith("lora_") for part in parts):  # the adapter's own A and B
+        return False
+    return "layers" in parts or parts[-1] == "lm_head"
+
+
+def _int4_forward(layer, grid: Int4Grid):
+    import torch.nn.functional as F
+
+    def forward(x, *args, **kwargs):
+        (adapter,) = layer.active_adapters
+        base, a, b = layer.base_layer, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        scaling = layer.scaling[adapter]
+        # In fp32, as the export merges and rounds (a bf16 base on a GPU is exact to within its own rounding).
+        merged = base.weight.float() + scaling * (b.float() @ a.float())
+        y = F.linear(x, fake_quantize(merged, grid).to(x.dtype), base.bias)
+        dropout = layer.lora_dropout[adapter]
+        if layer.training and getattr(dropout, "p", 0.0) > 0:
+            x_a = x.to(a.dtype)
+            y = y + scaling * F.linear(F.linear(dropout(x_a) - x_a, a), b).to(y.dtype)
+        return y
+
+    return forward
 
 
 def trim_heap() -> None:

@@ -392,3 +392,89 @@ def test_write_prequantized_rejects_what_cannot_ship(tiny128, tmp_path):
             write_prequantized(tiny128, tmp_path / "out", weights, grid)
     with pytest.raises(UserError, match="block size must be one of"):
         Int4Grid(48)
+
+
+# --- int4-aware training: its forward computes with exactly what the builder ships -------------------
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+def test_int4_aware_training_forward_is_what_the_builder_ships(block, tiny128, splits, tmp_path):
+    """Train an int4-aware adapter, merge and export it the normal way, then read back the weights each
+    Linear of the *training* forward computes with (its output on the identity matrix is its weight,
+    exactly) and the embedding rows it looks up: zero mismatches with the builder's int4."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from autotune.export import ExportSpec, export_model, merge_adapter
+    from autotune.models import resolve_model
+    from autotune.train import TrainSpec, _peft_model, train_adapter
+
+    base = resolve_model(str(tiny128))
+    spec = TrainSpec(rank=4, alpha=8.0, steps=3, batch_size=4, learning_rate=1e-2, int4_aware=True, int4_block_size=block)
+    train_adapter(base, splits, spec, tmp_path / "adapter", threads=1)
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any(name.endswith("lora_B.weight") and t.abs().sum() > 0 for name, t in adapter.items())  # it moved
+    merged = merge_adapter(base, tmp_path / "adapter", tmp_path / "merged")
+    out = tmp_path / "onnx"
+    export_model(merged, out, ExportSpec("int4", block_size=block), work_dir=tmp_path / "work")
+    shipped, graph = _shipped(out, _hf_config(tiny128))
+
+    model = _peft_model(base, spec, "cpu", "float32", False, False)
+    set_peft_model_state_dict(model, {k.replace(".weight", ".default.weight"): v for k, v in adapter.items()})
+    model.eval()  # no dropout: the forward an export reproduces
+    inner = model.base_model.model
+    with torch.no_grad():
+        for name in LINEARS:
+            layer = inner.get_submodule(name)
+            used = layer(torch.eye(layer.in_features)).T
+            assert int((used != shipped[name].dequantize()).sum()) == 0, name
+        table = inner.model.embed_tokens.weight
+        assert torch.equal(inner.lm_head.weight, shipped["lm_head"].dequantize())
+        ids = [0, 1, 2, 3, 4, 20, 1000, 49151]
+        assert torch.equal(_embedding_rows(graph, ids), table[ids])
+
+
+# --- calibrated int4 (GPTQ) -------------------------------------------------------------------------
+
+def test_gptq_lowers_the_output_error_of_rtn_on_its_calibration_inputs():
+    """GPTQ's point: on the inputs it was calibrated on, the layer's outputs move less than under plain rounding."""
+    from autotune.quantize import gptq_weight
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) @ torch.randn(64, 64)  # correlated inputs, as real activations are
+    weight = torch.randn(48, 64)
+    hessian = x.T @ x / x.shape[0]
+    for grid in (Int4Grid(16, True), Int4Grid(32, False)):
+        gptq, rtn = gptq_weight(weight, hessian, grid), quantize_rtn(weight, grid)
+        error = lambda q: (x @ (weight - q.dequantize()).T).pow(2).mean().item()  # noqa: E731
+        assert error(gptq) < 0.7 * error(rtn)
+        assert gptq.q.dtype == torch.uint8 and int(gptq.q.max()) <= 15
+        assert gptq.scales.shape == rtn.scales.shape == (48, 64 // grid.block_size)
+        if grid.symmetric:
+            assert bool((gptq.zero_points == 8).all())
+
+
+def test_gptq_export_ships_the_calibrated_weights(tiny128, splits, tmp_path):
+    """The whole calibrated path on the tiny model: GPTQ on training examples, pre-quantized checkpoint,
+    builder; the export carries GPTQ's weights, not the builder's rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from autotune.export import ExportSpec, calibrate, export_model
+    from autotune.quantize import gptq_quantize
+    from autotune.train import calibration_samples, load_tokenizer
+    from autotune.models import resolve_model
+
+    base = resolve_model(str(tiny128))
+    spec = ExportSpec("int4", block_size=32, symmetric=False, calibration="gptq", calibration_samples=8)
+    samples = calibration_samples(splits, load_tokenizer(base))
+    folder = calibrate(tiny128, tmp_path / "prequantized", spec, samples)
+    out = tmp_path / "onnx"
+    export_model(folder, out, spec, work_dir=tmp_path / "work")
+    shipped, _ = _shipped(out, _hf_config(tiny128))
+    model = AutoModelForCausalLM.from_pretrained(tiny128, dtype=torch.float32)
+    expected = gptq_quantize(model, samples[:8], Int4Grid(32, False))  # deterministic: the same weights again
+    for name in LINEARS:
+        _assert_same(name, shipped[name], expected[name])
+    from safetensors.torch import load_file
+
+    rtn = quantize_rtn(load_file(tiny128 / "model.safetensors")[f"{LINEARS[0]}.weight"], Int4Grid(32, False))
+    assert not torch.equal(shipped[LINEARS[0]].q, rtn.q)  # calibrated, not plain rounding

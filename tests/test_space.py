@@ -178,11 +178,11 @@ def test_suggest_quantization_options_only_when_quantized():
         quant_params = {"block_size", "accuracy_level", "algo"} & set(trial.params)
         if precision == "fp32":
             assert not quant_params
-        else:
-            assert quant_params == {"block_size", "accuracy_level", "algo"}
+        else:  # the rounding algorithm is an int4 choice
+            assert quant_params == {"block_size", "accuracy_level", "algo"} - ({"algo"} if precision == "int8" else set())
             assert spec.export.block_size == trial.params["block_size"]
             assert spec.export.accuracy_level == trial.params["accuracy_level"]
-            assert spec.export.algo == trial.params["algo"]
+            assert spec.export.algo == trial.params.get("algo", "default")
         assert 1e-4 <= spec.train.learning_rate <= 1e-3
         assert isinstance(spec.train.rank, int) and 4 <= spec.train.rank <= 32
         assert spec.train.alpha == pytest.approx(2.0 * spec.train.rank)  # default ratio 2
@@ -212,3 +212,63 @@ def test_size_counts_categorical_space():
     assert SearchSpace.from_dict({"precision": ["fp32", "int8"]}).size() == 1 + 1
     assert SearchSpace().size() == 1
     assert SearchSpace.from_dict({"steps": {"low": 10, "high": 20}}).size() is None
+
+
+INT4_SPACE = {"method": ["lora", "qlora"], "precision": ["int4", "int8", "fp32"], "block_size": [16, 32, 64],
+              "int4_method": ["rtn", "int4-aware", "gptq"], "symmetric": [True, False], "int8_layers": ["none", "last", "mixed"],
+              "algo": ["default", "k_quant"], "steps": [10]}
+
+
+def test_int4_methods_sample_only_valid_combinations():
+    """int4-aware: LoRA only, its int4 export on exactly the trained grid (symmetric, default rounding, no int8
+    layers); gptq: its own weights (no algo or int8 layers); rtn: every export knob."""
+    space = SearchSpace.from_dict(INT4_SPACE)
+    study = _study(seed=3)
+    seen = set()
+    for _ in range(120):
+        trial = study.ask()
+        spec = space.suggest(trial, "cpu")
+        train, export = spec.train, spec.export
+        seen.add((train.method, spec.int4_method, export.precision))
+        assert not (train.method == "qlora" and train.int4_aware)
+        if train.int4_aware and export.quantized:
+            assert export.block_size == train.int4_block_size
+            if export.precision == "int4":
+                assert (export.symmetric, export.algo, export.int8_layers, export.calibration) == (True, "default", "none", "none")
+        if export.calibration == "gptq":
+            assert export.precision == "int4" and export.algo == "default" and export.int8_layers == "none"
+        if export.precision != "int4":
+            assert export.calibration == "none" and export.int8_layers == "none" and export.symmetric
+        study.tell(trial, 0.0)
+    assert {("lora", "int4-aware", "int4"), ("lora", "gptq", "int4"), ("qlora", "gptq", "int4"), ("lora", "rtn", "int4"),
+            ("lora", "int4-aware", "int8")} <= seen
+
+
+def test_int4_aware_siblings_keep_the_trained_grid():
+    space = SearchSpace.from_dict(INT4_SPACE)
+    params = {"method": "lora", "int4_method": "int4-aware", "block_size": 16, "precision": "int8", "symmetric": False,
+              "int8_layers": "last"}
+    assert space.training_params(params) == {"method": "lora", "int4_method": "int4-aware", "block_size": 16}
+    assert space.training_params({**params, "int4_method": "rtn"}) == {"method": "lora", "int4_method": "rtn"}
+
+
+def test_restrict_keeps_block_sizes_that_divide_the_model():
+    space = SearchSpace.from_dict(INT4_SPACE).restrict(("int4", "int8", "fp32"), True, "cpu", widths=(576, 1536))
+    assert space.block_size.values == (16, 32, 64)
+    assert SearchSpace.from_dict(INT4_SPACE).restrict(("int4",), True, "cpu", widths=(96, 192)).block_size.values == (16, 32)
+    with pytest.raises(UserError, match="divides this model"):
+        SearchSpace.from_dict({**INT4_SPACE, "block_size": [64]}).restrict(("int4",), True, "cpu", widths=(96,))
+    no_int4 = SearchSpace.from_dict(INT4_SPACE).restrict(("fp16", "int8"), True, "cuda")
+    assert no_int4.int4_method.values == ("rtn",)
+
+
+def test_size_bounds_the_distinct_candidates():
+    space = SearchSpace.from_dict({**INT4_SPACE, "method": ["lora"], "block_size": [32], "symmetric": [True],
+                                   "int8_layers": ["none"], "algo": ["default"]})
+    study, models = _study(seed=0), set()
+    for _ in range(200):
+        trial = study.ask()
+        spec = space.suggest(trial, "cpu")
+        models.add((spec.train, spec.export))
+        study.tell(trial, 0.0)
+    assert len(models) <= space.size()
