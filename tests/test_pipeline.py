@@ -516,3 +516,33 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
         (tmp / "w").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["w"]
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
+
+
+def test_run_candidate_with_each_int4_method(base, splits, tmp_path):
+    """Each int4 method through the real candidate chain: recorded, cached apart, and the int4-aware adapter's
+    grid in its training key (so an adapter trained for one grid is never reused for another)."""
+    ws = _workspace(tmp_path / "ws", base, splits)
+    aware = TrainSpec(**{**SHORT.__dict__, "int4_aware": True})
+    specs = {
+        "rtn": CandidateSpec(SHORT, ExportSpec("int4")),
+        "gptq": CandidateSpec(SHORT, ExportSpec("int4", calibration="gptq", calibration_samples=8)),
+        "int4-aware": CandidateSpec(aware, ExportSpec("int4")),
+    }
+    stages: dict[str, list[str]] = {}
+    results = {}
+    for method, spec in specs.items():
+        assert spec.int4_method == method
+        results[method] = run_candidate(ws, spec, with_latency=False,
+                                        on_stage=lambda stage, *_: stages.setdefault(method, []).append(stage))
+    assert "calibrate" in stages["gptq"] and "calibrate" in results["gptq"].stage_seconds
+    assert "calibrate" not in stages["rtn"] and "train" in results["gptq"].cached  # gptq reuses the plain adapter
+    assert "train" in results["int4-aware"].stage_seconds  # a new adapter
+    assert len({r.model_dir for r in results.values()}) == 3
+    assert ws.train_key(aware) != ws.train_key(TrainSpec(**{**aware.__dict__, "int4_block_size": 16}))
+    assert "int4-aware b32" in specs["int4-aware"].describe() and "gptq" in specs["gptq"].describe()
+    # The aware adapter's int8 sibling is fine; an int4 export on another grid is refused.
+    CandidateSpec(aware, ExportSpec("int8"))
+    with pytest.raises(UserError, match="grid it was trained against"):
+        CandidateSpec(aware, ExportSpec("int4", block_size=16))
+    with pytest.raises(UserError, match="QLoRA"):
+        TrainSpec(method="qlora", int4_aware=True)
