@@ -33,7 +33,7 @@ from autotune import cache, export, train
 from autotune.cache import atomic_dir, atomic_write_text, content_key, file_lock, sweep_partials
 from autotune.data import Splits, instruction_prompt
 from autotune.errors import CandidateError, UserError, check_interrupted, first_line
-from autotune.export import ExportSpec, calibrate, check_export_memory, check_free_disk, export_model, merge_adapter
+from autotune.export import ExportSpec, check_export_memory, check_free_disk, export_model, merge_adapter, prequantize
 from autotune.measure import MEASURE_VERSION, LatencySettings, Measurement, measure
 from autotune.models import BaseModel
 from autotune.train import TrainResult, TrainSpec, check_memory, read_train_log, tokens_per_step, train_adapter
@@ -282,12 +282,14 @@ def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, 
             source = merge_adapter(ws.base, ws.adapter_dir(spec.train), Path(work) / "merged",
                                    trust_remote_code=ws.trust_remote_code)
             seconds["merge"] = time.perf_counter() - start
-        if spec.export.calibration == "gptq":
-            notify("calibrate", 0.0, f"GPTQ on {spec.export.calibration_samples} training examples")
+        if spec.export.prequantized:
+            gptq = spec.export.calibration == "gptq"
+            notify("calibrate", 0.0, f"GPTQ on {spec.export.calibration_samples} training examples" if gptq
+                   else "rounding to the int4 grid")
             start = time.perf_counter()
-            source = calibrate(source, Path(work) / "prequantized", spec.export, ws.calibration_samples(),
-                               trust_remote_code=ws.trust_remote_code,
-                               on_layer=lambda i, n: notify("calibrate", i / n, f"layer {i} of {n}"))
+            source = prequantize(source, Path(work) / "prequantized", spec.export, ws.calibration_samples() if gptq else [],
+                                 trust_remote_code=ws.trust_remote_code,
+                                 on_layer=lambda i, n: notify("calibrate", i / n, f"layer {i} of {n}"))
             seconds["calibrate"] = time.perf_counter() - start
         notify("export", 0.0, f"onnxruntime-genai builder, {spec.export.label()}")
         with atomic_dir(model_dir) as tmp:

@@ -107,11 +107,18 @@ class ExportSpec:
         return options
 
     @property
+    def prequantized(self) -> bool:
+        """Whether we write the int4 weights and the builder only packs them (:func:`prequantize`): a
+        calibrated export, or an asymmetric rounding that builder 0.18 cannot share with a tied embedding."""
+        return self.precision == "int4" and (
+            self.calibration != "none" or (not self.symmetric and self.algo != "k_quant" and self.int8_layers == "none"))
+
+    @property
     def unshared_embeddings(self) -> bool:
-        """Builder 0.18 writes broken graphs for a tied embedding shared as asymmetric int4 or beside an
-        int8 LM head with its default/rtn quantizer (k_quant is fine), so those keep the input embedding as
+        """Builder 0.18 writes graphs that do not load for a tied embedding beside an int8 LM head or shared as
+        asymmetric int4 with its default/rtn quantizer (k_quant is fine), so those keep the input embedding as
         its own float table: a working model, bigger on disk (measured, so the search sees it)."""
-        return (self.precision == "int4" and self.algo != "k_quant"
+        return (self.precision == "int4" and self.algo != "k_quant" and not self.prequantized
                 and (not self.symmetric or self.int8_layers != "none"))
 
     def label(self) -> str:
@@ -148,22 +155,29 @@ def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_re
     return out_dir
 
 
-def calibrate(hf_dir: Path, out_dir: Path, spec: ExportSpec, samples: list[list[int]], *,
-              trust_remote_code: bool = False, on_layer=None) -> Path:
-    """Choose the int4 weights of ``hf_dir`` by GPTQ on ``samples`` and write them as a pre-quantized
-    checkpoint in ``out_dir``, which the builder exports unchanged (see :mod:`autotune.quantize`)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def prequantize(hf_dir: Path, out_dir: Path, spec: ExportSpec, samples: list[list[int]] = (), *,
+               trust_remote_code: bool = False, on_layer=None) -> Path:
+    """Write the int4 weights of ``hf_dir`` ourselves, as a pre-quantized checkpoint in ``out_dir``
+    that the builder exports unchanged (see :mod:`autotune.quantize`).
 
+    With ``calibration`` ``gptq`` the weights are chosen by GPTQ on ``samples``; otherwise they are
+    the builder's own rounding (:func:`~autotune.quantize.quantize_rtn`, bit-exact), which is how an
+    asymmetric int4 of a tied model keeps one shared int4 table.
+    """
     from autotune.quantize import Int4Grid, gptq_quantize, write_prequantized
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
-    model.eval()
     grid = Int4Grid(spec.block_size, spec.symmetric)
-    weights = gptq_quantize(model, samples[: spec.calibration_samples], grid, spec.calibration_damping, on_layer)
-    del model
-    release_memory()
+    weights = {}
+    if spec.calibration == "gptq":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True)
+        model.eval()
+        weights = gptq_quantize(model, list(samples[: spec.calibration_samples]), grid, spec.calibration_damping, on_layer)
+        del model
+        release_memory()
     return write_prequantized(hf_dir, out_dir, weights, grid)
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from autotune import cache, export, train  # noqa: E402
 from autotune.candidate import EXPORT_LIBRARIES, MEASURE_LIBRARIES  # noqa: E402
 from autotune.data import DataConfig, load_splits  # noqa: E402
-from autotune.export import ExportSpec, calibrate, export_model, merge_adapter  # noqa: E402
+from autotune.export import ExportSpec, export_model, merge_adapter, prequantize  # noqa: E402
 from autotune.measure import MEASURE_VERSION, measure  # noqa: E402
 from autotune.models import resolve_model  # noqa: E402
 from autotune.train import TrainSpec, train_adapter  # noqa: E402
@@ -93,8 +93,8 @@ class Bench:
             with tempfile.TemporaryDirectory(dir=self.root) as work:
                 source = merge_adapter(self.base, adapter_dir, Path(work) / "merged")
                 start = time.perf_counter()
-                if spec.calibration == "gptq":
-                    source = calibrate(source, Path(work) / "prequantized", spec, self.calibration_samples())
+                if spec.prequantized:
+                    source = prequantize(source, Path(work) / "prequantized", spec, self.calibration_samples())
                 seconds = time.perf_counter() - start
                 with cache.atomic_dir(out) as tmp:
                     export_model(source, tmp, spec, work_dir=Path(work) / "builder")

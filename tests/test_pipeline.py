@@ -527,17 +527,22 @@ def test_run_candidate_with_each_int4_method(base, splits, tmp_path):
         "rtn": CandidateSpec(SHORT, ExportSpec("int4")),
         "gptq": CandidateSpec(SHORT, ExportSpec("int4", calibration="gptq", calibration_samples=8)),
         "int4-aware": CandidateSpec(aware, ExportSpec("int4")),
+        "rtn asymmetric": CandidateSpec(SHORT, ExportSpec("int4", symmetric=False)),
     }
     stages: dict[str, list[str]] = {}
     results = {}
     for method, spec in specs.items():
-        assert spec.int4_method == method
+        assert spec.int4_method == method.split()[0]
         results[method] = run_candidate(ws, spec, with_latency=False,
                                         on_stage=lambda stage, *_: stages.setdefault(method, []).append(stage))
     assert "calibrate" in stages["gptq"] and "calibrate" in results["gptq"].stage_seconds
     assert "calibrate" not in stages["rtn"] and "train" in results["gptq"].cached  # gptq reuses the plain adapter
     assert "train" in results["int4-aware"].stage_seconds  # a new adapter
-    assert len({r.model_dir for r in results.values()}) == 3
+    assert len({r.model_dir for r in results.values()}) == 4
+    # Builder 0.18 cannot share a tied table as asymmetric int4: we round it ourselves (bit-exact) and it ships
+    # shared, about the size of the symmetric export rather than one with an fp32 embedding beside it.
+    assert "calibrate" in results["rtn asymmetric"].stage_seconds
+    assert results["rtn asymmetric"].measurement.size_mb < 1.3 * results["rtn"].measurement.size_mb
     assert ws.train_key(aware) != ws.train_key(TrainSpec(**{**aware.__dict__, "int4_block_size": 16}))
     assert "int4-aware b32" in specs["int4-aware"].describe() and "gptq" in specs["gptq"].describe()
     # The aware adapter's int8 sibling is fine; an int4 export on another grid is refused.

@@ -458,7 +458,7 @@ def test_gptq_export_ships_the_calibrated_weights(tiny128, splits, tmp_path):
     builder; the export carries GPTQ's weights, not the builder's rounding."""
     from transformers import AutoModelForCausalLM
 
-    from autotune.export import ExportSpec, calibrate, export_model
+    from autotune.export import ExportSpec, export_model, prequantize
     from autotune.quantize import gptq_quantize
     from autotune.train import calibration_samples, load_tokenizer
     from autotune.models import resolve_model
@@ -466,7 +466,7 @@ def test_gptq_export_ships_the_calibrated_weights(tiny128, splits, tmp_path):
     base = resolve_model(str(tiny128))
     spec = ExportSpec("int4", block_size=32, symmetric=False, calibration="gptq", calibration_samples=8)
     samples = calibration_samples(splits, load_tokenizer(base))
-    folder = calibrate(tiny128, tmp_path / "prequantized", spec, samples)
+    folder = prequantize(tiny128, tmp_path / "prequantized", spec, samples)
     out = tmp_path / "onnx"
     export_model(folder, out, spec, work_dir=tmp_path / "work")
     shipped, _ = _shipped(out, _hf_config(tiny128))
