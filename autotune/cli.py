@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from autotune import bounds
 from autotune.errors import UserError, check_interrupted, handle_interrupts, interrupted
 from autotune.measure import LATENCY_METRICS
 
@@ -67,13 +68,12 @@ def _search_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autotune",
         description="Search LoRA/QLoRA fine-tunes and onnxruntime-genai exports for the most accurate model "
-        "that meets a latency bound on this hardware. Subcommands: candidate, profile, dashboard, worker, select "
+        "that meets latency, size and memory bounds on this hardware. Subcommands: candidate, profile, dashboard, worker, select "
         "(autotune SUBCOMMAND --help).",
     )
     _add_model_data_args(p)
     g = p.add_argument_group("search")
-    g.add_argument("--max-latency", type=float, help="hard latency bound in ms: the p50 across validation prompts of "
-                   "--latency-metric (default metric: the whole request)")
+    bounds.add_arguments(g)  # --max-latency, --max-size, --max-memory
     g.add_argument("--latency-metric", default="request", choices=list(LATENCY_METRICS),
                    help="request (tokenize, prefill, generation to the stop, decode), ttft (time to first token) "
                    "or token (per-token decode); p50 across prompts (default: request)")
@@ -336,9 +336,9 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
 
     # A worker samples with its own seed: with the study's, all workers would propose the same
     # candidates at the same moments, and all but one of those trials would be duplicates.
-    settings = SearchSettings(trials=args.trials, timeout_s=args.timeout, max_latency_ms=args.max_latency,
-                              latency_metric=args.latency_metric, sampler=args.sampler,
-                              seed=secrets.randbelow(2**31) if join else args.seed, siblings=not args.no_siblings)
+    settings = SearchSettings(trials=args.trials, timeout_s=args.timeout, latency_metric=args.latency_metric,
+                              sampler=args.sampler, seed=secrets.randbelow(2**31) if join else args.seed,
+                              siblings=not args.no_siblings, **bounds.from_args(args))
     info, profile = _hardware(args.target)
     space_text = getattr(args, "space_text", None)
     if space_text is None:
@@ -357,7 +357,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
     config = {**study_config(args), "space_text": space_text}
     attrs = {"model": ws.base.name, "data": ws.splits.summary(), "data_fingerprint": ws.splits.fingerprint,
              "target": args.target, "latency_metric": settings.latency_metric,
-             "max_latency_ms": settings.max_latency_ms, "hardware": info.to_dict(),
+             **settings.bounds.to_dict(), "hardware": info.to_dict(),
              "versions": report.package_versions(), "command": report.reproduce_command(argv), "config": config,
              **hardware_identity(profile, info, args.threads)}
     # Joining an existing study (worker, select) records only what it compares; a new one records it all.
@@ -384,8 +384,8 @@ def _run_trials(ctx: SearchContext) -> None:
                   f"[bold]study[/] {ctx.args.study} ({ctx.storage.split('://')[0]})"
                   + (f"   resuming with {done_before} trial(s) done" if done_before else ""))
     s = ctx.settings
-    recorder = TrialRecorder(ctx.ws, artifact_dir(ctx.out, ctx.args.artifacts), s.latency_metric, s.max_latency_ms)
-    with search_view(ctx.study, s.latency_metric, s.max_latency_ms, s.trials, s.timeout_s) as view:
+    recorder = TrialRecorder(ctx.ws, artifact_dir(ctx.out, ctx.args.artifacts), s.latency_metric, s.bounds)
+    with search_view(ctx.study, s.latency_metric, s.bounds, s.trials, s.timeout_s) as view:
         search.run(on_stage=view.on_stage, on_trial=lambda study, t: (recorder(study, t), view.on_trial(study, t)),
                    on_finish=recorder.attach)
 

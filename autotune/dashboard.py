@@ -61,17 +61,17 @@ class TrialRecorder:
     Args:
         ws: the search's workspace (adapters, logs).
         folder: the artifact store's folder (:func:`artifact_dir`).
-        latency_metric: which latency the objective is (``p50``, ``ttft``, ...).
-        max_latency_ms: the bound, if any.
+        latency_metric: which latency the objective is (``request``, ``ttft``, ``token``).
+        bounds: the run's edge bounds (:class:`autotune.bounds.Bounds`).
     """
 
-    def __init__(self, ws, folder: Path, latency_metric: str, max_latency_ms: float | None) -> None:
+    def __init__(self, ws, folder: Path, latency_metric: str, bounds) -> None:
         from optuna.artifacts import FileSystemArtifactStore
 
         folder.mkdir(parents=True, exist_ok=True)
         self.ws, self.folder = ws, folder
         self.store = FileSystemArtifactStore(str(folder))
-        self.latency_metric, self.max_latency_ms = latency_metric, max_latency_ms
+        self.latency_metric, self.bounds = latency_metric, bounds
 
     def attach(self, trial: optuna.Trial) -> None:
         """Upload the trial's loss curve, confusion matrix, builder log and measured figures."""
@@ -104,7 +104,7 @@ class TrialRecorder:
                        for m in metas if m.mimetype == "image/png"}
             names = sorted({m.filename for m in metas}, key=lambda n: ARTIFACT_ORDER.index(n) if n in ARTIFACT_ORDER else 99)
             figures = dict(sorted(figures.items(), key=lambda kv: kv[0] != "loss curve"))
-            body = notes.trial_note(trial, self.latency_metric, self.max_latency_ms, figures, names)
+            body = notes.trial_note(trial, self.latency_metric, self.bounds, figures, names)
             save_note(_TrialRef(study, trial), body)
         except Exception as exc:
             _warn(f"trial {trial.number}: dashboard note not written ({exc})")
@@ -207,9 +207,12 @@ def write_study_note(study: optuna.Study, report: dict) -> None:
     """Put the selection (``report.json``'s content) on the study as its dashboard note."""
     from optuna_dashboard import save_note
 
+    from autotune.bounds import Bounds, trial_figures
+
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     chosen = (report.get("chosen") or {}).get("trial")
-    feasible = (sum(bool(t.user_attrs.get("feasible")) for t in complete), len(complete)) if chosen is not None else None
+    bounds = Bounds.from_dict(report)  # this run's: a resumed study may have run its trials under others
+    feasible = (sum(bounds.meets(trial_figures(t)) for t in complete), len(complete)) if chosen is not None else None
     n = next((t.user_attrs.get("eval_examples") for t in complete if t.number == chosen), None)
     save_note(study, notes.study_note(report, study._study_id, feasible, n))
 

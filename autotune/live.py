@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from autotune.bounds import Bounds, trial_figures
 from autotune.search import best_trial, counted_trials
 
 # On a terminal, progress goes to stderr and redraws in place. When stdout is not a terminal
@@ -67,19 +68,27 @@ def fmt(value, spec: str = ".3f", missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
-def trial_table(trials: Sequence[optuna.trial.FrozenTrial], metric: str, limit: float | None,
+def over_bounds(trial: optuna.trial.FrozenTrial, bounds: Bounds) -> list[str] | None:
+    """The names (latency, size, memory) of the bounds a complete trial exceeds, judged by ``bounds`` (a
+    resumed run's may differ from those the trial ran with); None for a trial without figures."""
+    if trial.state != optuna.trial.TrialState.COMPLETE:
+        return None
+    return [k.name for k in bounds.over(trial_figures(trial))]
+
+
+def trial_table(trials: Sequence[optuna.trial.FrozenTrial], metric: str, bounds: Bounds,
                 title: str = "Trials", last: int | None = None) -> Table:
-    """Params, accuracy, latency and feasibility of trials (the last ``last`` only)."""
+    """Params, accuracy, latency, size, memory and feasibility of trials (the last ``last`` only)."""
     table = Table(title=title, title_justify="left", header_style="bold")
     table.add_column("#", justify="right")
     table.add_column("candidate", no_wrap=True, overflow="ellipsis", max_width=46)
-    for column in ("val acc", f"{metric} ms", "TTFT ms", "req p90 ms", "MB", "feasible"):
+    for column in ("val acc", f"{metric} ms", "TTFT ms", "req p90 ms", "MB", "mem MB", "feasible"):
         table.add_column(column, justify="right")
     table.add_column("state", no_wrap=True, overflow="ellipsis", max_width=30)
     rows = list(trials)[-last:] if last else list(trials)
     for t in rows:
         attrs = t.user_attrs
-        feasible = attrs.get("feasible")
+        over = over_bounds(t, bounds)
         state = {"complete": "ok", "fail": f"[red]failed[/]: {attrs.get('fail_reason', '?')}"}.get(
             t.state.name.lower(), t.state.name.lower())
         table.add_row(
@@ -90,7 +99,8 @@ def trial_table(trials: Sequence[optuna.trial.FrozenTrial], metric: str, limit: 
             fmt(attrs.get("ttft_p50_ms"), ".1f"),
             fmt(attrs.get("request_p90_ms"), ".1f"),
             fmt(attrs.get("size_mb"), ".0f"),
-            "-" if feasible is None else ("[green]yes[/]" if feasible else "[red]no[/]"),
+            fmt(trial_figures(t).memory_mb if over is not None else None, ".0f"),
+            "-" if over is None else ("[red]no[/]: " + ", ".join(over) if over else "[green]yes[/]"),
             state,
         )
     return table
@@ -99,11 +109,11 @@ def trial_table(trials: Sequence[optuna.trial.FrozenTrial], metric: str, limit: 
 class SearchView:
     """Live view of a running search: stage bars, recent trials, best so far, time left."""
 
-    def __init__(self, study: optuna.Study, metric: str, limit: float | None, total: int,
+    def __init__(self, study: optuna.Study, metric: str, bounds: Bounds, total: int,
                  timeout_s: float | None) -> None:
         self.study = study
         self.metric = metric
-        self.limit = limit
+        self.bounds = bounds
         self.total = total
         self.timeout_s = timeout_s
         self.started = time.monotonic()
@@ -141,7 +151,7 @@ class SearchView:
             f"best so far: #{best.number} {best.user_attrs.get('candidate')} "
             f"acc {best.values[0]:.3f}, {self.metric} {best.values[1]:.1f} ms"
         )
-        parts: list = [header, best_line, trial_table(trials, self.metric, self.limit, last=12)]
+        parts: list = [header, best_line, trial_table(trials, self.metric, self.bounds, last=12)]
         if not final:
             parts.append(self.stages.progress)
         return Group(*parts)
@@ -179,10 +189,11 @@ class PlainStages:
 class PlainView:
     """A running search as plain lines: each stage as it starts, each trial as it ends."""
 
-    def __init__(self, study: optuna.Study, metric: str, limit: float | None, total: int,
+    def __init__(self, study: optuna.Study, metric: str, bounds: Bounds, total: int,
                  timeout_s: float | None) -> None:
         self.study = study
         self.metric = metric
+        self.bounds = bounds
         self.total = total
         self.stages = PlainStages()
 
@@ -204,8 +215,9 @@ class PlainView:
         self.stages.start_candidate("")
         attrs = trial.user_attrs
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            outcome = (f"acc {trial.values[0]:.3f}  {self.metric} {trial.values[1]:.1f} ms  "
-                       f"{'feasible' if attrs.get('feasible') else 'over the bound'}")
+            over = over_bounds(trial, self.bounds)
+            verdict = f"over the {' and '.join(over)} bound{'s' * (len(over) > 1)}" if over else "feasible"
+            outcome = f"acc {trial.values[0]:.3f}  {self.metric} {trial.values[1]:.1f} ms  {verdict}"
         elif trial.state == optuna.trial.TrialState.PRUNED:
             outcome = f"skipped (same candidate as trial {attrs.get('duplicate_of')})"
         else:
@@ -220,7 +232,7 @@ def stage_view() -> StageProgress | PlainStages:
     return StageProgress() if INTERACTIVE else PlainStages()
 
 
-def search_view(study: optuna.Study, metric: str, limit: float | None, total: int,
+def search_view(study: optuna.Study, metric: str, bounds: Bounds, total: int,
                 timeout_s: float | None) -> SearchView | PlainView:
     """The live view of a search on a terminal, plain lines elsewhere."""
-    return (SearchView if INTERACTIVE else PlainView)(study, metric, limit, total, timeout_s)
+    return (SearchView if INTERACTIVE else PlainView)(study, metric, bounds, total, timeout_s)

@@ -12,6 +12,7 @@ from typing import Any
 
 import optuna
 
+from autotune.bounds import BINDS, KINDS, Bounds, binding_text, trial_figures
 from autotune.measure import wilson_interval
 
 INVALID = "<invalid>"
@@ -132,12 +133,33 @@ def measured_rows(attrs: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
-def trial_note(trial: optuna.trial.FrozenTrial, latency_metric: str, limit: float | None,
+def feasibility(trial: optuna.trial.FrozenTrial, latency_metric: str, bounds: Bounds) -> str:
+    """``**Feasible:** yes (request latency 3.1 ms, bound 10 ms; constraint value -6.9; size 19 MB, ...)``:
+    each bound given with the trial's figure and its constraint value (measured - bound, feasible at <= 0)."""
+    figures = trial_figures(trial)
+    values = dict(zip(KINDS, bounds.constraint_values(figures)))
+    limits = dict(bounds.given())
+    parts = []
+    for kind in KINDS:  # latency always (an objective); size and memory where bounded
+        if kind.key == "max_latency_ms":
+            text = f"{latency_metric} latency {figures.latency_ms:.1f} ms"
+        elif kind in limits:
+            what = "size" if kind.key == "max_size_mb" else figures.memory_source
+            text = f"{what} {kind.format(figures.value(kind))}"
+        else:
+            continue
+        parts.append(text + (f", bound {limits[kind]:g} {kind.unit}; constraint value {values[kind]:+.1f}"
+                             if kind in limits else ", no bound"))
+    verdict = "**no**" if bounds.over(figures) else "yes"
+    return f"**Feasible:** {verdict} ({'; '.join(parts)}{', feasible at ≤ 0' if limits else ''})"
+
+
+def trial_note(trial: optuna.trial.FrozenTrial, latency_metric: str, bounds: Bounds = Bounds(),
                figures: Mapping[str, str] | None = None, artifacts: Sequence[str] = ()) -> str:
     """The note of a finished trial: complete, failed, or pruned as a duplicate.
 
-    ``figures`` maps a caption to an image URL shown inline; ``artifacts`` names the
-    files listed under the trial's Artifacts.
+    ``bounds`` are the run's edge bounds; ``figures`` maps a caption to an image URL shown
+    inline; ``artifacts`` names the files listed under the trial's Artifacts.
     """
     attrs = trial.user_attrs
     title = f"## Trial {trial.number}: {attrs.get('candidate', 'candidate not sampled')}"
@@ -152,12 +174,7 @@ def trial_note(trial: optuna.trial.FrozenTrial, latency_metric: str, limit: floa
         lines += [f"**Failed.** {reason}", "", f"**Fix:** {fix_for(reason)}", ""]
     elif trial.state == optuna.trial.TrialState.COMPLETE:
         accuracy, latency = trial.values
-        feasible = attrs.get("feasible")
-        bound = f"bound {limit:g} ms" if limit else "no bound"
-        verdict = "yes" if feasible else "**no**"
-        constraint = attrs.get("constraint") or [None]
-        shown = "" if constraint[0] is None else f"; constraint value {constraint[0]:+.1f}, feasible at ≤ 0"
-        lines += [f"**Feasible:** {verdict} ({latency_metric} latency {latency:.1f} ms, {bound}{shown})", ""]
+        lines += [feasibility(trial, latency_metric, bounds), ""]
         rows = [["accuracy (validation)", accuracy_text(accuracy, attrs.get("eval_examples"), attrs.get("invalid_answers"))],
                 [f"latency objective ({latency_metric})", f"{latency:.1f} ms"]] + measured_rows(attrs)
         lines += table(["measured with onnxruntime-genai", "value"], rows) + [""]
@@ -217,12 +234,15 @@ def baselines(report: Mapping[str, Any]) -> list[list[str]]:
 
 # The front table's columns, where the report has them (a report may carry many more).
 FRONT_COLUMNS = ("trial", "candidate", "accuracy", "validation_accuracy", "validation_interval", "latency_ms",
-                 "latency_spread_ms", "request_p50_ms", "ttft_p50_ms", "token_p50_ms", "size_mb", "feasible")
+                 "latency_spread_ms", "request_p50_ms", "ttft_p50_ms", "token_p50_ms", "size_mb", "memory_mb", "over",
+                 "feasible")
 
 
 def _cell(value: Any, column: str = "") -> str:
-    if isinstance(value, (list, tuple)) and len(value) == 2:  # an interval
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, float) for v in value):  # an interval
         return f"{value[0]:.3f}–{value[1]:.3f}"
+    if isinstance(value, (list, tuple)):  # the bounds a front member exceeds
+        return ", ".join(f"`{v}`" for v in value) or "–"
     if isinstance(value, bool):
         return "yes" if value else "**no**"
     if isinstance(value, float):
@@ -267,17 +287,21 @@ def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible:
     if size is not None:
         details.append(f"{size:.0f} MB on disk")
     sentence = "; ".join(details)
-    lines += [sentence[0].upper() + sentence[1:] + ".", "", "### Bound applied", ""]
-    limit = report.get("max_latency_ms")
-    if limit:
-        lines.append(f"- `--max-latency {limit:g}`: {metric} latency at most {limit:g} ms; a trial over it is "
+    lines += [sentence[0].upper() + sentence[1:] + ".", "", "### Bounds applied", ""]
+    given = Bounds.from_dict(report).given()
+    what = {"max_latency_ms": f"{metric} latency", "max_size_mb": "size on disk",
+            "max_memory_mb": "peak memory of the measuring process (peak RSS; GPU memory on CUDA)"}
+    for kind, limit in given:
+        lines.append(f"- `{kind.flag} {limit:g}`: {what[kind.key]} at most {limit:g} {kind.unit}; a trial over it is "
                      "infeasible (its user attribute `feasible` is false and its constraint value positive).")
-    else:
-        lines.append("- none: no `--max-latency` was given, so the most accurate front member was chosen.")
+    if not given:
+        lines.append("- none: no `--max-latency`, `--max-size` or `--max-memory` was given, so the most accurate "
+                     "front member was chosen.")
     if feasible:
-        lines.append(f"- {feasible[0]} of {feasible[1]} complete trials met it.")
+        lines.append(f"- {feasible[0]} of {feasible[1]} complete trials met {'it' if len(given) < 2 else 'them all'}.")
+    lines += [f"- {binding_text(record)}" for record in report.get("bounds") or []]
     lines += ["- Rule: the most accurate feasible member of the re-benchmarked Pareto front; ties go to the lower "
-              "latency, then the smaller model.", ""]
+              "latency, then the smaller model." + (f" {BINDS}" if given else ""), ""]
     front = report.get("pareto") or []
     if front:
         columns = [c for c in FRONT_COLUMNS if c in front[0]]

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import statistics
 import sys
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,6 +25,8 @@ import optuna
 from rich.console import Console
 from rich.table import Table
 
+from autotune.bounds import (BINDS, Bounds, Figures, Outcome, binding_text, fix_for, memory_of, outcomes, trial_figures,
+                             unmet)
 from autotune.cache import atomic_dir, atomic_write_text, file_lock
 from autotune.candidate import CandidateResult, CandidateSpec, Workspace, run_candidate
 from autotune.dashboard import write_study_note
@@ -51,11 +54,19 @@ class FrontMember:
     latency_spread_ms: float  # its range over the rounds
     latency: dict[str, float]  # every Latency figure, median of the rounds
     size_mb: float
+    memory_mb: float | None  # --max-memory's figure: the re-benchmark's, or the trial's if it measured none
+    memory_source: str  # peak RSS, or GPU memory (CUDA)
+    over: tuple[str, ...]  # the flags of the bounds it exceeds
     feasible: bool
 
     @property
     def interval(self) -> tuple[float, float]:
         return wilson_interval(round(self.accuracy * self.n), self.n)
+
+    @property
+    def figures(self) -> Figures:
+        return Figures(self.trial.number, self.spec.describe(), self.accuracy, self.latency_ms, self.size_mb,
+                       self.memory_mb, self.memory_source)
 
 
 @dataclass(frozen=True)
@@ -76,11 +87,11 @@ def spec_from_attrs(attrs: dict[str, Any]) -> CandidateSpec:
     return CandidateSpec(train=train, export=ExportSpec(**spec["export"]))
 
 
-def feasible_front(study: optuna.Study, limit: float | None) -> list[optuna.trial.FrozenTrial]:
-    """Non-dominated completed trials whose latency meets ``limit`` (the bound of *this* run:
-    a resumed study may have been started with another one)."""
+def feasible_front(study: optuna.Study, bounds: Bounds) -> list[optuna.trial.FrozenTrial]:
+    """Non-dominated completed trials within every bound of *this* run (a resumed study may
+    have been started with others)."""
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if limit is None or t.values[1] <= limit]
+            if bounds.meets(trial_figures(t))]
 
     def dominated(t) -> bool:
         return any(o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in done)
@@ -96,29 +107,43 @@ def benchmark_sample(prompts: list[str], answers: list[str], size: int) -> tuple
     return [prompts[i] for i in order], [answers[i] for i in order]
 
 
-def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: str, limit: float | None) -> list[FrontMember]:
+def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: str, bounds: Bounds) -> list[FrontMember]:
     """Time the front members' requests again on a fixed sample of validation prompts, interleaved
     round by round, so slow drifts of the machine (heat, other load) hit every member alike; the
-    median of the rounds counts, so one loaded moment does not decide."""
+    median of the rounds counts, so one loaded moment does not decide. Memory is a peak: the
+    highest of the rounds counts; size on disk is the trial's (it does not change)."""
     settings = LatencySettings(warmup=1, sample=ws.latency.sample, rounds=ws.latency.rounds)
     prompts, answers = benchmark_sample(*ws.prompts("validation"), settings.sample)
+    for t in members:  # an earlier selection under other bounds may have pruned its folder: export it again
+        if not (ws.model_dir(spec_from_attrs(t.user_attrs)) / "genai_config.json").is_file():
+            run_candidate(ws, spec_from_attrs(t.user_attrs))
     rounds: dict[int, list[Latency]] = {t.number: [] for t in members}
+    peaks: dict[int, list[tuple[float, float | None]]] = {t.number: [] for t in members}
     for _ in range(settings.rounds):
         for t in members:
             spec = spec_from_attrs(t.user_attrs)
             timed = measure(ws.model_dir(spec), prompts, answers, ws.splits.labels, provider=spec.export.execution_provider,
                             threads=ws.threads or 1, latency=settings, timeout_s=ws.measure_timeout_s)
             rounds[t.number].append(timed.latency)
+            peaks[t.number].append((timed.peak_rss_mb, timed.gpu_memory_mb))
     result = []
     for t in members:
-        values = [lat.metric(metric) for lat in rounds[t.number]]
-        latency = statistics.median(values)
+        spec, values = spec_from_attrs(t.user_attrs), [lat.metric(metric) for lat in rounds[t.number]]
+        gpu = [g for _, g in peaks[t.number] if g is not None]
+        rss = max(r for r, _ in peaks[t.number])
+        memory, source = memory_of(spec.export.execution_provider, rss, max(gpu, default=None))
+        measured = trial_figures(t)
+        if source != measured.memory_source:  # e.g. NVML answered for the trial, not now: the trial's figure
+            memory, source = measured.memory_mb, measured.memory_source
+        judged = dataclasses.replace(measured, latency_ms=statistics.median(values), memory_mb=memory,
+                                     memory_source=source)
+        over = tuple(k.flag for k in bounds.over(judged))
         result.append(FrontMember(
-            trial=t, spec=spec_from_attrs(t.user_attrs), accuracy=t.values[0], n=t.user_attrs.get("eval_examples", 0),
-            latency_ms=latency, latency_spread_ms=max(values) - min(values),
+            trial=t, spec=spec, accuracy=t.values[0], n=t.user_attrs.get("eval_examples", 0),
+            latency_ms=judged.latency_ms, latency_spread_ms=max(values) - min(values),
             latency={k: statistics.median(getattr(lat, k) for lat in rounds[t.number]) for k in LATENCY_FIELDS},
-            size_mb=t.user_attrs.get("size_mb", 0.0), feasible=limit is None or latency <= limit,
-        ))
+            size_mb=t.user_attrs.get("size_mb", 0.0), memory_mb=memory, memory_source=source, over=over,
+            feasible=not over))
     return result
 
 
@@ -154,28 +179,26 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     out_console = Console(width=None if sys.stdout.isatty() else 140)
-    metric, limit = settings.latency_metric, settings.max_latency_ms
+    metric, bounds = settings.latency_metric, settings.bounds
     if not complete:
-        out_console.print(trial_table(trials, metric, limit, title="All trials failed"))
-        write_failure_report(out, trials, "every candidate failed")
+        out_console.print(trial_table(trials, metric, bounds, title="All trials failed"))
+        write_failure_report(out, trials, "every candidate failed", bounds)
         raise UserError(f"every candidate failed; reasons are in {out / 'report.json'}", exit_code=1)
-    front_trials = feasible_front(study, limit)
+    front_trials = feasible_front(study, bounds)
     if not front_trials:
-        fastest = min(complete, key=lambda t: t.values[1])
-        out_console.print(trial_table(complete, metric, limit, title="No feasible trial"))
-        write_failure_report(out, trials, "no candidate met --max-latency")
-        raise UserError(
-            f"no candidate met --max-latency {limit:g} ms; the fastest found was #{fastest.number} "
-            f"{fastest.user_attrs.get('candidate')} at {fastest.values[1]:.1f} ms ({metric}); "
-            "raise the bound or search faster precisions", exit_code=3)
+        out_console.print(trial_table(complete, metric, bounds, title="No feasible trial"))
+        why, kinds = unmet(bounds, [trial_figures(t) for t in complete], metric)
+        write_failure_report(out, trials, why, bounds)
+        raise UserError(f"{why}; {fix_for(kinds)}", exit_code=3)
     console.print(f"re-benchmarking {len(front_trials)} Pareto candidate(s), interleaved ...")
-    front = rebenchmark(ws, front_trials, metric, limit)
+    front = rebenchmark(ws, front_trials, metric, bounds)
     chosen = choose(front)
-    out_console.print(final_table(front, chosen, metric))
-    if chosen is None:
-        write_failure_report(out, trials, "no Pareto candidate met --max-latency when re-benchmarked")
-        raise UserError(f"re-benchmarked, no candidate stays within --max-latency {limit:g} ms "
-                        "(the first timings were optimistic); raise the bound a little", exit_code=3)
+    out_console.print(final_table(front, chosen, metric, bounds))
+    if chosen is None:  # only latency and memory are measured again
+        why, _ = unmet(bounds, [m.figures for m in front], metric)
+        write_failure_report(out, trials, f"re-benchmarked, {why}", bounds)
+        raise UserError(f"re-benchmarked, {why} (the first measurements were optimistic); "
+                        "raise the bound a little", exit_code=3)
     console.print("scoring the chosen model and the baselines on the held-out test split ...")
     test = run_candidate(ws, chosen.spec, split="test", with_latency=False)
     floors = baselines(ws, chosen.spec.export, "test")
@@ -183,7 +206,9 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
     study.set_user_attr("chosen_trial", chosen.trial.number)
     study.set_user_attr("chosen_test_accuracy", test.measurement.accuracy.accuracy)
     study.set_user_attr("chosen_baselines", {b.name: b.accuracy.accuracy for b in floors})
-    result = write_outputs(out, ws, study, front, chosen, test, floors, hardware, profile, metric, limit, argv)
+    judged = outcomes(bounds, chosen.trial.number, [trial_figures(t) for t in complete], [m.figures for m in front],
+                      key=lambda f: preference(f.accuracy, f.latency_ms, f.size_mb), metric=metric)
+    result = write_outputs(out, ws, study, front, chosen, test, floors, hardware, profile, metric, bounds, judged, argv)
     write_study_note(study, result)  # the dashboard's view of the same result
     if not keep_all:
         prune(ws, study, [m.trial for m in front], keep_specs=[CandidateSpec(None, chosen.spec.export)])
@@ -193,8 +218,10 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
         f"  test accuracy [bold]{test.measurement.accuracy.describe()}[/]\n"
         + "".join(f"  baseline: {b.name}: {b.accuracy.describe()}\n" for b in floors)
         + f"  {metric} p50 {chosen.latency_ms:.1f} ms (re-benchmarked)   request p50/p90 "
-        f"{chosen.latency['request_p50_ms']:.1f} / {chosen.latency['request_p90_ms']:.1f} ms   size {chosen.size_mb:.0f} MB\n"
-        f"  wrote {out / 'best'} (load with og.Model), report.json, MODEL_CARD.md, pareto.csv, pareto.png\n"
+        f"{chosen.latency['request_p50_ms']:.1f} / {chosen.latency['request_p90_ms']:.1f} ms   size {chosen.size_mb:.0f} MB"
+        f"   {chosen.memory_source} {fmt(chosen.memory_mb, '.0f')} MB\n"
+        + "".join(f"  bound {binding_text(o.to_dict(), mark='')}\n" for o in judged)
+        + f"  wrote {out / 'best'} (load with og.Model), report.json, MODEL_CARD.md, pareto.csv, pareto.png\n"
         f"  compare candidates: autotune dashboard {out}" + (" --storage URL" if shared_storage else ""))
     return 0
 
@@ -221,7 +248,7 @@ def reproduce_command(argv: list[str]) -> str:
 
 def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[FrontMember], chosen: FrontMember,
                   test: CandidateResult, floors: list[Baseline], hardware: dict, profile: dict, metric: str,
-                  limit: float | None, argv: list[str]) -> dict:
+                  bounds: Bounds, judged: list[Outcome], argv: list[str]) -> dict:
     """Write best/, report.json, MODEL_CARD.md, pareto.csv and pareto.png; return the report."""
     with atomic_dir(out / "best") as tmp:
         shutil.copytree(ws.model_dir(chosen.spec), tmp, dirs_exist_ok=True)
@@ -237,10 +264,12 @@ def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[Fro
             "test": accuracy.to_dict(),
             "test_accuracy": accuracy.accuracy,
             "baselines": [b.to_dict() for b in floors],
-            "measured": {k: chosen.trial.user_attrs.get(k) for k in (*LATENCY_FIELDS, "peak_rss_mb", "size_mb")},
+            "measured": {k: chosen.trial.user_attrs.get(k)
+                         for k in (*LATENCY_FIELDS, "peak_rss_mb", "gpu_memory_mb", "size_mb")},
         },
         "latency_metric": metric,
-        "max_latency_ms": limit,
+        **bounds.to_dict(),
+        "bounds": [o.to_dict() for o in judged],
         "pareto": [_member_dict(m) for m in front],
         "trials": {"complete": len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]), "failed": failed},
         "model": ws.base.name,
@@ -252,7 +281,7 @@ def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[Fro
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str))
     _write_csv(out / "pareto.csv", front)
-    _write_plot(out / "pareto.png", trials, front, chosen, metric, limit)
+    _write_plot(out / "pareto.png", trials, front, chosen, metric, bounds.max_latency_ms)
     atomic_write_text(out / "MODEL_CARD.md", model_card(report))
     return report
 
@@ -262,7 +291,8 @@ def _member_dict(m: FrontMember) -> dict:
     return {"trial": m.trial.number, "candidate": m.spec.describe(), "validation_accuracy": m.accuracy,
             "validation_n": m.n, "validation_interval": list(m.interval), "latency_ms": m.latency_ms,
             "latency_spread_ms": m.latency_spread_ms, **{k: m.latency[k] for k in LATENCY_FIELDS},
-            "size_mb": m.size_mb, "feasible": m.feasible}
+            "size_mb": m.size_mb, "memory_mb": m.memory_mb, "memory_source": m.memory_source, "over": list(m.over),
+            "feasible": m.feasible}
 
 
 def _write_csv(path: Path, front: list[FrontMember]) -> None:
@@ -309,12 +339,12 @@ def model_card(report: dict) -> str:
         f"# {Path(report['model']).name} fine-tuned for {report['data'].split('labels ')[-1]}",
         "",
         f"Chosen by autotune from {report['trials']['complete']} measured candidates as the most accurate one "
-        + (f"within {report['max_latency_ms']:g} ms ({metric} p50)." if report["max_latency_ms"] else "found."),
+        + ("within the bounds below." if report["bounds"] else "found."),
         "",
-        "## Choices",
-        "",
-        f"- candidate: {c['candidate']}",
     ]
+    if report["bounds"]:
+        lines += ["## Bounds", "", BINDS, ""] + [f"- {binding_text(b)}" for b in report["bounds"]] + [""]
+    lines += ["## Choices", "", f"- candidate: {c['candidate']}"]
     spec = c["spec"]
     if spec.get("train"):
         lines += [f"- training: {', '.join(f'{k}={v}' for k, v in spec['train'].items())}"]
@@ -333,6 +363,8 @@ def model_card(report: dict) -> str:
               f"| prompt length | {fmt(m['prompt_tokens_p50'], '.0f')} / {fmt(m['prompt_tokens_p90'], '.0f')} tokens |",
               f"| re-benchmarked {metric} p50 | {c['latency_ms']:.1f} ms (range {c['latency_spread_ms']:.1f}) |",
               f"| peak RSS of the measuring process | {fmt(m['peak_rss_mb'], '.0f')} MB |",
+              *([f"| GPU memory of the measuring process | {m['gpu_memory_mb']:.0f} MB |"]
+                if m.get("gpu_memory_mb") else []),
               f"| size on disk | {fmt(m['size_mb'], '.0f')} MB |", "",
               "## Data", "", report["data"], "",
               "## Hardware", "", f"profile `{report['profile'].get('name')}`; " +
@@ -373,18 +405,19 @@ def _interval_text(accuracy: float, interval) -> str:
     return f"{accuracy:.3f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
-def final_table(front: list[FrontMember], chosen: FrontMember | None, metric: str) -> Table:
-    table = Table(title=f"Pareto front (requests re-benchmarked, interleaved; objective {metric} p50)",
-                  title_justify="left", header_style="bold")
+def final_table(front: list[FrontMember], chosen: FrontMember | None, metric: str, bounds: Bounds = Bounds()) -> Table:
+    table = Table(title=f"Pareto front (requests re-benchmarked, interleaved; objective {metric} p50; "
+                  f"bounds: {bounds.describe()})", title_justify="left", header_style="bold")
     for column in ("#", "candidate", "val acc [95% CI]", "request p50/p90", "TTFT p50", "decode p50", "range", "MB",
-                   "feasible", ""):
+                   "mem MB", "feasible", ""):
         table.add_column(column, justify="left" if column in ("candidate", "") else "right")
     for m in sorted(front, key=lambda m: m.latency_ms):
         lat = m.latency
         table.add_row(str(m.trial.number), m.spec.describe(), _interval_text(m.accuracy, m.interval),
                       f"{lat['request_p50_ms']:.1f} / {lat['request_p90_ms']:.1f}", f"{lat['ttft_p50_ms']:.1f}",
                       f"{lat['token_p50_ms']:.1f}", f"{m.latency_spread_ms:.1f}", f"{m.size_mb:.0f}",
-                      "yes" if m.feasible else "[red]no[/]",
+                      fmt(m.memory_mb, ".0f"),
+                      "yes" if m.feasible else f"[red]no[/]: {', '.join(f.removeprefix('--max-') for f in m.over)}",
                       "[bold green]chosen[/]" if chosen is not None and m.trial.number == chosen.trial.number else "")
     return table
 
@@ -413,9 +446,12 @@ def candidate_table(result: CandidateResult, floors: list[Baseline], split: str)
     return table
 
 
-def write_failure_report(out: Path, trials, why: str) -> None:
-    """A report.json that says why nothing was chosen, trial by trial."""
+def write_failure_report(out: Path, trials, why: str, bounds: Bounds) -> None:
+    """A report.json that says why nothing was chosen, trial by trial (``over``: the bounds of this run it exceeds)."""
     rows = [{"number": t.number, "state": t.state.name, "candidate": t.user_attrs.get("candidate"),
-             "values": t.values, "feasible": t.user_attrs.get("feasible"), "reason": t.user_attrs.get("fail_reason")}
+             "values": t.values, "feasible": t.user_attrs.get("feasible"), "reason": t.user_attrs.get("fail_reason"),
+             "over": ([k.flag for k in bounds.over(trial_figures(t))]
+                      if t.state == optuna.trial.TrialState.COMPLETE else None)}
             for t in trials if t.state != optuna.trial.TrialState.WAITING and "duplicate_of" not in t.user_attrs]
-    atomic_write_text(out / "report.json", json.dumps({"chosen": None, "why": why, "trials": rows}, indent=1))
+    atomic_write_text(out / "report.json", json.dumps({"chosen": None, "why": why, **bounds.to_dict(), "trials": rows},
+                                                      indent=1))

@@ -2,8 +2,9 @@
 
 Objectives: maximise validation accuracy, minimise latency (``--latency-metric``: the p50
 across validation prompts of the whole request by default, or of TTFT or per-token decode).
-``max_latency_ms`` is a constraint the sampler knows about (Optuna's
-``constraints_func``), so infeasible trials are kept, marked and steered away from.
+The edge bounds (``--max-latency``, ``--max-size``, ``--max-memory``; :mod:`autotune.bounds`)
+are constraints the sampler knows about (Optuna's ``constraints_func``), so infeasible
+trials are kept, marked and steered away from.
 
 Optuna does the searching, the Pareto front and the storage (SQLite by default, any
 RDB URL for many workers); this module only turns a trial into a candidate and its
@@ -24,6 +25,7 @@ from typing import Any
 
 import optuna
 
+from autotune.bounds import KINDS, Bounds, attrs_figures
 from autotune.cache import file_lock
 from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, run_candidate
 from autotune.errors import CandidateError, UserError, first_line
@@ -44,6 +46,8 @@ class SearchSettings:
     trials: int = 12
     timeout_s: float | None = None
     max_latency_ms: float | None = None
+    max_size_mb: float | None = None
+    max_memory_mb: float | None = None
     latency_metric: str = "request"
     sampler: str = "tpe"
     seed: int = 0
@@ -54,17 +58,21 @@ class SearchSettings:
             raise UserError(f"unknown --latency-metric '{self.latency_metric}' (choose from {', '.join(LATENCY_METRICS)})")
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown --sampler '{self.sampler}' (choose from {', '.join(SAMPLERS)})")
-        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
-            raise UserError(f"--max-latency must be a positive number of milliseconds, got {self.max_latency_ms:g}")
+        self.bounds  # noqa: B018 (building the Bounds validates them)
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout_s:g}")
         if self.trials < 1:
             raise UserError(f"--trials must be at least 1, got {self.trials}")
 
+    @property
+    def bounds(self) -> Bounds:
+        return Bounds(self.max_latency_ms, self.max_size_mb, self.max_memory_mb)
 
-def constraints(trial: optuna.trial.FrozenTrial) -> tuple[float]:
-    """Optuna's constraint convention: a value <= 0 is feasible."""
-    return tuple(trial.user_attrs.get("constraint", (1.0,)))
+
+def constraints(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
+    """Optuna's constraint convention: a value <= 0 is feasible; one per bound kind (:meth:`Bounds.constraint_values`).
+    A trial without figures (a pruned duplicate) is infeasible, with as many values: NSGA-II compares counts."""
+    return tuple(trial.user_attrs.get("constraint", (1.0,) * len(KINDS)))
 
 
 def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
@@ -173,13 +181,13 @@ class Search:
             raise
         for key, value in trial_attrs(result, self.ws).items():
             trial.set_user_attr(key, value)
-        latency = latency_of(result, self.settings.latency_metric)
-        limit = self.settings.max_latency_ms
-        trial.set_user_attr("constraint", [latency - limit if limit else -1.0])
-        trial.set_user_attr("feasible", limit is None or latency <= limit)
+        accuracy, latency = result.measurement.accuracy.accuracy, latency_of(result, self.settings.latency_metric)
+        values = self.settings.bounds.constraint_values(attrs_figures(trial.number, accuracy, latency, trial.user_attrs))
+        trial.set_user_attr("constraint", values)
+        trial.set_user_attr("feasible", all(v <= 0 for v in values))
         if fresh_adapter and self.settings.siblings:
             self._enqueue_siblings(trial, spec)
-        return result.measurement.accuracy.accuracy, latency
+        return accuracy, latency
 
     def _enqueue_siblings(self, trial: optuna.Trial, spec: CandidateSpec) -> None:
         """Queue the new adapter at the space's other precisions (export + measure only)."""

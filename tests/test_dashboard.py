@@ -236,7 +236,9 @@ def test_feasibility_is_visible_per_trial(detail):
     for trial in _complete(detail):
         # Optuna's constraint values (stored by the constrained sampler), which the dashboard's
         # plots use to grey out infeasible trials, and the plain user attribute beside them.
-        assert len(trial["constraints"]) == 1 and trial["constraints"][0] <= 0, trial["constraints"]
+        # One per bound kind (latency, size, memory); the search bounded latency only.
+        assert len(trial["constraints"]) == 3 and trial["constraints"][0] <= 0, trial["constraints"]
+        assert trial["constraints"][1:] == [-1.0, -1.0], trial["constraints"]
         assert _attrs(trial)["feasible"] == "True"
 
 
@@ -421,9 +423,11 @@ def _trial(state: str, values=None, **attrs):
     ("measuring took longer than 900 s and was stopped", "--max-eval"),
 ])
 def test_failed_trial_note_gives_reason_and_fix(reason, fix):
+    from autotune.bounds import Bounds
     from autotune.notes import trial_note
 
-    body = trial_note(_trial("FAIL", fail_reason=reason, stage_seconds={"train": 12.5}, cached=[]), "p50", 14.0)
+    body = trial_note(_trial("FAIL", fail_reason=reason, stage_seconds={"train": 12.5}, cached=[]), "p50",
+                      Bounds(max_latency_ms=14.0))
     assert "- **training:** QLoRA (base in 4-bit nf4 while training), rank 8, alpha 16 (scale 2), attention" in body
     assert "- **export:** int4 (block size 32, accuracy level 4, default quantization) for cpu, by the " in body
     assert f"**Failed.** {reason}" in body
@@ -433,14 +437,16 @@ def test_failed_trial_note_gives_reason_and_fix(reason, fix):
 
 
 def test_duplicate_and_infeasible_trial_notes():
+    from autotune.bounds import Bounds
     from autotune.notes import trial_note
 
-    body = trial_note(_trial("PRUNED", duplicate_of=3), "p50", 14.0)
+    body = trial_note(_trial("PRUNED", duplicate_of=3), "p50", Bounds(max_latency_ms=14.0))
     assert "same candidate as trial 3" in body and "Failed" not in body
 
     confusion = {"Sad": {"Sad": 3, "Joy": 1}, "Joy": {"Joy": 2, "<invalid>": 2}}
     body = trial_note(_trial("COMPLETE", values=[0.625, 17.2], feasible=False, constraint=[3.2], eval_examples=8,
-                             invalid_answers=2, confusion=confusion, token_p50_ms=17.2, size_mb=78.4), "p50", 14.0)
+                             invalid_answers=2, confusion=confusion, token_p50_ms=17.2, size_mb=78.4), "p50",
+                      Bounds(max_latency_ms=14.0))
     assert "**Feasible:** **no** (p50 latency 17.2 ms, bound 14 ms; constraint value +3.2" in body
     assert "**0.625** (5 of 8; 95% Wilson interval 0.306–0.863), 2 invalid answers" in body
     assert "| true \\ answered | Sad | Joy | invalid |" in body and "| **Joy** | 0 | 2 | 2 |" in body
@@ -470,7 +476,7 @@ def test_study_note_renders_whatever_baselines_and_columns_the_report_has():
     assert "| majority class | **0.250** (34 of 136; 95% Wilson interval 0.185–0.329) |" in body
     assert "| label list | **0.410** (56 of 136; 95% Wilson interval" in body
     assert "request latency 41.3 ms re-benchmarked" in body and "78 MB on disk" in body
-    assert "- none: no `--max-latency` was given" in body
+    assert "- none: no `--max-latency`, `--max-size` or `--max-memory` was given" in body
     assert "| trial | candidate | accuracy | request p50 (ms) | feasible |  |" in body
     assert "| 9 | qlora r8 ... | 0.456 | 41.2 | yes | **chosen** |" in body
     assert "- trial 2 lora r64 ...: out of memory" in body and "autotune --trials 12" in body

@@ -279,8 +279,8 @@ def infeasible(tmp_path_factory, tiny_model_dir, tiny_dataset, tiny_space):
 def test_infeasible_bound_exits_3(infeasible) -> None:
     out, proc = infeasible
     line = assert_clean_failure(proc, 3)
-    match = re.fullmatch(r"error: no candidate met --max-latency 0\.001 ms; the fastest found was #(\d+) (.+) "
-                         r"at ([\d.]+) ms \(request\); raise the bound or search faster precisions", line)
+    match = re.fullmatch(r"error: no candidate met --max-latency 0\.001 ms \(fastest: [\d.]+ ms request p50, #(\d+) "
+                         r"(.+)\); raise the bound or search faster precisions", line)
     assert match, line
     done = complete(load_study(out))
     assert len(done) == 2
@@ -292,7 +292,7 @@ def test_infeasible_bound_exits_3(infeasible) -> None:
     assert report["chosen"] is None
     ran = [row for row in report["trials"] if row["state"] == "COMPLETE"]  # queued siblings are listed too
     assert sorted(row["number"] for row in ran) == sorted(t.number for t in done)
-    assert all(row["feasible"] is False for row in ran)
+    assert all(row["feasible"] is False and row["over"] == ["--max-latency"] for row in ran)
     assert not (out / "best").exists()
 
 
@@ -314,7 +314,8 @@ def test_resume_with_looser_bound(infeasible, tiny_model_dir, tiny_dataset, tiny
 def test_help() -> None:
     search = run_cli("--help")
     assert search.returncode == 0, search.stderr
-    assert "--max-latency" in search.stdout and "--keep-all" in search.stdout
+    assert "--max-latency MS" in search.stdout and "--keep-all" in search.stdout
+    assert "--max-size MB" in search.stdout and "--max-memory MB" in search.stdout
     candidate = run_cli("candidate", "--help")
     assert candidate.returncode == 0, candidate.stderr
     assert "--precision" in candidate.stdout
@@ -326,6 +327,8 @@ def test_help() -> None:
 @pytest.mark.parametrize("args, message", [
     (["--max-latency", "0"], "error: --max-latency must be a positive number of milliseconds, got 0"),
     (["--max-latency", "-5"], "error: --max-latency must be a positive number of milliseconds, got -5"),
+    (["--max-size", "0"], "error: --max-size must be a positive number of megabytes, got 0"),
+    (["--max-memory", "-1"], "error: --max-memory must be a positive number of megabytes, got -1"),
     (["--target", "tpu"], "error: unknown --target 'tpu' (choose from auto, cpu, cuda, dml)"),
 ])
 def test_bad_settings_exit_2(tmp_path: Path, tiny_model_dir, tiny_dataset, args, message) -> None:
