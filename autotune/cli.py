@@ -195,20 +195,6 @@ def _hardware(target: str):
     return info, profile
 
 
-def _output_dir(path: str) -> Path:
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file; choose a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"--output {out} is not writable ({exc.strerror}); choose another folder") from exc
-    return out
-
-
 def _workspace(args, out: Path, profile, root: Path | None = None):
     from autotune.candidate import Workspace
     from autotune.data import load_splits
@@ -242,7 +228,7 @@ def cmd_candidate(args) -> int:
     from autotune.candidate import CandidateSpec, run_candidate
     from autotune.export import ExportSpec
     from autotune.live import console, stage_view
-    from autotune.report import baselines, candidate_table
+    from autotune.report import baselines, candidate_table, output_dir
     from autotune.train import TrainSpec
 
     info, profile = _hardware(args.target)
@@ -259,7 +245,7 @@ def cmd_candidate(args) -> int:
                         block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo,
                         symmetric=not args.asymmetric, int8_layers=args.int8_layers,
                         calibration="gptq" if args.int4_method == "gptq" else "none").normalized()
-    out = _output_dir(args.output)
+    out = output_dir(args.output)
     if args.json:  # stdout carries the JSON record only
         console.file = sys.stderr
     ws = _workspace(args, out, profile)
@@ -347,7 +333,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
         space_text = space_path.read_text()
     else:
         space = SearchSpace.from_dict(yaml.safe_load(space_text), where="the study's search space")
-    out = _output_dir(args.output)
+    out = report.output_dir(args.output)
     artifacts = Path(args.artifacts).expanduser() if getattr(args, "artifacts", None) else out / "cache"
     ws = _workspace(args, out, profile, artifacts)
     shape = model_shape(ws.base)

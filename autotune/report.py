@@ -226,6 +226,21 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
     return 0
 
 
+def output_dir(path: str) -> Path:
+    """The output folder, created and checked writable before any work (a one-line error if not)."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; choose a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--output {out} is not writable ({exc.strerror}); choose another folder") from exc
+    return out
+
+
 def package_versions() -> dict[str, str]:
     versions = {}
     for name in PACKAGES:
