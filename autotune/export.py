@@ -21,7 +21,7 @@ from autotune.quantize import BLOCK_SIZES
 from autotune.train import free_memory, release_memory
 
 # Bump when a change to this module changes the models it exports: it is part of every export's cache key.
-CODE_VERSION = 1
+CODE_VERSION = 2
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 INT4_ALGOS = ("default", "rtn", "k_quant")
 # int8_layers -> the builder's matmul_mixed_precision selectors kept at int8 in an int4 model.

@@ -290,7 +290,7 @@ def write_prequantized(merged_dir: Path, out_dir: Path, weights: dict[str, Quant
 
 def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: float = 0.01,
                   on_layer: "Callable[[int, int], None] | None" = None) -> dict[str, QuantizedWeight]:
-    """Int4 weights for every Linear of the decoder layers, chosen by GPTQ on ``samples``.
+    """Int4 weights for every Linear of the decoder layers and the LM head, chosen by GPTQ on ``samples``.
 
     GPTQ (Frantar et al., 2022) rounds a weight matrix one input column at a time and moves
     each column's rounding error onto the columns not yet rounded, weighted by the inverse
@@ -300,8 +300,13 @@ def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: floa
     Scales and zero points follow the export's grid (:func:`quantize_rtn` per block, taken
     when the block's first column is reached), so the result ships as plain ``MatMulNBits``.
 
+    The LM head is calibrated too, on the final hidden states: on SmolLM2 (tied, so its int4
+    table is also the embedding's) it is most of what int4 costs. Measured on one demo adapter
+    (136 test prompts): int8 0.691, rtn int4 0.529, GPTQ of the layers only 0.559, with the
+    head 0.669.
+
     Args:
-        model: a causal LM (Llama/Qwen2/Phi3 layout: ``model.model.layers``), full precision.
+        model: a causal LM (Llama/Qwen2 layout: ``model.model.layers``, ``model.model.norm``), full precision.
         samples: token ids of the calibration sequences (the task's own training examples).
         grid: block size and symmetry of the int4 export.
         damping: added to the Hessian's diagonal, as a fraction of its mean (numerical stability).
@@ -342,6 +347,17 @@ def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: floa
             inputs = [_run_layer(layer, args, kwargs) for args, kwargs in inputs]  # what the next layer sees
             if on_layer is not None:
                 on_layer(index + 1, len(layers))
+        # The LM head reads the final norm of the last layer's output (in a tied model its table is the
+        # embedding too: the rows the embedding looks up are then GPTQ's, not the nearest rounding).
+        lm_head = model.get_output_embeddings()
+        hessian = torch.zeros(lm_head.in_features, lm_head.in_features)
+        count = 0
+        for args, kwargs in inputs:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            x = model.model.norm(hidden).reshape(-1, lm_head.in_features).float().cpu()
+            hessian.addmm_(x.T, x)
+            count += x.shape[0]
+        result["lm_head"] = gptq_weight(lm_head.weight.detach().float().cpu(), hessian / max(1, count), grid, damping)
     return result
 
 
