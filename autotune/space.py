@@ -6,9 +6,12 @@ A space file maps each choice to a list (categorical) or a range::
     rank: {low: 4, high: 64, log: true}
     alpha_ratio: [0.5, 1, 2]        # alpha = ratio * rank
     learning_rate: {low: 1.0e-4, high: 1.0e-3, log: true}
+    int4_method: [rtn, int4-aware, gptq]
     precision: [int4, int8, fp32]
-    block_size: [32, 128]           # int4/int8 only
+    block_size: [32, 64]            # int4/int8 only
     accuracy_level: [0, 4]          # int4/int8 on the CPU only
+    symmetric: [true, false]        # int4 only
+    int8_layers: [none, last]       # int4 only
 
 :meth:`SearchSpace.restrict` drops what the hardware profile cannot run (QLoRA
 without bitsandbytes 4-bit, fp16 on the CPU, ...), and :meth:`SearchSpace.suggest`
