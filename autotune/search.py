@@ -25,7 +25,7 @@ from typing import Any
 
 import optuna
 
-from autotune.bounds import KINDS, Bounds, attrs_figures
+from autotune.bounds import KINDS, Bounds, attrs_figures, trial_figures
 from autotune.cache import file_lock
 from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, run_candidate
 from autotune.errors import CandidateError, UserError, first_line
@@ -190,11 +190,22 @@ class Search:
         return accuracy, latency
 
     def _enqueue_siblings(self, trial: optuna.Trial, spec: CandidateSpec) -> None:
-        """Queue the new adapter at the space's other precisions (export + measure only)."""
+        """Queue the new adapter at the space's other precisions (export + measure only), except those
+        whose every measured model broke the size or memory bound: a model's size, and nearly its
+        memory, follow from its precision, not from its training, so that sibling would break it too."""
         train_params = self.space.training_params(trial.params)
         for precision in self.space.precision.values:
-            if precision != spec.export.precision:
+            if precision != spec.export.precision and not self._too_big(precision):
                 self.study.enqueue_trial({**train_params, "precision": precision}, skip_if_exists=True)
+
+    def _too_big(self, precision: str) -> bool:
+        if precision == "int4":  # its size follows its knobs too (an int8 head unshares the embedding)
+            return False
+        kinds = {k.key for k, _ in self.settings.bounds.given()} & {"max_size_mb", "max_memory_mb"}
+        done = [t for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if (t.user_attrs.get("spec") or {}).get("export", {}).get("precision") == precision]
+        return bool(kinds and done) and all(
+            any(k.key in kinds for k in self.settings.bounds.over(trial_figures(t))) for t in done)
 
     def remaining(self) -> int:
         """Trials still to run; interrupted ones and those of dead workers do not count (they are retried)."""

@@ -270,3 +270,21 @@ def test_resume_with_a_looser_max_size_selects(too_small, tiny_model_dir, tiny_d
     member = next(m for m in report["pareto"] if m["trial"] == chosen["trial"])
     assert memory["what"] == member["memory_source"] == "peak RSS"  # on CPU
     assert memory["chosen"] == member["memory_mb"] > 0  # the re-benchmark's peak RSS
+
+
+def test_siblings_skip_a_precision_whose_every_model_broke_the_size_bound():
+    """Under --max-size, an adapter's int8/fp32 siblings are not queued once every measured model at that
+    precision was too big (size follows the precision); int4 always is (its size follows its knobs too)."""
+    import optuna
+
+    from autotune.search import Search, SearchSettings
+    from autotune.space import SearchSpace
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for precision, size in (("int8", 250.0), ("fp32", 500.0), ("fp32", 90.0), ("int4", 300.0)):
+        study.add_trial(optuna.trial.create_trial(
+            values=[0.5, 10.0], user_attrs={"spec": {"export": {"precision": precision}}, "size_mb": size}))
+    space = SearchSpace.from_dict({"precision": ["int4", "int8", "fp32"]})
+    bounded = Search(None, space, "cpu", SearchSettings(max_size_mb=120), study)
+    assert bounded._too_big("int8") and not bounded._too_big("fp32") and not bounded._too_big("int4")
+    assert not Search(None, space, "cpu", SearchSettings(max_latency_ms=50), study)._too_big("int8")
