@@ -51,8 +51,8 @@ class TrainSpec:
     activations in the backward pass (same gradients; each layer's forward runs twice).
     ``int4_aware`` trains against the int4 export the builder will write: every quantized
     weight is computed as its symmetric int4 rounding in blocks of ``int4_block_size`` (see
-    :func:`quantization_aware`), so the adapter learns to land well on that grid. (Symmetric
-    only: builder 0.18 exports an asymmetric int4 of a tied embedding only by untying it.)
+    :func:`quantization_aware`), so the adapter learns to land well on that grid (symmetric,
+    the builder's default rounding: one int4-aware adapter per block size).
     """
 
     method: str = "lora"
@@ -199,6 +199,8 @@ def memory_need(base: BaseModel, spec: TrainSpec, dtype: str, tokens: int, check
         weights = (shape.parameters - shape.embedding_parameters) * 0.56 + shape.embedding_parameters * 4
     else:
         weights = shape.parameters * width
+    if spec.int4_aware and not checkpointing:  # the forward keeps each layer's rounded fp32 weight for the backward
+        weights += (shape.parameters - shape.embedding_parameters) * 4
     lora = spec.rank * shape.layers * (6 * shape.hidden + 3 * shape.intermediate) * 16  # weights, grads, 2 Adam moments
     per_layer = (14 * shape.hidden + 5 * shape.intermediate) * 4 * tokens
     activations = shape.hidden * 4 * tokens * shape.layers + per_layer if checkpointing else per_layer * shape.layers
