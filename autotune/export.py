@@ -84,11 +84,12 @@ class ExportSpec:
     def normalized(self) -> "ExportSpec":
         if not self.quantized:
             return ExportSpec(self.precision, self.execution_provider, 32, 0, "default")
+        # The calibration constants at their defaults where no calibration runs.
+        uncalibrated = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("calibration_")}
         if self.precision == "int8":  # the int4 knobs (an asymmetric int8 is not searched either)
-            return dataclasses.replace(self, symmetric=True, int8_layers="none", calibration="none",
-                                       calibration_samples=128, calibration_damping=0.01)
+            return dataclasses.replace(self, symmetric=True, int8_layers="none", calibration="none", **uncalibrated)
         if self.calibration == "none":
-            return dataclasses.replace(self, calibration_samples=128, calibration_damping=0.01)
+            return dataclasses.replace(self, **uncalibrated)
         return self
 
     def builder_options(self) -> list[str]:
@@ -115,11 +116,11 @@ class ExportSpec:
 
     @property
     def unshared_embeddings(self) -> bool:
-        """Builder 0.18 writes graphs that do not load for a tied embedding beside an int8 LM head or shared as
-        asymmetric int4 with its default/rtn quantizer (k_quant is fine), so those keep the input embedding as
-        its own float table: a working model, bigger on disk (measured, so the search sees it)."""
-        return (self.precision == "int4" and self.algo != "k_quant" and not self.prequantized
-                and (not self.symmetric or self.int8_layers != "none"))
+        """Builder 0.18 writes graphs that do not load for a tied embedding beside an int8 LM head with its
+        default/rtn quantizer (k_quant is fine), so those keep the input embedding as its own float table: a
+        working model, bigger on disk (measured, so the search sees it). (Its asymmetric int4 of a tied table
+        fails too; that one is :attr:`prequantized` instead, and stays shared.)"""
+        return self.precision == "int4" and self.algo != "k_quant" and self.int8_layers != "none"
 
     def label(self) -> str:
         if not self.quantized:
