@@ -114,8 +114,11 @@ def _candidate_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=8, help="batch size (default: 8)")
     t.add_argument("--target-modules", default="all-linear", choices=["all-linear", "attention", "mlp"], help="layers that get LoRA (default: all-linear)")
     t.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    t.add_argument("--batching", default="padded", choices=["padded", "packed"],
-                   help="padded rows, or a step's examples packed into one row without padding (default: padded)")
+    t.add_argument("--batching", default="packed", choices=["packed", "padded"],
+                   help="a step's examples packed into one row without padding, or padded rows: the same training "
+                        "(default: packed)")
+    t.add_argument("--micro-batches", type=int, default=1,
+                   help="run each step's batch in this many parts: the same gradients, less memory (default: 1)")
     e = p.add_argument_group("export")
     e.add_argument("--precision", default="int4", choices=["fp32", "fp16", "bf16", "int8", "int4"], help="export precision (default: int4)")
     e.add_argument("--block-size", type=int, default=32, help="int4/int8 block size (default: 32)")
@@ -240,6 +243,7 @@ def cmd_candidate(args) -> int:
     train = TrainSpec(method=args.method, rank=args.rank, alpha=args.alpha or 2.0 * args.rank, dropout=args.dropout,
                       learning_rate=args.lr, steps=args.steps, batch_size=args.batch_size,
                       target_modules=args.target_modules, seed=args.seed, batching=args.batching,
+                      micro_batches=args.micro_batches,
                       int4_aware=args.int4_method == "int4-aware", int4_block_size=args.block_size)
     export = ExportSpec(precision=args.precision, execution_provider=profile.execution_provider,
                         block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo,

@@ -270,6 +270,7 @@ def export_model(hf_dir: Path, out_dir: Path, spec: ExportSpec, *, work_dir: Pat
         raise CandidateError(f"the onnxruntime-genai builder could not export this model at {spec.label()}: {reason}") from exc
     finally:
         logging.disable(logging.NOTSET)
+        release_memory()  # the builder's model and graph: without this they stay resident while the model is measured
     if not (out_dir / "genai_config.json").is_file():
         raise CandidateError(f"the builder wrote no genai_config.json (see {log_path})")
     return time.perf_counter() - start

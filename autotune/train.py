@@ -9,6 +9,7 @@ training steps 10-30x slower on a 2-core machine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -23,13 +24,12 @@ from autotune.models import BaseModel, model_shape
 from autotune.quantize import Int4Grid, fake_quantize
 
 # Bump when a change to this module changes the adapters it trains: it is part of every adapter's cache key.
-CODE_VERSION = 1
+CODE_VERSION = 2
 METHODS = ("lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "linear", "constant")
-# padded: one row per example, padded to the longest; packed: a step's examples in one row, each with its
-# own positions and causal block (no padding: ~40% less compute here, but the dropout masks fall differently,
-# so it stays an option until it matches padded accuracy over 3 seeds at equal steps).
+# packed: a step's examples in one row, each with its own positions and causal block (no padding: ~40% less
+# compute here); padded: one row per example. The same training: dropout masks follow the padded layout.
 BATCHING = ("packed", "padded")
 CHECKPOINTING = ("auto", "on", "off")
 TARGET_MODULES = {
@@ -70,7 +70,8 @@ class TrainSpec:
     max_grad_norm: float = 1.0
     lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.1
-    batching: str = "padded"
+    batching: str = "packed"
+    micro_batches: int = 1
     gradient_checkpointing: str = "auto"
     int4_aware: bool = False
     int4_block_size: int = 32
@@ -80,9 +81,11 @@ class TrainSpec:
             raise UserError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
         if self.target_modules not in TARGET_MODULES:
             raise UserError(f"unknown target modules '{self.target_modules}' (choose from {', '.join(TARGET_MODULES)})")
-        for name in ("rank", "steps", "batch_size"):
+        for name in ("rank", "steps", "batch_size", "micro_batches"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.micro_batches > self.batch_size:
+            raise UserError(f"--micro-batches {self.micro_batches} is more than the batch size {self.batch_size}")
         if self.alpha <= 0 or self.learning_rate <= 0 or not 0 <= self.dropout < 1:
             raise UserError("alpha and learning rate must be positive and dropout in [0, 1)")
         for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("batching", BATCHING),
@@ -296,17 +299,16 @@ def train_adapter(
     losses: list[float] = []
     start = time.perf_counter()
     for step, indices in enumerate(order):
-        batch = [encoded[i] for i in indices]
-        loss = _packed_loss(model, batch, device) if packed else _padded_loss(model, batch, tokenizer.pad_token_id, device)
-        if not torch.isfinite(loss):
-            raise UserError(f"training diverged (loss {loss.item()}) at step {step}; lower the learning rate")
-        loss.backward()
+        loss = accumulate_gradients(model, [encoded[i] for i in indices], tokenizer.pad_token_id, device, packed,
+                                    spec.micro_batches)
+        if not math.isfinite(loss):
+            raise UserError(f"training diverged (loss {loss}) at step {step}; lower the learning rate")
         if spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(loss)
         trim_heap()  # packed lengths vary per step; without this glibc's heap grows ~0.3 GB by fragmentation
         if on_step is not None:
             on_step(step + 1, losses[-1])
@@ -314,7 +316,7 @@ def train_adapter(
 
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    del model, optimizer, scheduler, params, loss
+    del model, optimizer, scheduler, params
     release_memory()
     result = TrainResult(adapter_dir=out_dir, losses=tuple(losses), seconds=seconds, threads=threads)
     (out_dir / "train_log.json").write_text(json.dumps(
@@ -341,10 +343,118 @@ def _peft_model(base: BaseModel, spec: TrainSpec, device: str, dtype: str, trust
         model = get_peft_model(model, lora)
     except ValueError as exc:
         raise UserError(f"LoRA target modules '{spec.target_modules}' do not exist in {base.architecture} ({exc})") from exc
+    model.dropout_layout = padded_layout_dropout(model)
     if spec.int4_aware:
         quantization_aware(model, spec.int4_grid())
     model.train()
     return model
+
+
+class DropoutLayout:
+    """Where each token of the current (part of a) batch sits in the step's padded batch, and the step's seed.
+
+    LoRA dropout draws every mask entry from the step's seed, the module, and the entry's
+    coordinates in the padded batch (one row per example, see :func:`padded_layout_dropout`),
+    so a packed step, or one run in micro-batches, sees exactly the masks of the padded step:
+    these change the compute, not the training.
+    """
+
+    def __init__(self) -> None:
+        self.seed = 0
+        self.positions = None  # flat (row * width + column) of each token, in the input's order
+        self._index: dict[int, object] = {}
+
+    @contextlib.contextmanager
+    def batch(self, lengths: Sequence[int], packed: bool, first_row: int = 0, width: int | None = None):
+        """Examples of ``lengths`` tokens, rows ``first_row``... of a padded batch ``width`` wide, packed or padded."""
+        import torch
+
+        width = width or max(lengths)
+        columns = list(lengths) if packed else [max(lengths)] * len(lengths)
+        self.positions = torch.tensor([(first_row + row) * width + column
+                                       for row, n in enumerate(columns) for column in range(n)])
+        try:
+            yield
+        finally:
+            self.positions, self._index = None, {}
+
+    def index(self, x):
+        """int32 coordinates in the padded batch of every element of ``x`` (tokens x features)."""
+        import torch
+
+        features = x.shape[-1]
+        if self.positions is None:  # outside a training step: the input's own shape is the layout
+            return _flat_index(torch.arange(x.numel() // features, device=x.device), features).view(x.shape)
+        if features not in self._index:
+            self._index[features] = _flat_index(self.positions.to(x.device), features)
+        return self._index[features].view(x.shape)
+
+
+def _flat_index(positions, features: int):
+    import torch
+
+    # int32 wraps past 2**31 elements: harmless for a hash's input.
+    return (positions[:, None] * features + torch.arange(features, device=positions.device)).to(torch.int32)
+
+
+# lowbias32 (C. Wellons): a fast, well-mixed 32-bit integer hash, here a counter-based random stream.
+_HASH = (0x9E3779B9, 0x7FEB352D, 0x846CA68B)
+_HASH = tuple(c - 2**32 if c >= 2**31 else c for c in _HASH)  # as int32 (torch multiplies wrap)
+
+
+def _mix32(value: int) -> int:
+    """lowbias32 of a Python int, as a signed int32: a module's seed from the step's."""
+    x = value % 2**32
+    for shift, multiplier in ((16, _HASH[1]), (15, _HASH[2]), (16, None)):
+        x ^= x >> shift
+        if multiplier is not None:
+            x = x * (multiplier % 2**32) % 2**32
+    return x - 2**32 if x >= 2**31 else x
+
+
+def keep_mask(index, seed: int, p: float):
+    """Bernoulli(1 - p) keep-mask, one entry per int32 ``index``, a pure function of (index, seed)."""
+    import torch
+
+    # In place throughout: a handful of activation-sized temporaries per call fragment the heap.
+    x = index * _HASH[0]
+    x ^= seed
+    for shift, multiplier in ((16, _HASH[1]), (15, _HASH[2]), (16, None)):
+        x ^= (x >> shift).bitwise_and_((1 << (32 - shift)) - 1)  # a logical shift (torch's >> is arithmetic)
+        if multiplier is not None:
+            x *= multiplier
+    return x.bitwise_and_(0xFFFFFF) >= round(p * 2**24)
+
+
+def padded_layout_dropout(model) -> DropoutLayout:
+    """Route every LoRA dropout of a peft model through one :class:`DropoutLayout`.
+
+    A mask entry is a hash of the step's seed (one draw from torch's generator per step), the
+    dropout module, and the entry's coordinates in the padded batch, instead of ``F.dropout``'s
+    Bernoulli draw over the input's own shape: packed, padded and micro-batched steps get the
+    same masks, padding costs no draws, and the hash is ~4x cheaper per entry than CPU
+    ``bernoulli_``. The backward keeps the bool mask, not a float copy of the noise.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    layout = DropoutLayout()
+
+    def forward(module, dropout, x):
+        if not dropout.training or dropout.p == 0:
+            return x
+        if layout.positions is None:  # a forward outside accumulate_gradients: a fresh draw
+            seed = int(torch.randint(-2**31, 2**31 - 1, ()))
+        else:
+            seed = _mix32(layout.seed ^ module)
+        keep = keep_mask(layout.index(x), seed, dropout.p)
+        return torch.where(keep, x * (1 / (1 - dropout.p)), 0)
+
+    dropouts = [d for m in model.modules() if isinstance(m, LoraLayer) for d in m.lora_dropout.values()
+                if isinstance(d, torch.nn.Dropout)]
+    for number, dropout in enumerate(dropouts):
+        dropout.forward = functools.partial(forward, number, dropout)
+    return layout
 
 
 def quantization_aware(model, grid: Int4Grid) -> None:
@@ -431,6 +541,32 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
         rng.shuffle(epoch)
         stream += epoch
     return [stream[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def accumulate_gradients(model, batch: Sequence[tuple[list[int], list[int]]], pad_id: int, device: str, packed: bool,
+                         micro_batches: int = 1) -> float:
+    """Forward and backward of one step's batch; returns its mean answer-token loss.
+
+    The batch runs in ``micro_batches`` consecutive parts, each loss weighted by its share of
+    the answer tokens, and every part draws its dropout masks where its rows sit in the whole
+    batch (:class:`DropoutLayout`): the gradients are the whole batch's, whatever the split
+    or the packing, while the activations held at once shrink with the part.
+    """
+    import torch
+
+    scored = [sum(t != -100 for t in labels[1:]) for _, labels in batch]
+    total, width = sum(scored), max(len(ids) for ids, _ in batch)
+    layout = model.dropout_layout
+    layout.seed = int(torch.randint(-2**31, 2**31 - 1, ()))
+    loss_sum, size = 0.0, math.ceil(len(batch) / micro_batches)
+    for first in range(0, len(batch), size):
+        part = batch[first : first + size]
+        with layout.batch([len(ids) for ids, _ in part], packed, first_row=first, width=width):
+            loss = _packed_loss(model, part, device) if packed else _padded_loss(model, part, pad_id, device)
+            share = sum(scored[first : first + size]) / total
+            (loss * share).backward()  # inside the layout: a checkpointed layer's recompute draws the same masks
+        loss_sum += loss.item() * share
+    return loss_sum
 
 
 def _packed_loss(model, batch: Sequence[tuple[list[int], list[int]]], device: str):

@@ -11,7 +11,7 @@ from autotune.candidate import Workspace
 from autotune.data import DataConfig, load_splits
 from autotune.errors import CandidateError
 from autotune.models import BaseModel, model_shape
-from autotune.train import (TrainSpec, _packed_loss, _padded_loss, _peft_model, check_memory, encode_example,
+from autotune.train import (TrainSpec, _peft_model, accumulate_gradients, check_memory, encode_example, keep_mask,
                             load_tokenizer, memory_need, train_adapter)
 from conftest import LABELS, write_jsonl
 
@@ -36,33 +36,72 @@ def _fake_free(monkeypatch, free_bytes: int) -> None:
         monkeypatch.setattr(module, "free_memory", lambda device: (free_bytes, "RAM"))
 
 
-def test_packed_batch_gives_the_padded_loss_and_gradients(base, splits):
+def _loss_and_grads(model, batch, pad_id: int, packed: bool, micro_batches: int = 1, seed: int = 0):
+    import torch
+
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = accumulate_gradients(model, batch, pad_id, "cpu", packed, micro_batches)
+    return loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.fixture()
+def peft_model(base):
     import torch
 
     torch.manual_seed(0)
+    model = _peft_model(base, TrainSpec(rank=4, alpha=8.0, dropout=0.2), "cpu", "float32", False, False)
+    for lora_b in (p for n, p in model.named_parameters() if "lora_B" in n):
+        torch.nn.init.normal_(lora_b, std=0.02)  # non-zero, so the LoRA A gradients are non-zero too
+    return model
+
+
+@pytest.mark.parametrize("packed,micro_batches", [(True, 1), (False, 2), (True, 3)])
+def test_packing_and_micro_batches_give_the_padded_step_dropout_included(base, splits, peft_model, packed, micro_batches):
+    import torch
+
     tokenizer = load_tokenizer(base)
     batch = [encode_example(e, tokenizer, False) for e in splits.train[:6]]
     assert len({len(ids) for ids, _ in batch}) > 1  # padding would really be needed
-    model = _peft_model(base, TrainSpec(rank=4, alpha=8.0, dropout=0.0), "cpu", "float32", False, False)
-    for lora_b in (p for n, p in model.named_parameters() if "lora_B" in n):
-        torch.nn.init.normal_(lora_b, std=0.02)  # non-zero, so the LoRA A gradients are non-zero too
-    grads = []
-    for loss_fn in (lambda: _packed_loss(model, batch, "cpu"), lambda: _padded_loss(model, batch, tokenizer.pad_token_id, "cpu")):
-        model.zero_grad()
-        loss = loss_fn()
-        loss.backward()
-        grads.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
-    (packed, g_packed), (padded, g_padded) = grads
-    assert packed == pytest.approx(padded, rel=1e-5)
-    # ... and both equal transformers' own loss over full logits, the loop before the head was cut to the answers.
+    padded, g_padded = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed=False)
+    loss, grads = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, micro_batches)
+    assert loss == pytest.approx(padded, rel=1e-5)  # same dropout masks, not just the same distribution
+    worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, g_padded, strict=True))
+    assert worst < 1e-4, worst  # float summation order only
+    other_seed, _ = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, micro_batches, seed=1)
+    assert other_seed != pytest.approx(loss, rel=1e-4)  # dropout is live: other masks, another loss
+
+
+def test_the_step_loss_is_transformers_own(base, splits, peft_model):
+    """With dropout off, packed and padded steps give transformers' loss over full logits (the loop scores
+    only the answer positions through the vocab-wide head)."""
+    import torch
+
+    peft_model.eval()
+    tokenizer = load_tokenizer(base)
+    batch = [encode_example(e, tokenizer, False) for e in splits.train[:6]]
     width = max(len(ids) for ids, _ in batch)
     ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in batch])
     labels = torch.tensor([t + [-100] * (width - len(t)) for _, t in batch])
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
     with torch.no_grad():
-        assert model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() == pytest.approx(padded, rel=1e-5)
-    for a, b in zip(g_packed, g_padded):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        full = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
+    for packed in (True, False):
+        assert _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, 2)[0] == pytest.approx(full, rel=1e-5)
+
+
+def test_dropout_masks_are_bernoulli_and_seeded():
+    import torch
+
+    index = torch.arange(2**20, dtype=torch.int32)
+    keep = keep_mask(index, seed=7, p=0.05).float()
+    assert keep.mean().item() == pytest.approx(0.95, abs=0.002)  # 2**20 draws: sd 0.0002
+    assert torch.equal(keep_mask(index, 7, 0.05).float(), keep)  # a pure function of (index, seed)
+    other = keep_mask(index, seed=8, p=0.05).float()
+    assert (keep != other).float().mean().item() == pytest.approx(2 * 0.05 * 0.95, abs=0.003)  # independent seeds
+    neighbours = torch.corrcoef(torch.stack([keep[:-1], keep[1:]]))[0, 1].item()
+    assert abs(neighbours) < 0.01  # adjacent coordinates uncorrelated
+    assert keep_mask(index, 7, 0.5).float().mean().item() == pytest.approx(0.5, abs=0.003)
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(base, splits, tmp_path):
@@ -73,14 +112,14 @@ def test_gradient_checkpointing_changes_nothing_but_memory(base, splits, tmp_pat
     assert json.loads((tmp_path / "ckpt" / "train_log.json").read_text())["checkpointing"] is True
 
 
-def test_packed_batching_trains(base, splits, tmp_path):
-    spec = TrainSpec(rank=4, alpha=8.0, steps=2, batch_size=4, batching="packed")
+def test_padded_batching_trains(base, splits, tmp_path):
+    spec = TrainSpec(rank=4, alpha=8.0, steps=2, batch_size=4, batching="padded")
     assert len(train_adapter(base, splits, spec, tmp_path, threads=1).losses) == 2
 
 
 @pytest.mark.parametrize("change", [
     {"optimizer": "sgd"}, {"weight_decay": 0.01}, {"max_grad_norm": 0.5}, {"lr_schedule": "linear"},
-    {"min_lr_ratio": 0.0}, {"warmup_fraction": 0.2}, {"batching": "packed"}, {"gradient_checkpointing": "on"},
+    {"min_lr_ratio": 0.0}, {"warmup_fraction": 0.2}, {"batching": "padded"}, {"micro_batches": 2}, {"gradient_checkpointing": "on"},
 ])
 def test_changing_a_training_constant_misses_the_adapter_cache(base, splits, tmp_path, change):
     ws = Workspace(root=tmp_path, base=base, splits=splits)
