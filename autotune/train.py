@@ -71,7 +71,7 @@ class TrainSpec:
     lr_schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     batching: str = "packed"
-    micro_batches: int = 1
+    pass_tokens: int = 256
     gradient_checkpointing: str = "auto"
     int4_aware: bool = False
     int4_block_size: int = 32
@@ -81,11 +81,11 @@ class TrainSpec:
             raise UserError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
         if self.target_modules not in TARGET_MODULES:
             raise UserError(f"unknown target modules '{self.target_modules}' (choose from {', '.join(TARGET_MODULES)})")
-        for name in ("rank", "steps", "batch_size", "micro_batches"):
+        for name in ("rank", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.micro_batches > self.batch_size:
-            raise UserError(f"--micro-batches {self.micro_batches} is more than the batch size {self.batch_size}")
+        if self.pass_tokens < 0:
+            raise UserError(f"--pass-tokens must be >= 0 (0: a whole step per pass), got {self.pass_tokens}")
         if self.alpha <= 0 or self.learning_rate <= 0 or not 0 <= self.dropout < 1:
             raise UserError("alpha and learning rate must be positive and dropout in [0, 1)")
         for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("batching", BATCHING),
@@ -182,9 +182,10 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def tokens_per_step(splits: Splits, spec: TrainSpec) -> int:
-    """A bound on the tokens of one step, from the longest examples (~3 characters per token)."""
+    """A bound on the tokens one forward pass holds, from the longest examples (~3 characters per token)."""
     lengths = sorted((len(e.prompt) + len(e.label)) // 3 + 4 for e in splits.train)[-spec.batch_size:]
-    return sum(lengths) if spec.batching == "packed" else len(lengths) * lengths[-1]
+    tokens = sum(lengths) if spec.batching == "packed" else len(lengths) * lengths[-1]
+    return min(tokens, max(spec.pass_tokens, lengths[-1])) if spec.pass_tokens else tokens
 
 
 def memory_need(base: BaseModel, spec: TrainSpec, dtype: str, tokens: int, checkpointing: bool) -> int:
@@ -300,7 +301,7 @@ def train_adapter(
     start = time.perf_counter()
     for step, indices in enumerate(order):
         loss = accumulate_gradients(model, [encoded[i] for i in indices], tokenizer.pad_token_id, device, packed,
-                                    spec.micro_batches)
+                                    spec.pass_tokens)
         if not math.isfinite(loss):
             raise UserError(f"training diverged (loss {loss}) at step {step}; lower the learning rate")
         if spec.max_grad_norm:
@@ -544,13 +545,14 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
 
 
 def accumulate_gradients(model, batch: Sequence[tuple[list[int], list[int]]], pad_id: int, device: str, packed: bool,
-                         micro_batches: int = 1) -> float:
+                         pass_tokens: int = 0) -> float:
     """Forward and backward of one step's batch; returns its mean answer-token loss.
 
-    The batch runs in ``micro_batches`` consecutive parts, each loss weighted by its share of
+    The batch runs in consecutive parts of at most ``pass_tokens`` computed tokens (0: in one
+    pass; an example longer than that is a part of its own), each loss weighted by its share of
     the answer tokens, and every part draws its dropout masks where its rows sit in the whole
-    batch (:class:`DropoutLayout`): the gradients are the whole batch's, whatever the split
-    or the packing, while the activations held at once shrink with the part.
+    batch (:class:`DropoutLayout`): the gradients are the whole batch's, whatever the split or
+    the packing, while the activations held at once are bounded by the part.
     """
     import torch
 
@@ -558,15 +560,27 @@ def accumulate_gradients(model, batch: Sequence[tuple[list[int], list[int]]], pa
     total, width = sum(scored), max(len(ids) for ids, _ in batch)
     layout = model.dropout_layout
     layout.seed = int(torch.randint(-2**31, 2**31 - 1, ()))
-    loss_sum, size = 0.0, math.ceil(len(batch) / micro_batches)
-    for first in range(0, len(batch), size):
-        part = batch[first : first + size]
+    loss_sum = 0.0
+    for first, last in _parts([len(ids) for ids, _ in batch], packed, pass_tokens):
+        part = batch[first:last]
         with layout.batch([len(ids) for ids, _ in part], packed, first_row=first, width=width):
             loss = _packed_loss(model, part, device) if packed else _padded_loss(model, part, pad_id, device)
-            share = sum(scored[first : first + size]) / total
+            share = sum(scored[first:last]) / total
             (loss * share).backward()  # inside the layout: a checkpointed layer's recompute draws the same masks
         loss_sum += loss.item() * share
     return loss_sum
+
+
+def _parts(lengths: Sequence[int], packed: bool, pass_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive (first, last) example ranges whose computed tokens stay within ``pass_tokens``."""
+    parts, first = [], 0
+    for last in range(1, len(lengths) + 1):
+        part = lengths[first:last]
+        tokens = sum(part) if packed else len(part) * max(part)
+        if pass_tokens and tokens > pass_tokens and last - first > 1:
+            parts.append((first, last - 1))
+            first = last - 1
+    return parts + [(first, len(lengths))]
 
 
 def _packed_loss(model, batch: Sequence[tuple[list[int], list[int]]], device: str):

@@ -3,7 +3,8 @@
     python benchmarks/vs_olive.py                                 # autotune at the issue's budget, seed 0
     python benchmarks/vs_olive.py --seeds 0 1 2 --baseline-code /work/main   # and an older checkout, interleaved
     python benchmarks/vs_olive.py --steps 20                      # a quick look
-    python benchmarks/vs_olive.py --seeds 0 1 2 --batching packed --baseline-code OLD   # packing's 3-seed check
+    python benchmarks/vs_olive.py --seeds 0 1 2 --baseline-code OLD      # accuracy against an older checkout, 3 seeds
+    python benchmarks/vs_olive.py --pass-tokens 0                         # this checkout, each step in one pass
 
 Setup (issue 13): SmolLM2-135M-Instruct, LoRA r16 / alpha 32 on all linear layers, 150 steps of batch 8,
 lr 3e-4, int4 export (block 32, accuracy level 4); 600 balanced training phrases of the public emotion data
@@ -134,6 +135,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="the emotion data's train.txt (text;label lines)")
     parser.add_argument("--baseline-code", type=Path, help="another checkout of autotune to run interleaved, e.g. main")
     parser.add_argument("--batching", choices=["padded", "packed"], help="this checkout's --batching (default: its own)")
+    parser.add_argument("--pass-tokens", type=int, help="this checkout's --pass-tokens (default: its own)")
     args = parser.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"--data {args.data}: no such file; point it at the emotion data's train.txt")
@@ -147,7 +149,10 @@ def main() -> None:
         tokens = training_tokens(args.data, args.steps, seed)
         for name, code in codes.items():  # interleaved: each seed runs every checkout back to back
             with tempfile.TemporaryDirectory() as tmp:
-                extra = ["--batching", args.batching] if args.batching and code == ROOT else []
+                extra = []
+                if code == ROOT:
+                    extra += ["--batching", args.batching] if args.batching else []
+                    extra += ["--pass-tokens", str(args.pass_tokens)] if args.pass_tokens is not None else []
                 run = run_candidate(code, args.data, args.steps, seed, args.threads, Path(tmp) / "out", extra)
             run["tokens_per_s"] = tokens / run["train"]
             rows[name].append(run)

@@ -11,7 +11,7 @@ from autotune.candidate import Workspace
 from autotune.data import DataConfig, load_splits
 from autotune.errors import CandidateError
 from autotune.models import BaseModel, model_shape
-from autotune.train import (TrainSpec, _peft_model, accumulate_gradients, check_memory, encode_example, keep_mask,
+from autotune.train import (TrainSpec, _parts, _peft_model, accumulate_gradients, check_memory, encode_example, keep_mask,
                             load_tokenizer, memory_need, train_adapter)
 from conftest import LABELS, write_jsonl
 
@@ -36,12 +36,12 @@ def _fake_free(monkeypatch, free_bytes: int) -> None:
         monkeypatch.setattr(module, "free_memory", lambda device: (free_bytes, "RAM"))
 
 
-def _loss_and_grads(model, batch, pad_id: int, packed: bool, micro_batches: int = 1, seed: int = 0):
+def _loss_and_grads(model, batch, pad_id: int, packed: bool, pass_tokens: int = 0, seed: int = 0):
     import torch
 
     model.zero_grad()
     torch.manual_seed(seed)
-    loss = accumulate_gradients(model, batch, pad_id, "cpu", packed, micro_batches)
+    loss = accumulate_gradients(model, batch, pad_id, "cpu", packed, pass_tokens)
     return loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
@@ -56,19 +56,21 @@ def peft_model(base):
     return model
 
 
-@pytest.mark.parametrize("packed,micro_batches", [(True, 1), (False, 2), (True, 3)])
-def test_packing_and_micro_batches_give_the_padded_step_dropout_included(base, splits, peft_model, packed, micro_batches):
+@pytest.mark.parametrize("packed,pass_tokens", [(True, 0), (False, 30), (True, 25), (True, 1)])
+def test_packing_and_parts_give_the_padded_step_dropout_included(base, splits, peft_model, packed, pass_tokens):
     import torch
 
     tokenizer = load_tokenizer(base)
     batch = [encode_example(e, tokenizer, False) for e in splits.train[:6]]
     assert len({len(ids) for ids, _ in batch}) > 1  # padding would really be needed
     padded, g_padded = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed=False)
-    loss, grads = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, micro_batches)
+    loss, grads = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, pass_tokens)
+    parts = _parts([len(ids) for ids, _ in batch], packed, pass_tokens)
+    assert len(parts) == {0: 1, 1: len(batch)}.get(pass_tokens, len(parts)) and (len(parts) > 1) == (pass_tokens > 0)
     assert loss == pytest.approx(padded, rel=1e-5)  # same dropout masks, not just the same distribution
     worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, g_padded, strict=True))
     assert worst < 1e-4, worst  # float summation order only
-    other_seed, _ = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, micro_batches, seed=1)
+    other_seed, _ = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, pass_tokens, seed=1)
     assert other_seed != pytest.approx(loss, rel=1e-4)  # dropout is live: other masks, another loss
 
 
@@ -119,7 +121,7 @@ def test_padded_batching_trains(base, splits, tmp_path):
 
 @pytest.mark.parametrize("change", [
     {"optimizer": "sgd"}, {"weight_decay": 0.01}, {"max_grad_norm": 0.5}, {"lr_schedule": "linear"},
-    {"min_lr_ratio": 0.0}, {"warmup_fraction": 0.2}, {"batching": "padded"}, {"micro_batches": 2}, {"gradient_checkpointing": "on"},
+    {"min_lr_ratio": 0.0}, {"warmup_fraction": 0.2}, {"batching": "padded"}, {"pass_tokens": 64}, {"gradient_checkpointing": "on"},
 ])
 def test_changing_a_training_constant_misses_the_adapter_cache(base, splits, tmp_path, change):
     ws = Workspace(root=tmp_path, base=base, splits=splits)
