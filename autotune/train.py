@@ -356,7 +356,7 @@ class DropoutLayout:
 
     LoRA dropout draws every mask entry from the step's seed, the module, and the entry's
     coordinates in the padded batch (one row per example, see :func:`padded_layout_dropout`),
-    so a packed step, or one run in micro-batches, sees exactly the masks of the padded step:
+    so a packed step, or one run in parts (``pass_tokens``), sees exactly the masks of the padded step:
     these change the compute, not the training.
     """
 
@@ -399,8 +399,7 @@ def _flat_index(positions, features: int):
 
 
 # lowbias32 (C. Wellons): a fast, well-mixed 32-bit integer hash, here a counter-based random stream.
-_HASH = (0x9E3779B9, 0x7FEB352D, 0x846CA68B)
-_HASH = tuple(c - 2**32 if c >= 2**31 else c for c in _HASH)  # as int32 (torch multiplies wrap)
+_HASH = tuple(c - 2**32 if c >= 2**31 else c for c in (0x9E3779B9, 0x7FEB352D, 0x846CA68B))  # as int32: torch wraps
 
 
 def _mix32(value: int) -> int:
@@ -432,7 +431,7 @@ def padded_layout_dropout(model) -> DropoutLayout:
 
     A mask entry is a hash of the step's seed (one draw from torch's generator per step), the
     dropout module, and the entry's coordinates in the padded batch, instead of ``F.dropout``'s
-    Bernoulli draw over the input's own shape: packed, padded and micro-batched steps get the
+    Bernoulli draw over the input's own shape: packed, padded and split steps get the
     same masks, padding costs no draws, and the hash is ~4x cheaper per entry than CPU
     ``bernoulli_``. The backward keeps the bool mask, not a float copy of the noise.
     """
@@ -447,7 +446,7 @@ def padded_layout_dropout(model) -> DropoutLayout:
         if layout.positions is None:  # a forward outside accumulate_gradients: a fresh draw
             seed = int(torch.randint(-2**31, 2**31 - 1, ()))
         else:
-            seed = _mix32(layout.seed ^ module)
+            seed = _mix32(layout.seed ^ module)  # one stream per module
         keep = keep_mask(layout.index(x), seed, dropout.p)
         return torch.where(keep, x * (1 / (1 - dropout.p)), 0)
 

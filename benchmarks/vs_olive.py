@@ -32,7 +32,7 @@ The issue records the figures but not the session's config file; this reproduces
     {"input_model": {"type": "HfModel", "model_path": "<the smollm2 HF folder in autotune's cache>"},
      "data_configs": [{"name": "train", "type": "HuggingfaceContainer",
         "load_dataset_config": {"data_name": "json", "data_files": "train600.jsonl", "split": "train"},
-        "pre_process_data_config": {"strategy": "join",
+        "pre_process_data_config": {"strategy": "join", "max_seq_len": 96,
                                     "text_template": "### Text: {text}\\n### The tone is:\\n{label}"}}],
      "passes": {"lora": {"type": "LoRA", "r": 16, "alpha": 32, "train_data_config": "train",
                          "training_args": {"max_steps": 150, "per_device_train_batch_size": 8,
@@ -41,8 +41,11 @@ The issue records the figures but not the session's config file; this reproduces
                 "builder": {"type": "ModelBuilder", "precision": "int4"}},
      "output_dir": "olive-out"}
 
-``train600.jsonl`` holds the 600 training phrases autotune trains on (``{"text": ..., "label": ...}`` lines;
-write them from ``load_splits`` with the flags above). "line-by-line" is the same config with
+``max_seq_len`` 96 gives the issue's 768 tokens per step (8 x 96); without it Olive joins into 1024-token rows,
+33x autotune's tokens per step (~86 s per step here). Add ``"systems"`` with a LocalSystem on
+``CPUExecutionProvider`` and ``"host"``/``"target"`` naming it to pin the CPU. ``train600.jsonl`` holds the 600
+training phrases autotune trains on (``{"text": ..., "label": ...}`` lines; write them from ``load_splits`` with
+the flags above). "line-by-line" is the same config with
 ``"strategy": "line-by-line"``. The int4 model is scored with autotune's ``measure()`` on the 160 test phrases.
 """
 
@@ -67,6 +70,8 @@ LABEL_MAP = "sadness=Sad,joy=Joy,fear=Fear,surprise=Surprise"
 OLIVE = {
     'Olive 0.13, "join" data (cookbook)': (582, 2.15, 569, 0.356),
     "Olive 0.13, line-by-line": (366, 2.11, 350, 0.037),
+    # Re-measured by session 4 on an AMD EPYC 2-core machine, right before autotune's 343 s run (config above).
+    'Olive 0.13, "join", max_seq_len 96 (EPYC)': (553, 2.35, 530, 0.338),
 }
 
 
