@@ -184,8 +184,13 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def tokens_per_step(splits: Splits, spec: TrainSpec) -> int:
     """A bound on the tokens one forward pass holds, from the longest examples (~3 characters per token)."""
     lengths = sorted((len(e.prompt) + len(e.label)) // 3 + 4 for e in splits.train)[-spec.batch_size:]
-    tokens = sum(lengths) if spec.batching == "packed" else len(lengths) * lengths[-1]
+    tokens = computed_tokens(lengths, spec.batching == "packed")
     return min(tokens, max(spec.pass_tokens, lengths[-1])) if spec.pass_tokens else tokens
+
+
+def computed_tokens(lengths: Sequence[int], packed: bool) -> int:
+    """Tokens a forward pass over examples of ``lengths`` computes: their sum packed, rows x longest padded."""
+    return sum(lengths) if packed else len(lengths) * max(lengths)
 
 
 def memory_need(base: BaseModel, spec: TrainSpec, dtype: str, tokens: int, checkpointing: bool) -> int:
@@ -574,9 +579,7 @@ def _parts(lengths: Sequence[int], packed: bool, pass_tokens: int) -> list[tuple
     """Consecutive (first, last) example ranges whose computed tokens stay within ``pass_tokens``."""
     parts, first = [], 0
     for last in range(1, len(lengths) + 1):
-        part = lengths[first:last]
-        tokens = sum(part) if packed else len(part) * max(part)
-        if pass_tokens and tokens > pass_tokens and last - first > 1:
+        if pass_tokens and computed_tokens(lengths[first:last], packed) > pass_tokens and last - first > 1:
             parts.append((first, last - 1))
             first = last - 1
     return parts + [(first, len(lengths))]
