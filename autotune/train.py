@@ -9,7 +9,7 @@ training steps 10-30x slower on a 2-core machine.
 from __future__ import annotations
 
 import contextlib
-import functools
+import itertools
 import json
 import math
 import random
@@ -21,6 +21,7 @@ from pathlib import Path
 from autotune.data import Example, Splits, render_prompt
 from autotune.errors import CandidateError, UserError
 from autotune.models import BaseModel, model_shape
+from autotune.packing import padded_layout_dropout, use_packed_attention
 from autotune.quantize import Int4Grid, fake_quantize
 
 # Bump when a change to this module changes the adapters it trains: it is part of every adapter's cache key.
@@ -350,116 +351,11 @@ def _peft_model(base: BaseModel, spec: TrainSpec, device: str, dtype: str, trust
     except ValueError as exc:
         raise UserError(f"LoRA target modules '{spec.target_modules}' do not exist in {base.architecture} ({exc})") from exc
     model.dropout_layout = padded_layout_dropout(model)
+    use_packed_attention(model.get_base_model())
     if spec.int4_aware:
         quantization_aware(model, spec.int4_grid())
     model.train()
     return model
-
-
-class DropoutLayout:
-    """Where each token of the current (part of a) batch sits in the step's padded batch, and the step's seed.
-
-    LoRA dropout draws every mask entry from the step's seed, the module, and the entry's
-    coordinates in the padded batch (one row per example, see :func:`padded_layout_dropout`),
-    so a packed step, or one run in parts (``pass_tokens``), sees exactly the masks of the padded step:
-    these change the compute, not the training.
-    """
-
-    def __init__(self) -> None:
-        self.seed = 0
-        self.positions = None  # flat (row * width + column) of each token, in the input's order
-        self._index: dict[int, object] = {}
-
-    @contextlib.contextmanager
-    def batch(self, lengths: Sequence[int], packed: bool, first_row: int = 0, width: int | None = None):
-        """Examples of ``lengths`` tokens, rows ``first_row``... of a padded batch ``width`` wide, packed or padded."""
-        import torch
-
-        width = width or max(lengths)
-        columns = list(lengths) if packed else [max(lengths)] * len(lengths)
-        self.positions = torch.tensor([(first_row + row) * width + column
-                                       for row, n in enumerate(columns) for column in range(n)])
-        try:
-            yield
-        finally:
-            self.positions, self._index = None, {}
-
-    def index(self, x):
-        """int32 coordinates in the padded batch of every element of ``x`` (tokens x features)."""
-        import torch
-
-        features = x.shape[-1]
-        if self.positions is None:  # outside a training step: the input's own shape is the layout
-            return _flat_index(torch.arange(x.numel() // features, device=x.device), features).view(x.shape)
-        if features not in self._index:
-            self._index[features] = _flat_index(self.positions.to(x.device), features)
-        return self._index[features].view(x.shape)
-
-
-def _flat_index(positions, features: int):
-    import torch
-
-    # int32 wraps past 2**31 elements: harmless for a hash's input.
-    return (positions[:, None] * features + torch.arange(features, device=positions.device)).to(torch.int32)
-
-
-# lowbias32 (C. Wellons): a fast, well-mixed 32-bit integer hash, here a counter-based random stream.
-_HASH = tuple(c - 2**32 if c >= 2**31 else c for c in (0x9E3779B9, 0x7FEB352D, 0x846CA68B))  # as int32: torch wraps
-
-
-def _mix32(value: int) -> int:
-    """lowbias32 of a Python int, as a signed int32: a module's seed from the step's."""
-    x = value % 2**32
-    for shift, multiplier in ((16, _HASH[1]), (15, _HASH[2]), (16, None)):
-        x ^= x >> shift
-        if multiplier is not None:
-            x = x * (multiplier % 2**32) % 2**32
-    return x - 2**32 if x >= 2**31 else x
-
-
-def keep_mask(index, seed: int, p: float):
-    """Bernoulli(1 - p) keep-mask, one entry per int32 ``index``, a pure function of (index, seed)."""
-    import torch
-
-    # In place throughout: a handful of activation-sized temporaries per call fragment the heap.
-    x = index * _HASH[0]
-    x ^= seed
-    for shift, multiplier in ((16, _HASH[1]), (15, _HASH[2]), (16, None)):
-        x ^= (x >> shift).bitwise_and_((1 << (32 - shift)) - 1)  # a logical shift (torch's >> is arithmetic)
-        if multiplier is not None:
-            x *= multiplier
-    return x.bitwise_and_(0xFFFFFF) >= round(p * 2**24)
-
-
-def padded_layout_dropout(model) -> DropoutLayout:
-    """Route every LoRA dropout of a peft model through one :class:`DropoutLayout`.
-
-    A mask entry is a hash of the step's seed (one draw from torch's generator per step), the
-    dropout module, and the entry's coordinates in the padded batch, instead of ``F.dropout``'s
-    Bernoulli draw over the input's own shape: packed, padded and split steps get the
-    same masks, padding costs no draws, and the hash is ~4x cheaper per entry than CPU
-    ``bernoulli_``. The backward keeps the bool mask, not a float copy of the noise.
-    """
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    layout = DropoutLayout()
-
-    def forward(module, dropout, x):
-        if not dropout.training or dropout.p == 0:
-            return x
-        if layout.positions is None:  # a forward outside accumulate_gradients: a fresh draw
-            seed = int(torch.randint(-2**31, 2**31 - 1, ()))
-        else:
-            seed = _mix32(layout.seed ^ module)  # one stream per module
-        keep = keep_mask(layout.index(x), seed, dropout.p)
-        return torch.where(keep, x * (1 / (1 - dropout.p)), 0)
-
-    dropouts = [d for m in model.modules() if isinstance(m, LoraLayer) for d in m.lora_dropout.values()
-                if isinstance(d, torch.nn.Dropout)]
-    for number, dropout in enumerate(dropouts):
-        dropout.forward = functools.partial(forward, number, dropout)
-    return layout
 
 
 def quantization_aware(model, grid: Int4Grid) -> None:
@@ -555,7 +451,7 @@ def accumulate_gradients(model, batch: Sequence[tuple[list[int], list[int]]], pa
     The batch runs in consecutive parts of at most ``pass_tokens`` computed tokens (0: in one
     pass; an example longer than that is a part of its own), each loss weighted by its share of
     the answer tokens, and every part draws its dropout masks where its rows sit in the whole
-    batch (:class:`DropoutLayout`): the gradients are the whole batch's, whatever the split or
+    batch (:class:`~autotune.packing.DropoutLayout`): the gradients are the whole batch's, whatever the split or
     the packing, while the activations held at once are bounded by the part.
     """
     import torch
@@ -588,10 +484,11 @@ def _parts(lengths: Sequence[int], packed: bool, pass_tokens: int) -> list[tuple
 def _packed_loss(model, batch: Sequence[tuple[list[int], list[int]]], device: str):
     """Mean answer-token loss of a batch packed into one row, logits only where a label is scored.
 
-    Each example keeps its own position ids (restarting at 0), from which transformers builds
-    a block-diagonal causal mask: no token attends across examples, exactly as in a padded
-    batch, but no compute goes to padding. The vocab-wide head runs on the scored positions
-    only (a few per example) instead of every token.
+    Each example keeps its own position ids (restarting at 0) and attends only within itself
+    (:func:`~autotune.packing.packed_attention`; other attention kinds get a block-diagonal
+    mask that transformers builds from the position ids), exactly as in a padded batch, but
+    no compute goes to padding. The vocab-wide head runs on the scored positions only (a few
+    per example) instead of every token.
     """
     import torch
 
@@ -602,7 +499,9 @@ def _packed_loss(model, batch: Sequence[tuple[list[int], list[int]]], device: st
     keep = [i for i in range(len(ids) - 1) if targets[i + 1] != -100 and positions[i + 1] != 0]
     input_ids = torch.tensor([ids], device=device)
     position_ids = torch.tensor([positions], device=device)
+    starts = torch.tensor([0, *itertools.accumulate(len(item) for item, _ in batch)], device=device)
     logits = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=torch.tensor(keep, device=device),
+                   cu_seq_lens_q=starts,  # where the examples start: packed_attention attends within each
                    use_cache=False).logits  # a cache would hide the packed positions from the mask builder
     gold = torch.tensor([targets[i + 1] for i in keep], device=device)
     return torch.nn.functional.cross_entropy(logits[0].float(), gold)

@@ -11,8 +11,9 @@ from autotune.candidate import Workspace
 from autotune.data import DataConfig, load_splits
 from autotune.errors import CandidateError
 from autotune.models import BaseModel, model_shape
-from autotune.train import (TrainSpec, _parts, _peft_model, accumulate_gradients, check_memory, encode_example, keep_mask,
+from autotune.train import (TrainSpec, _parts, _peft_model, accumulate_gradients, check_memory, encode_example,
                             load_tokenizer, memory_need, train_adapter)
+from autotune.packing import PACKED_ATTENTION, keep_mask, packed_attention
 from conftest import LABELS, write_jsonl
 
 # Phi-3-mini-4k-instruct's config.json (3.8B parameters): sizes only, no weights.
@@ -104,6 +105,30 @@ def test_dropout_masks_are_bernoulli_and_seeded():
     neighbours = torch.corrcoef(torch.stack([keep[:-1], keep[1:]]))[0, 1].item()
     assert abs(neighbours) < 0.01  # adjacent coordinates uncorrelated
     assert keep_mask(index, 7, 0.5).float().mean().item() == pytest.approx(0.5, abs=0.003)
+
+
+def test_packed_attention_is_the_block_diagonal_mask_per_example(peft_model):
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    assert peft_model.get_base_model().config._attn_implementation == PACKED_ATTENTION  # what training runs
+    lengths = [3, 7, 5, 1]
+    segment = torch.arange(len(lengths)).repeat_interleave(torch.tensor(lengths))
+    position = torch.cat([torch.arange(n) for n in lengths])
+    mask = (segment[:, None] == segment[None, :]) & (position[:, None] >= position[None, :])
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True  # grouped-query attention: 4 query heads, 2 kv heads
+    torch.manual_seed(0)
+    tensors = [torch.randn(1, heads, sum(lengths), 8, requires_grad=True) for heads in (4, 2, 2)]
+    expected, _ = sdpa_attention_forward(module, *tensors, mask[None, None], scaling=0.3)
+    grads = torch.autograd.grad(expected.square().sum(), tensors)
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    out, _ = packed_attention(module, *tensors, None, scaling=0.3, cu_seq_lens_q=starts)
+    assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(out.square().sum(), tensors), grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+    plain, _ = packed_attention(module, *tensors, mask[None, None], scaling=0.3)  # no cu_seq_lens: sdpa itself
+    assert torch.equal(plain, expected)
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(base, splits, tmp_path):
