@@ -91,8 +91,8 @@ class HardwareInfo:
         physical_cores: physical cores this process may use.
         logical_cores: logical CPUs this process may use (affinity and cgroup quota
             applied, so inside a container it is the container's share).
-        isa: the SIMD extensions present, a subset of ``avx2``, ``avx512``,
-            ``avx512_vnni``, ``avx_vnni``, ``amx``, ``neon``.
+        isa: the SIMD extensions present, a subset of :data:`~autotune.profiles.ISAS`
+            (``avx512_bf16`` and ``amx`` have native bf16 dot products).
         ram_gb: total RAM in GiB (a cgroup memory limit, if lower, wins).
         gpus: the CUDA GPUs torch can use.
         bnb_4bit: whether a bitsandbytes NF4 ``Linear4bit`` really quantizes and
@@ -186,6 +186,7 @@ _ISA_FLAGS = {
     "avx512": ("avx512f",),
     "avx512_vnni": ("avx512_vnni", "avx512vnni"),
     "avx_vnni": ("avx_vnni", "avxvnni"),
+    "avx512_bf16": ("avx512_bf16", "avx512bf16"),
     "amx": ("amx_tile", "amx_int8", "amxtile", "amxint8"),
 }
 
@@ -382,6 +383,10 @@ def _mismatch(profile: Profile, info: HardwareInfo) -> str | None:
         oses = req["os"] if isinstance(req["os"], list) else [req["os"]]
         if info.os not in oses:
             return f"needs {' or '.join(oses)} (this is {info.os})"
+    if "isa" in req:
+        wanted = req["isa"] if isinstance(req["isa"], list) else [req["isa"]]
+        if not set(wanted) & set(info.isa):
+            return f"needs a CPU with {' or '.join(wanted)} (this one has {', '.join(info.isa) or 'none of them'})"
     if req.get("gpu") is True and not info.gpus:
         return "needs a CUDA GPU (torch sees none)"
     if req.get("gpu") is False and info.gpus:

@@ -32,7 +32,9 @@ VALID_PRECISIONS: dict[str, tuple[str, ...]] = {
 TRAIN_DEVICES = ("cpu", "cuda")
 TRAIN_DTYPES = ("float32", "bfloat16", "float16")
 OSES = ("linux", "windows", "darwin")
-REQUIRES_KEYS = ("gpu", "min_compute_capability", "os", "provider")
+REQUIRES_KEYS = ("gpu", "min_compute_capability", "os", "provider", "isa")
+# CPU instruction sets a profile can require (any one of a list), as HardwareInfo.isa names them.
+ISAS = ("avx2", "avx512", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx", "neon")
 
 
 def parse_capability(value: Any) -> tuple[int, int] | None:
@@ -68,7 +70,8 @@ class Profile:
         memory_headroom: fraction of the free RAM/VRAM one candidate may use.
         requires: match conditions; keys from :data:`REQUIRES_KEYS`:
             ``gpu`` (bool), ``min_compute_capability`` (e.g. ``8.0``), ``os`` (name
-            or list), ``provider`` (a genai provider that must be usable).
+            or list), ``provider`` (a genai provider that must be usable), ``isa``
+            (a CPU instruction set from :data:`ISAS`, or a list: any one of them).
         priority: higher wins under ``--target auto``.
         source: the YAML file it came from.
     """
@@ -205,6 +208,10 @@ def _validate_requires(requires: dict[str, Any], where: str) -> None:
             names = value if isinstance(value, list) else [value]
             if not names or any(n not in OSES for n in names):
                 raise UserError(f"{where}: requires.os must be one or a list of {', '.join(OSES)} (got {value!r})")
+        if key == "isa":
+            names = value if isinstance(value, list) else [value]
+            if not names or any(n not in ISAS for n in names):
+                raise UserError(f"{where}: requires.isa must be one or a list of {', '.join(ISAS)} (got {value!r})")
         if key == "provider" and value not in EXECUTION_PROVIDERS:
             raise UserError(
                 f"{where}: requires.provider must be one of {', '.join(EXECUTION_PROVIDERS)} (got {value!r})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -21,6 +22,7 @@ from autotune.hardware import (
     matches,
     probe,
 )
+from autotune.profiles import ISAS
 
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", 79.2, (8, 0))
 T4 = GpuInfo("Tesla T4", 14.6, (7, 5))
@@ -74,7 +76,7 @@ def test_probe_sane_on_this_machine(real_info: HardwareInfo) -> None:
     assert info.os in ("linux", "windows", "darwin")
     assert info.cpu_model
     assert 1 <= info.physical_cores <= info.logical_cores <= (psutil.cpu_count() or 1)
-    assert set(info.isa) <= {"avx2", "avx512", "avx512_vnni", "avx_vnni", "amx", "neon"}
+    assert set(info.isa) <= set(ISAS) and set(hardware._ISA_FLAGS) | {"neon"} == set(ISAS)
     assert info.ram_gb > 0.5
     assert "cpu" in info.genai_providers
     assert "CPUExecutionProvider" in info.ort_providers
@@ -88,8 +90,9 @@ def test_probe_sane_on_this_machine(real_info: HardwareInfo) -> None:
 def test_probe_chooses_cpu_here(real_info: HardwareInfo, profiles: list[Profile]) -> None:
     if real_info.gpus:
         pytest.skip("this machine has a GPU")
-    assert choose_profile(real_info, "auto", profiles).name == "cpu"
-    assert choose_profile(real_info, "cpu", profiles).name == "cpu"
+    expected = "cpu-bf16" if {"avx512_bf16", "amx"} & set(real_info.isa) else "cpu"
+    assert choose_profile(real_info, "auto", profiles).name == expected
+    assert choose_profile(real_info, "cpu", profiles).name == expected
 
 
 def test_target_cuda_without_gpu_is_one_line_error(real_info: HardwareInfo, profiles: list[Profile]) -> None:
@@ -211,6 +214,19 @@ def test_matches() -> None:
     assert not matches(by_name["dml"], machine(os="linux", genai=("cpu", "dml")))
 
 
+@pytest.mark.parametrize(("isa", "expected"), [
+    (("avx2",), "cpu"), (("avx2", "avx512"), "cpu"), (("avx512", "avx512_bf16"), "cpu-bf16"), (("amx",), "cpu-bf16"),
+])
+def test_a_cpu_with_native_bf16_trains_in_bf16(profiles: list[Profile], isa: tuple[str, ...], expected: str) -> None:
+    chosen = choose_profile(replace(machine(), isa=isa), "cpu", profiles)
+    assert chosen.name == expected
+    assert chosen.train_dtype == {"cpu": "float32", "cpu-bf16": "bfloat16"}[expected]
+    assert choose_profile(replace(machine(), isa=isa), "auto", profiles).name == expected
+    if expected == "cpu":
+        assert "needs a CPU with avx512_bf16 or amx" in hardware._mismatch(
+            next(p for p in profiles if p.name == "cpu-bf16"), replace(machine(), isa=isa))
+
+
 def test_qlora_needs_the_probe(profiles: list[Profile]) -> None:
     cpu = next(p for p in profiles if p.name == "cpu")
     assert hardware.qlora_enabled(cpu, machine(bnb_4bit=True))
@@ -270,6 +286,7 @@ def test_unknown_key_is_user_error(tmp_path: Path) -> None:
         ("priority: 1", "priority: high", "priority must be an integer"),
         ("requires: {}", "requires: {ram: 4}", "unknown key 'requires.ram'"),
         ("requires: {}", "requires: {os: beos}", "requires.os must be"),
+        ("requires: {}", "requires: {isa: [sse9]}", "requires.isa must be one or a list of avx2,"),
         ("name: test\n", "", "missing key(s) name"),
     ],
 )
