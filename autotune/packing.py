@@ -16,6 +16,7 @@ import contextlib
 import functools
 from collections.abc import Sequence
 
+
 class DropoutLayout:
     """Where each token of the current (part of a) batch sits in the step's padded batch, and the step's seed.
 
@@ -79,8 +80,6 @@ def _mix32(value: int) -> int:
 
 def keep_mask(index, seed: int, p: float):
     """Bernoulli(1 - p) keep-mask, one entry per int32 ``index``, a pure function of (index, seed)."""
-    import torch
-
     # In place throughout: a handful of activation-sized temporaries per call fragment the heap.
     x = index * _HASH[0]
     x ^= seed

@@ -24,8 +24,9 @@ from autotune.models import BaseModel, model_shape
 from autotune.packing import padded_layout_dropout, use_packed_attention
 from autotune.quantize import Int4Grid, fake_quantize
 
-# Bump when a change to this module changes the adapters it trains: it is part of every adapter's cache key.
-CODE_VERSION = 2
+# Bump when a change to this module or to autotune.packing changes the adapters it trains: it is part of every
+# adapter's cache key. 3: each packed example attends on its own, in fp32 on the CPU.
+CODE_VERSION = 3
 METHODS = ("lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "linear", "constant")

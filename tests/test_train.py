@@ -59,8 +59,6 @@ def peft_model(base):
 
 @pytest.mark.parametrize("packed,pass_tokens", [(True, 0), (False, 30), (True, 25), (True, 1)])
 def test_packing_and_parts_give_the_padded_step_dropout_included(base, splits, peft_model, packed, pass_tokens):
-    import torch
-
     tokenizer = load_tokenizer(base)
     batch = [encode_example(e, tokenizer, False) for e in splits.train[:6]]
     assert len({len(ids) for ids, _ in batch}) > 1  # padding would really be needed
