@@ -33,6 +33,7 @@ from autotune.profiles import (  # noqa: F401  (re-exported: the profiles are pa
     Profile,
     default_profiles_dir,
     load_profiles,
+    one_or_many,
     parse_capability,
 )
 
@@ -380,11 +381,11 @@ def _mismatch(profile: Profile, info: HardwareInfo) -> str | None:
     """Why ``profile`` cannot run on ``info``, or None if it can."""
     req = profile.requires
     if "os" in req:
-        oses = req["os"] if isinstance(req["os"], list) else [req["os"]]
+        oses = one_or_many(req["os"])
         if info.os not in oses:
             return f"needs {' or '.join(oses)} (this is {info.os})"
     if "isa" in req:
-        wanted = req["isa"] if isinstance(req["isa"], list) else [req["isa"]]
+        wanted = one_or_many(req["isa"])
         if not set(wanted) & set(info.isa):
             return f"needs a CPU with {' or '.join(wanted)} (this one has {', '.join(info.isa) or 'none of them'})"
     if req.get("gpu") is True and not info.gpus:

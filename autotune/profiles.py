@@ -196,6 +196,11 @@ class Profile:
         }
 
 
+def one_or_many(value: Any) -> list:
+    """A ``requires`` value that may be one name or a list of them (``os``, ``isa``), as a list."""
+    return value if isinstance(value, list) else [value]
+
+
 def _validate_requires(requires: dict[str, Any], where: str) -> None:
     for key, value in requires.items():
         if key not in REQUIRES_KEYS:
@@ -204,14 +209,9 @@ def _validate_requires(requires: dict[str, Any], where: str) -> None:
             raise UserError(f"{where}: requires.gpu must be true or false (got {value!r})")
         if key == "min_compute_capability" and parse_capability(value) is None:
             raise UserError(f"{where}: requires.min_compute_capability must look like 8.0 (got {value!r})")
-        if key == "os":
-            names = value if isinstance(value, list) else [value]
-            if not names or any(n not in OSES for n in names):
-                raise UserError(f"{where}: requires.os must be one or a list of {', '.join(OSES)} (got {value!r})")
-        if key == "isa":
-            names = value if isinstance(value, list) else [value]
-            if not names or any(n not in ISAS for n in names):
-                raise UserError(f"{where}: requires.isa must be one or a list of {', '.join(ISAS)} (got {value!r})")
+        for name, choices in (("os", OSES), ("isa", ISAS)):
+            if key == name and (not one_or_many(value) or any(n not in choices for n in one_or_many(value))):
+                raise UserError(f"{where}: requires.{name} must be one or a list of {', '.join(choices)} (got {value!r})")
         if key == "provider" and value not in EXECUTION_PROVIDERS:
             raise UserError(
                 f"{where}: requires.provider must be one of {', '.join(EXECUTION_PROVIDERS)} (got {value!r})"
