@@ -102,12 +102,51 @@ def _round_half_away(x: "torch.Tensor") -> "torch.Tensor":
     """C ``roundf`` for x >= 0 (negative x only ever gives <= 0, which the callers clamp to 0).
 
     ``floor(x + 0.5)`` is not it: x + 0.5 itself rounds (0.49999997 + 0.5 == 1.0 in fp32).
-    ``x - floor(x)`` is exact, so this is.
+    ``x - floor(x)`` is exact and so is doubling it, so ``floor(2 * (x - floor(x)))`` is 1 exactly
+    when the fraction is at least a half (all float ops: a bool-to-float add costs ~10x one).
     """
     import torch
 
     whole = torch.floor(x)
-    return whole + (x - whole >= 0.5).to(x.dtype)
+    fraction = x - whole
+    fraction *= 2.0
+    return whole.add_(fraction.floor_())
+
+
+def _grid_of(blocks: "torch.Tensor", grid: Int4Grid) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """(scale, zero point) of each block of ``blocks`` ``[out, blocks, block_size]`` (fp32), as floats."""
+    import torch
+
+    # amax and amin apart: torch.aminmax over a short last dimension is ~20x slower on the CPU.
+    hi, lo = blocks.amax(-1), blocks.amin(-1)
+    if grid.symmetric:
+        peak = torch.where(hi.abs() > lo.abs(), hi, lo)
+        scale = peak / -8.0  # a power of two: exact whether divided or multiplied by the reciprocal
+        return scale, torch.full_like(scale, 8.0)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    # Tensor divisors on purpose: CUDA turns division by a Python scalar into a multiply by its
+    # reciprocal, which is off by one bit now and then.
+    scale = (hi - lo) / torch.full_like(hi, 15.0)
+    zero_fp = torch.where(scale != 0, -lo / scale, lo)
+    return scale, _round_half_away(zero_fp).clamp_(0.0, 15.0)
+
+
+def _codes(blocks: "torch.Tensor", scale: "torch.Tensor", zero: "torch.Tensor") -> "torch.Tensor":
+    """The int4 code of every weight of ``blocks`` (as fp32 values 0..15) on its block's ``scale`` and ``zero``."""
+    import torch
+
+    reciprocal = torch.where(scale != 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
+    # MLAS multiplies by the reciprocal, then adds the zero point: two roundings, kept apart.
+    scaled = blocks * reciprocal.unsqueeze(-1)
+    scaled += zero.unsqueeze(-1)
+    return _round_half_away(scaled).clamp_(0.0, 15.0)
+
+
+def _blocks(weight: "torch.Tensor", grid: Int4Grid) -> "torch.Tensor":
+    if weight.dim() != 2 or weight.shape[1] % grid.block_size:
+        raise ValueError(f"need a [out, in] weight with in divisible by {grid.block_size}, got {tuple(weight.shape)}")
+    out, cols = weight.shape
+    return weight.detach().float().reshape(out, cols // grid.block_size, grid.block_size)
 
 
 def quantize_rtn(weight: "torch.Tensor", grid: Int4Grid) -> QuantizedWeight:
@@ -119,27 +158,10 @@ def quantize_rtn(weight: "torch.Tensor", grid: Int4Grid) -> QuantizedWeight:
     """
     import torch
 
-    if weight.dim() != 2 or weight.shape[1] % grid.block_size:
-        raise ValueError(f"need a [out, in] weight with in divisible by {grid.block_size}, got {tuple(weight.shape)}")
-    out, cols = weight.shape
-    blocks = weight.detach().float().reshape(out, cols // grid.block_size, grid.block_size)
-    hi, lo = blocks.amax(-1), blocks.amin(-1)
-    if grid.symmetric:
-        peak = torch.where(hi.abs() > lo.abs(), hi, lo)
-        scale = peak / -8.0  # a power of two: exact whether divided or multiplied by the reciprocal
-        zero = torch.full_like(scale, 8.0)
-    else:
-        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-        # Tensor divisors on purpose: CUDA turns division by a Python scalar into a multiply by its
-        # reciprocal, which is off by one bit now and then.
-        scale = (hi - lo) / torch.full_like(hi, 15.0)
-        zero_fp = torch.where(scale != 0, -lo / scale, lo)
-        zero = _round_half_away(zero_fp).clamp(0.0, 15.0)
-    reciprocal = torch.where(scale != 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
-    # MLAS multiplies by the reciprocal, then adds the zero point: two roundings, kept apart.
-    scaled = blocks * reciprocal.unsqueeze(-1)
-    q = _round_half_away(scaled + zero.unsqueeze(-1)).clamp(0.0, 15.0)
-    return QuantizedWeight(q.to(torch.uint8).view(out, cols), scale, zero.to(torch.uint8))
+    blocks = _blocks(weight, grid)
+    scale, zero = _grid_of(blocks, grid)
+    q = _codes(blocks, scale, zero)
+    return QuantizedWeight(q.to(torch.uint8).view(weight.shape), scale, zero.to(torch.uint8))
 
 
 def fake_quantize(weight: "torch.Tensor", grid: Int4Grid) -> "torch.Tensor":
@@ -152,6 +174,16 @@ def fake_quantize(weight: "torch.Tensor", grid: Int4Grid) -> "torch.Tensor":
     return _straight_through().apply(weight, grid)
 
 
+def _dequantized(weight: "torch.Tensor", grid: Int4Grid) -> "torch.Tensor":
+    """``quantize_rtn(weight, grid).dequantize()``, without the round trip through uint8 (~4x faster)."""
+    blocks = _blocks(weight, grid)
+    scale, zero = _grid_of(blocks, grid)
+    q = _codes(blocks, scale, zero)
+    q -= zero.unsqueeze(-1)  # the (q - zero point) * scale of :meth:`QuantizedWeight.dequantize`, op for op
+    q *= scale.unsqueeze(-1)
+    return q.view(weight.shape)
+
+
 @functools.cache
 def _straight_through() -> type:
     # Built on first use so that importing this module does not import torch.
@@ -160,7 +192,7 @@ def _straight_through() -> type:
     class StraightThrough(torch.autograd.Function):
         @staticmethod
         def forward(ctx, weight, grid):
-            return quantize_rtn(weight, grid).dequantize().to(weight.dtype)
+            return _dequantized(weight, grid).to(weight.dtype)
 
         @staticmethod
         def backward(ctx, grad):

@@ -25,8 +25,9 @@ from autotune.packing import padded_layout_dropout, use_packed_attention
 from autotune.quantize import Int4Grid, fake_quantize
 
 # Bump when a change to this module or to autotune.packing changes the adapters it trains: it is part of every
-# adapter's cache key. 3: each packed example attends on its own, in fp32 on the CPU.
-CODE_VERSION = 3
+# adapter's cache key. 3: each packed example attends on its own, in fp32 on the CPU. 4: int4-aware adapters
+# get their straight-through gradients from one LoRA pass (the same gradients, summed in another order).
+CODE_VERSION = 4
 METHODS = ("lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -210,8 +211,8 @@ def memory_need(base: BaseModel, spec: TrainSpec, dtype: str, tokens: int, check
         weights = (shape.parameters - shape.embedding_parameters) * 0.56 + shape.embedding_parameters * 4
     else:
         weights = shape.parameters * width
-    if spec.int4_aware and not checkpointing:  # the forward keeps each layer's rounded fp32 weight for the backward
-        weights += (shape.parameters - shape.embedding_parameters) * 4
+    if spec.int4_aware:  # each layer's rounded weight, kept from one optimizer step to the next
+        weights += (shape.parameters - shape.embedding_parameters) * width
     lora = spec.rank * shape.layers * (6 * shape.hidden + 3 * shape.intermediate) * 16  # weights, grads, 2 Adam moments
     per_layer = (14 * shape.hidden + 5 * shape.intermediate) * 4 * tokens
     activations = shape.hidden * 4 * tokens * shape.layers + per_layer if checkpointing else per_layer * shape.layers
@@ -394,20 +395,44 @@ def _exported_as_int4(name: str) -> bool:
 
 
 def _int4_forward(layer, grid: Int4Grid):
+    import torch
     import torch.nn.functional as F
+
+    cached = {"key": None, "weight": None}
+
+    def rounded(dtype):
+        """``fake_quantize(W + s * B @ A)``, computed once per value of A and B (once per optimizer step, not
+        once per part of a step and again in each checkpointed recompute)."""
+        (adapter,) = layer.active_adapters
+        base, a, b = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        key = (adapter, dtype, a._version, b._version, base._version)  # an optimizer step updates A and B in place
+        if cached["key"] != key:
+            cached["weight"] = None  # the old copy goes before the new one is made
+            with torch.no_grad():
+                # In fp32, as the export merges and rounds (a bf16 base on a GPU is exact to within its own rounding).
+                merged = base.float() + layer.scaling[adapter] * (b.float() @ a.float())
+                cached["key"], cached["weight"] = key, fake_quantize(merged, grid).to(dtype)
+        return cached["weight"]
 
     def forward(x, *args, **kwargs):
         (adapter,) = layer.active_adapters
-        base, a, b = layer.base_layer, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        scaling = layer.scaling[adapter]
-        # In fp32, as the export merges and rounds (a bf16 base on a GPU is exact to within its own rounding).
-        merged = base.weight.float() + scaling * (b.float() @ a.float())
-        y = F.linear(x, fake_quantize(merged, grid).to(x.dtype), base.bias)
+        a, b, scaling = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, layer.scaling[adapter]
+        y = F.linear(x, rounded(x.dtype), layer.base_layer.bias)
+        if not torch.is_grad_enabled() or not a.requires_grad:
+            return y  # eval, or a frozen adapter: exactly the rounded weight's output
+        # The straight-through gradient: d loss / d(W + s * B @ A) is d loss / d(rounded weight), so A and B
+        # get the LoRA path's gradients on x, and x its own through the rounded weight. One LoRA pass carries
+        # them: on ``x.detach()``, minus its own value (so it adds zero). In training, LoRA dropout's noise
+        # ``s * B @ A (dropout(x) - x)`` rides on the same pass (zero in expectation, absent at export).
+        x_a = x.to(a.dtype)
+        source, offset = x_a.detach(), None
         dropout = layer.lora_dropout[adapter]
         if layer.training and getattr(dropout, "p", 0.0) > 0:
-            x_a = x.to(a.dtype)
-            y = y + scaling * F.linear(F.linear(dropout(x_a) - x_a, a), b).to(y.dtype)
-        return y
+            source = (dropout(x_a) - x_a) + source
+            with torch.no_grad():
+                offset = scaling * F.linear(F.linear(x_a, a), b)
+        lora = scaling * F.linear(F.linear(source, a), b)
+        return y + (lora - (lora.detach() if offset is None else offset)).to(y.dtype)
 
     return forward
 

@@ -433,6 +433,41 @@ def test_int4_aware_training_forward_is_what_the_builder_ships(block, tiny128, s
         assert torch.equal(_embedding_rows(graph, ids), table[ids])
 
 
+def test_int4_aware_gradients_are_straight_through_and_the_rounding_follows_each_step(tiny128):
+    """A and B get the straight-through gradients of ``x @ fake_quantize(W + s * B @ A)`` (computed here the
+    direct way), x the rounded weight's; the rounded weight is computed once per optimizer step, and after a
+    step the forward rounds the new merged weight."""
+    import torch.nn.functional as F
+
+    from autotune.models import resolve_model
+    from autotune.quantize import fake_quantize
+    from autotune.train import TrainSpec, _peft_model
+
+    grid = Int4Grid(32, True)
+    spec = TrainSpec(rank=4, alpha=8.0, dropout=0.0, int4_aware=True, int4_block_size=32)
+    model = _peft_model(resolve_model(str(tiny128)), spec, "cpu", "float32", False, False)
+    layer = model.base_model.model.get_submodule(LINEARS[0])
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.manual_seed(0)
+    with torch.no_grad():
+        b.normal_(0, 0.05)  # peft starts B at zero: make the adapter's share of the rounding count
+    x0, target = torch.randn(2, 5, layer.in_features), torch.randn(2, 5, layer.out_features)
+    optimizer = torch.optim.AdamW([a, b], lr=1e-2)
+    for _ in range(2):
+        x = x0.clone().requires_grad_()
+        ((layer(x) - target) ** 2).sum().backward()
+        grads = x.grad, a.grad.clone(), b.grad.clone()
+        x_ref, a_ref, b_ref = (t.detach().clone().requires_grad_() for t in (x0, a, b))
+        merged = layer.base_layer.weight + layer.scaling["default"] * (b_ref @ a_ref)
+        reference = F.linear(x_ref, fake_quantize(merged, grid))
+        assert torch.equal(layer(x0).detach(), reference.detach())  # the output is the rounded weight's, exactly
+        ((reference - target) ** 2).sum().backward()
+        for got, want in zip(grads, (x_ref.grad, a_ref.grad, b_ref.grad)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        optimizer.step()  # in place: the next forward must round the new merged weight
+        optimizer.zero_grad()
+
+
 # --- calibrated int4 (GPTQ) -------------------------------------------------------------------------
 
 def test_gptq_lowers_the_output_error_of_rtn_on_its_calibration_inputs():

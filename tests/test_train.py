@@ -206,12 +206,13 @@ def test_a_model_too_large_is_refused_before_any_work(tmp_path, monkeypatch, cap
     assert not (tmp_path / "out" / "cache" / "adapters").exists()
 
 
-def test_int4_aware_memory_counts_the_rounded_weights_kept_for_the_backward(base):
+def test_int4_aware_memory_counts_the_rounded_weights_it_keeps(base):
     from autotune.models import model_shape
     from autotune.train import memory_need
 
     plain, aware = TrainSpec(rank=4, alpha=8.0), TrainSpec(rank=4, alpha=8.0, int4_aware=True)
     shape = model_shape(base)
-    extra = memory_need(base, aware, "float32", 256, False) - memory_need(base, plain, "float32", 256, False)
-    assert extra == (shape.parameters - shape.embedding_parameters) * 4
-    assert memory_need(base, aware, "float32", 256, True) == memory_need(base, plain, "float32", 256, True)
+    for dtype, width in (("float32", 4), ("bfloat16", 2)):
+        for checkpointing in (False, True):  # kept across the step, recomputed layers or not
+            extra = memory_need(base, aware, dtype, 256, checkpointing) - memory_need(base, plain, dtype, 256, checkpointing)
+            assert extra == (shape.parameters - shape.embedding_parameters) * width
