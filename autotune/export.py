@@ -20,8 +20,9 @@ from autotune.models import BaseModel, model_shape
 from autotune.quantize import BLOCK_SIZES
 from autotune.train import free_memory, release_memory
 
-# Bump when a change to this module changes the models it exports: it is part of every export's cache key.
-CODE_VERSION = 2
+# Bump when a change to this module or to autotune.quantize changes the models it exports: it is part of every
+# export's cache key. 3: GPTQ calibrates on packed samples and rounds Linears sharing an input as one matrix.
+CODE_VERSION = 3
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 INT4_ALGOS = ("default", "rtn", "k_quant")
 # int8_layers -> the builder's matmul_mixed_precision selectors kept at int8 in an int4 model.

@@ -174,3 +174,16 @@ def use_packed_attention(model) -> bool:
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
     model.set_attn_implementation(PACKED_ATTENTION)
     return True
+
+
+@contextlib.contextmanager
+def packed_attention_in(model):
+    """:func:`use_packed_attention` for the duration of the block (yields whether it applies), then the
+    model's own attention again."""
+    previous = getattr(model.config, "_attn_implementation", None)
+    packed = use_packed_attention(model)
+    try:
+        yield packed
+    finally:
+        if packed:
+            model.set_attn_implementation(previous)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import re
 import shutil
@@ -321,7 +322,8 @@ def write_prequantized(merged_dir: Path, out_dir: Path, weights: dict[str, Quant
 
 
 def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: float = 0.01,
-                  on_layer: "Callable[[int, int], None] | None" = None) -> dict[str, QuantizedWeight]:
+                  on_layer: "Callable[[int, int], None] | None" = None,
+                  tokens_per_pass: int = 2048) -> dict[str, QuantizedWeight]:
     """Int4 weights for every Linear of the decoder layers and the LM head, chosen by GPTQ on ``samples``.
 
     GPTQ (Frantar et al., 2022) rounds a weight matrix one input column at a time and moves
@@ -331,6 +333,12 @@ def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: floa
     outputs of the layers before it *as quantized*, so later layers correct earlier errors.
     Scales and zero points follow the export's grid (:func:`quantize_rtn` per block, taken
     when the block's first column is reached), so the result ships as plain ``MatMulNBits``.
+
+    Linears that read the same input (q/k/v, gate/up) share one Hessian and are rounded as one
+    stacked matrix (GPTQ treats rows independently, so this is the same algorithm, run once).
+    The samples run packed, up to ``tokens_per_pass`` tokens per forward, each attending only
+    within itself (:func:`~autotune.packing.packed_attention`; one sample per forward for
+    models without ``sdpa`` attention).
 
     The LM head is calibrated too, on the final hidden states: on SmolLM2 (tied, so its int4
     table is also the embedding's) it is most of what int4 costs. Measured on one demo adapter
@@ -343,38 +351,45 @@ def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: floa
         grid: block size and symmetry of the int4 export.
         damping: added to the Hessian's diagonal, as a fraction of its mean (numerical stability).
         on_layer: called with (layer index, layer count) as each layer is done.
+        tokens_per_pass: most tokens in one packed forward (bounds the activations held at once).
 
     Returns:
         ``{module name: QuantizedWeight}``, names as in the model's state dict (without ``.weight``).
     """
     import torch
 
+    from autotune.packing import packed_attention_in
+
     layers = model.model.layers
-    inputs = _layer_inputs(model, samples)
     prefix = next(name for name, module in model.named_modules() if module is layers) + "."
     result: dict[str, QuantizedWeight] = {}
-    with torch.no_grad():
+    with torch.no_grad(), packed_attention_in(model) as packed:
+        inputs = _layer_inputs(model, samples, tokens_per_pass if packed else 0)
         for index, layer in enumerate(layers):
             linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-            hessians = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32) for name, m in linears.items()}
-            counts = dict.fromkeys(linears, 0)
-
-            def accumulate(name):
-                def hook(module, args, output):
-                    x = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
-                    hessians[name].addmm_(x.T, x)
-                    counts[name] += x.shape[0]
-                return hook
-
-            handles = [m.register_forward_hook(accumulate(name)) for name, m in linears.items()]
+            seen: dict[str, torch.Tensor] = {}
+            handles = [m.register_forward_hook(functools.partial(_record_input, seen, name)) for name, m in linears.items()]
+            groups, hessians, count = None, [], 0
             for args, kwargs in inputs:
                 layer(*args, **kwargs)
+                if groups is None:  # Linears handed the very same tensor share their input
+                    groups = _shared_inputs(seen, list(linears))
+                    hessians = [torch.zeros(linears[g[0]].in_features, linears[g[0]].in_features) for g in groups]
+                for group, hessian in zip(groups, hessians):
+                    x = seen[group[0]].reshape(-1, hessian.shape[0]).float().cpu()
+                    hessian.addmm_(x.T, x)
+                count += x.shape[0]
+                seen.clear()
             for handle in handles:
                 handle.remove()
-            for name, module in linears.items():
-                weight = gptq_weight(module.weight.detach().float().cpu(), hessians[name] / max(1, counts[name]), grid, damping)
-                result[f"{prefix}{index}.{name}"] = weight
-                module.weight.copy_(weight.dequantize().to(module.weight.dtype))
+            for group, hessian in zip(groups, hessians):
+                stacked = torch.cat([linears[name].weight.detach().float().cpu() for name in group])
+                rows = torch.tensor([linears[name].out_features for name in group]).cumsum(0).tolist()
+                weight = gptq_weight(stacked, hessian / max(1, count), grid, damping)
+                for name, first, last in zip(group, [0, *rows], rows):
+                    part = QuantizedWeight(weight.q[first:last], weight.scales[first:last], weight.zero_points[first:last])
+                    result[f"{prefix}{index}.{name}"] = part
+                    linears[name].weight.copy_(part.dequantize().to(linears[name].weight.dtype))
             del hessians
             inputs = [_run_layer(layer, args, kwargs) for args, kwargs in inputs]  # what the next layer sees
             if on_layer is not None:
@@ -393,10 +408,32 @@ def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: floa
     return result
 
 
-def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid, damping: float = 0.01,
-                columns_per_pass: int = 128) -> QuantizedWeight:
+def _record_input(seen: dict, name: str, module, args, output) -> None:
+    seen[name] = args[0]
+
+
+def _shared_inputs(seen: dict, names: list[str]) -> list[list[str]]:
+    """``names`` grouped by the input tensor their Linears were called on, in the layer's order."""
+    groups: list[list[str]] = []
+    for name in names:
+        match = next((g for g in groups if seen[g[0]] is seen[name]), None)
+        if match is None:
+            groups.append([name])
+        else:
+            match.append(name)
+    return groups
+
+
+def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid, damping: float = 0.01) -> QuantizedWeight:
     """GPTQ of one ``[out, in]`` weight given its input Hessian ``[in, in]`` (the reference algorithm, with
-    each block's scale taken from its columns as already updated)."""
+    each block's scale taken from its columns as already updated).
+
+    Errors spread lazily, one int4 block at a time: within a block column by column, then onto
+    all later columns in one matrix product (the reference's lazy batch, with the block as its
+    width). The weight is worked on transposed, so that each column is contiguous. A code rounds
+    ``floor(w / scale + zero + 0.5)``: a value a hair under a half may take the upper code, which is
+    as valid a code, and its error is carried on like any other.
+    """
     import torch
 
     w = weight.clone()
@@ -409,42 +446,42 @@ def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid,
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     out_features, in_features = w.shape
     block = grid.block_size
-    q = torch.zeros_like(w, dtype=torch.uint8)
-    scales = torch.zeros(out_features, in_features // block)
-    zeros = torch.zeros(out_features, in_features // block, dtype=torch.uint8)
-    for start in range(0, in_features, columns_per_pass):
-        end = min(start + columns_per_pass, in_features)
-        w1, err1, hinv1 = w[:, start:end].clone(), torch.zeros(out_features, end - start), hinv[start:end, start:end]
-        for i in range(end - start):
-            column = start + i
-            if column % block == 0:
-                rounded = quantize_rtn(w1[:, i:i + block].contiguous(), Int4Grid(block, grid.symmetric))
-                scale, zero = rounded.scales[:, 0], rounded.zero_points[:, 0]
-                scales[:, column // block], zeros[:, column // block] = scale, zero
-            qi = round_to_grid(w1[:, i], scale, zero)
-            q[:, column] = qi
-            error = (w1[:, i] - (qi.float() - zero.float()) * scale) / hinv1[i, i]
-            w1[:, i:] -= error.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = error
-        w[:, end:] -= err1 @ hinv[start:end, end:]
-    return QuantizedWeight(q, scales, zeros)
-
-
-def round_to_grid(column: "torch.Tensor", scale: "torch.Tensor", zero: "torch.Tensor") -> "torch.Tensor":
-    """The int4 code of each weight of ``column`` on its block's grid, rounded as :func:`quantize_rtn` rounds."""
-    import torch
-
-    reciprocal = torch.where(scale != 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
-    return _round_half_away(column * reciprocal + zero.float()).clamp(0.0, 15.0).to(torch.uint8)
+    wt = w.T.contiguous()  # [in, out]: one row per column of the weight
+    codes = torch.zeros_like(wt)
+    scales = torch.zeros(in_features // block, out_features)
+    zeros = torch.zeros(in_features // block, out_features)
+    for start in range(0, in_features, block):
+        end = start + block
+        w1, hinv1 = wt[start:end], hinv[start:end, start:end]
+        scale, zero = _grid_of(w1.T.unsqueeze(1), grid)  # the block's grid, from its columns as updated so far
+        scale, zero = scale[:, 0], zero[:, 0]
+        scales[start // block], zeros[start // block] = scale, zero
+        reciprocal = torch.where(scale != 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
+        half_up = zero + 0.5
+        errors = torch.empty_like(w1)
+        inverse_diagonal = (1 / torch.diag(hinv1)).tolist()
+        for i in range(block):  # few ops per column, written in place: at 576 rows each op is mostly overhead
+            column, error = w1[i], errors[i]
+            q = torch.mul(column, reciprocal, out=codes[start + i])
+            q.add_(half_up).floor_().clamp_(0.0, 15.0)
+            torch.sub(q, zero, out=error)
+            error.mul_(scale)
+            torch.sub(column, error, out=error)  # the column minus what ships for it
+            error.mul_(inverse_diagonal[i])
+            w1[i + 1:].addr_(hinv1[i, i + 1:], error, alpha=-1)
+        wt[end:].addmm_(hinv[start:end, end:].T, errors, alpha=-1)
+    return QuantizedWeight(codes.T.to(torch.uint8), scales.T.contiguous(), zeros.T.to(torch.uint8))
 
 
 class _Captured(Exception):
     """Raised by the hook that records the first decoder layer's inputs: the rest of the forward is not needed."""
 
 
-def _layer_inputs(model, samples: list[list[int]]) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) the first decoder layer receives for each sample (hidden states, rotary
-    embeddings, masks: whatever this architecture passes), one sample per call, no padding."""
+def _layer_inputs(model, samples: list[list[int]], tokens_per_pass: int = 0) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) the first decoder layer receives (hidden states, rotary embeddings, masks:
+    whatever this architecture passes), with no padding: consecutive samples packed into one row of
+    up to ``tokens_per_pass`` tokens, each with its own positions and ``cu_seq_lens_q`` (for
+    :func:`~autotune.packing.packed_attention`), or one sample per call when ``tokens_per_pass`` is 0."""
     import torch
 
     captured: list[tuple[tuple, dict]] = []
@@ -453,13 +490,23 @@ def _layer_inputs(model, samples: list[list[int]]) -> list[tuple[tuple, dict]]:
         captured.append((args, kwargs))
         raise _Captured
 
+    chunks: list[list[list[int]]] = []
+    for ids in samples:
+        if chunks and tokens_per_pass and sum(map(len, chunks[-1])) + len(ids) <= tokens_per_pass:
+            chunks[-1].append(ids)
+        else:
+            chunks.append([ids])
     handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for ids in samples:
+            for chunk in chunks:
+                inputs = {"input_ids": torch.tensor([[t for ids in chunk for t in ids]], device=device)}
+                if tokens_per_pass:
+                    inputs["position_ids"] = torch.tensor([[p for ids in chunk for p in range(len(ids))]], device=device)
+                    inputs["cu_seq_lens_q"] = torch.tensor([0, *itertools.accumulate(map(len, chunk))], device=device)
                 with contextlib.suppress(_Captured):
-                    model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+                    model(**inputs, use_cache=False)
     finally:
         handle.remove()
     return captured

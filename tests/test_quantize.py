@@ -8,6 +8,7 @@ block sizes 16/32/64, symmetric and asymmetric.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import shutil
@@ -486,6 +487,55 @@ def test_gptq_lowers_the_output_error_of_rtn_on_its_calibration_inputs():
         assert gptq.scales.shape == rtn.scales.shape == (48, 64 // grid.block_size)
         if grid.symmetric:
             assert bool((gptq.zero_points == 8).all())
+
+
+def test_gptq_rounds_linears_sharing_an_input_as_one_matrix():
+    """GPTQ treats rows on their own: q/k/v (or gate/up) stacked give each one's own result, bit for bit."""
+    from autotune.quantize import gptq_weight
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) @ torch.randn(64, 64)
+    hessian = x.T @ x / x.shape[0]
+    first, second = torch.randn(48, 64), torch.randn(16, 64)
+    for grid in (Int4Grid(16, True), Int4Grid(32, False)):
+        stacked, alone = gptq_weight(torch.cat([first, second]), hessian, grid), [gptq_weight(w, hessian, grid) for w in (first, second)]
+        assert torch.equal(stacked.q, torch.cat([w.q for w in alone]))
+        assert torch.equal(stacked.scales, torch.cat([w.scales for w in alone]))
+
+
+def test_gptq_calibrates_on_packed_samples_as_on_one_sample_per_forward(tiny128, splits):
+    """Packed calibration samples reach every decoder layer as they do one per forward (each attends within
+    itself), and the Linears reading one input are grouped: q/k/v, o, gate/up, down."""
+    from transformers import AutoModelForCausalLM
+
+    from autotune.models import resolve_model
+    from autotune.packing import packed_attention_in
+    from autotune.quantize import _layer_inputs, _record_input, _run_layer, _shared_inputs
+    from autotune.train import calibration_samples, load_tokenizer
+
+    samples = calibration_samples(splits, load_tokenizer(resolve_model(str(tiny128))))[:9]
+    model = AutoModelForCausalLM.from_pretrained(tiny128, dtype=torch.float32).eval()
+    with torch.no_grad(), packed_attention_in(model) as packed:
+        assert packed
+        one_each = _layer_inputs(model, samples)
+        chunks = _layer_inputs(model, samples, tokens_per_pass=3 * max(map(len, samples)))
+        assert len(one_each) == 9 and 1 < len(chunks) < 9
+        for layer in model.model.layers:
+            one_each = [_run_layer(layer, *inputs) for inputs in one_each]
+            chunks = [_run_layer(layer, *inputs) for inputs in chunks]
+            torch.testing.assert_close(torch.cat([args[0][0] for args, _ in chunks]),
+                                       torch.cat([args[0][0] for args, _ in one_each]), rtol=1e-5, atol=1e-5)
+        layer = model.model.layers[0]
+        linears = [name for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+        seen = {}
+        handles = [layer.get_submodule(name).register_forward_hook(functools.partial(_record_input, seen, name))
+                   for name in linears]
+        layer(*chunks[0][0], **chunks[0][1])
+        for handle in handles:
+            handle.remove()
+    assert _shared_inputs(seen, linears) == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                              ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    assert model.config._attn_implementation == "sdpa"  # the model's own attention again
 
 
 def test_gptq_export_ships_the_calibrated_weights(tiny128, splits, tmp_path):
