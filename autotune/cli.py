@@ -58,6 +58,8 @@ def _add_model_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split (default: 0)")
     s = p.add_argument_group("hardware and safety")
     s.add_argument("--target", default="auto", help="auto, cpu, cuda or dml (default: auto)")
+    s.add_argument("--profile", help="a hardware profile by name, e.g. cpu for fp32 training on a CPU that "
+                   "cpu-bf16 would get (default: the best that runs here; `autotune profile` shows it)")
     s.add_argument("--threads", type=int, help="CPU threads for training and measuring (default: the cores free now)")
     s.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help=f"output folder (default: {DEFAULT_OUTPUT})")
     s.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code to run (off by default)")
@@ -141,6 +143,7 @@ def _candidate_parser() -> argparse.ArgumentParser:
 def _profile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autotune profile", description="Show the detected hardware and the profile chosen for --target.")
     p.add_argument("--target", default="auto", help="auto, cpu, cuda or dml (default: auto)")
+    p.add_argument("--profile", help="show this hardware profile by name instead of the best that runs here")
     p.add_argument("--json", action="store_true", help="print as JSON")
     return p
 
@@ -189,13 +192,13 @@ def _data_config(args):
     )
 
 
-def _hardware(target: str):
+def _hardware(target: str, name: str | None = None):
     from autotune import hardware
 
     if target not in hardware.TARGETS:
         raise UserError(f"unknown --target '{target}' (choose from {', '.join(hardware.TARGETS)})")
     info = hardware.probe()
-    profile = hardware.choose_profile(info, target, hardware.load_profiles())
+    profile = hardware.choose_profile(info, target, hardware.load_profiles(), name)
     return info, profile
 
 
@@ -235,7 +238,7 @@ def cmd_candidate(args) -> int:
     from autotune.report import baselines, candidate_table, output_dir
     from autotune.train import TrainSpec
 
-    info, profile = _hardware(args.target)
+    info, profile = _hardware(args.target, args.profile)
     if args.precision not in profile.precisions:
         raise UserError(f"--precision {args.precision} does not run on {profile.execution_provider} "
                         f"(profile {profile.name}: {', '.join(profile.precisions)})")
@@ -279,7 +282,7 @@ def cmd_profile(args) -> int:
 
     from autotune.hardware import choose_threads, format_profile
 
-    info, profile = _hardware(args.target)
+    info, profile = _hardware(args.target, args.profile)
     if args.json:
         print(json.dumps({"hardware": info.to_dict(), "profile": profile.to_dict()}, indent=1, default=str))
     else:
@@ -330,7 +333,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
     settings = SearchSettings(trials=args.trials, timeout_s=args.timeout, latency_metric=args.latency_metric,
                               sampler=args.sampler, seed=secrets.randbelow(2**31) if join else args.seed,
                               siblings=not args.no_siblings, **bounds.from_args(args))
-    info, profile = _hardware(args.target)
+    info, profile = _hardware(args.target, args.profile)
     space_text = getattr(args, "space_text", None)
     if space_text is None:
         space_path = Path(args.space) if args.space else default_space_path()

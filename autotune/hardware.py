@@ -410,15 +410,19 @@ def matches(profile: Profile, info: HardwareInfo) -> bool:
     return _mismatch(profile, info) is None
 
 
-def choose_profile(info: HardwareInfo, target: str, profiles: list[Profile]) -> Profile:
+def choose_profile(info: HardwareInfo, target: str, profiles: list[Profile], name: str | None = None) -> Profile:
     """The profile to run ``--target`` under on this machine.
 
     ``auto`` picks the highest-priority matching profile; ``cpu``/``cuda``/``dml``
-    the highest-priority matching profile with that execution provider. Raises
-    UserError (one line: reason and fix) when none matches; never falls back.
+    the highest-priority matching profile with that execution provider. ``name``
+    (``--profile``) picks that profile instead, if it runs here and on ``target``, e.g. ``cpu``
+    (fp32 training) on a CPU that ``cpu-bf16`` would get. Raises UserError (one line: reason
+    and fix) when none matches; never falls back.
     """
     if target not in TARGETS:
         raise UserError(f"unknown --target {target!r} (choose from {', '.join(TARGETS)})")
+    if name is not None:
+        return _named_profile(info, target, profiles, name)
     candidates = [p for p in profiles if target == "auto" or p.execution_provider == target]
     if not candidates:
         raise UserError(f"--target {target}: no hardware profile for it; reinstall autotune or add one")
@@ -448,6 +452,20 @@ def choose_profile(info: HardwareInfo, target: str, profiles: list[Profile]) -> 
     reasons = "; ".join(f"{p.name} {_mismatch(p, info)}" for p in candidates)
     fix = "use --target cpu" if target != "cpu" else "check the profiles' requires"
     raise UserError(f"--target {target}: no hardware profile matches this machine ({reasons}); {fix}")
+
+
+def _named_profile(info: HardwareInfo, target: str, profiles: list[Profile], name: str) -> Profile:
+    named = next((p for p in profiles if p.name == name), None)
+    if named is None:
+        raise UserError(f"--profile {name}: no such hardware profile (choose from {', '.join(sorted(p.name for p in profiles))})")
+    if target != "auto" and named.execution_provider != target:
+        raise UserError(f"--profile {name} runs on {named.execution_provider}, not --target {target}; "
+                        f"drop one of the two")
+    reason = _mismatch(named, info)
+    if reason is not None:
+        raise UserError(f"--profile {name} does not run on this machine ({reason}); "
+                        "drop --profile to use the one that does (`autotune profile` shows it)")
+    return named
 
 
 def qlora_enabled(profile: Profile, info: HardwareInfo) -> bool:

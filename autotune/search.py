@@ -301,8 +301,10 @@ def _hardware_difference(name: str, recorded: dict[str, Any], mine: dict[str, An
                     f"pass --threads {recorded[key]}, or --per-profile to join the study "
                     f"'{per_hardware_name(name, mine)}' for this hardware")
         what = {"profile": "hardware profile", "execution_provider": "execution provider", "device": "device"}[key]
+        # A profile that also runs here (cpu on a CPU that gets cpu-bf16) can be asked for by name.
+        named = f"pass --profile {recorded[key]} if it runs here, or " if key == "profile" else "pass "
         return (f"study '{name}' measures latency on {what} {recorded[key]!r}, this machine's is {mine[key]!r}; "
-                f"pass --per-profile to join the study '{per_hardware_name(name, mine)}' for this hardware instead")
+                f"{named}--per-profile to join the study '{per_hardware_name(name, mine)}' for this hardware instead")
     return None
 
 

@@ -227,6 +227,24 @@ def test_a_cpu_with_native_bf16_trains_in_bf16(profiles: list[Profile], isa: tup
             next(p for p in profiles if p.name == "cpu-bf16"), replace(machine(), isa=isa))
 
 
+def test_a_profile_asked_for_by_name(profiles: list[Profile]) -> None:
+    """--profile cpu trains in fp32 on a CPU that cpu-bf16 would get; a profile that cannot run here, one of
+    another target, or an unknown name is refused in one line that says what to do."""
+    bf16_cpu = replace(machine(), isa=("avx512", "avx512_bf16"))
+    assert choose_profile(bf16_cpu, "auto", profiles, "cpu").train_dtype == "float32"
+    assert choose_profile(bf16_cpu, "cpu", profiles, "cpu").name == "cpu"
+    for target, name, fragments in [
+        ("auto", "cpu-bf16", ["--profile cpu-bf16 does not run on this machine", "avx512_bf16", "drop --profile"]),
+        ("cuda", "cpu", ["--profile cpu runs on cpu, not --target cuda"]),
+        ("auto", "tpu", ["--profile tpu: no such hardware profile", "cpu-bf16", "cuda-sm80"]),
+    ]:
+        with pytest.raises(UserError) as excinfo:
+            choose_profile(replace(machine(), isa=("avx2",)) if name == "cpu-bf16" else bf16_cpu, target, profiles, name)
+        message = one_line_error(excinfo)
+        for fragment in fragments:
+            assert fragment in message, message
+
+
 def test_qlora_needs_the_probe(profiles: list[Profile]) -> None:
     cpu = next(p for p in profiles if p.name == "cpu")
     assert hardware.qlora_enabled(cpu, machine(bnb_4bit=True))

@@ -48,7 +48,7 @@ def test_resume_without_threads_takes_the_studys(tmp_path: Path) -> None:
     ("measure_threads", 1, ["2 thread(s)", "with 1", "--threads 2", "--per-profile"]),
     ("device", "Fake CPU B", ["'Fake CPU A @ 2.0GHz'", "'Fake CPU B'", "--per-profile"]),
     ("execution_provider", "cuda", ["execution provider 'cpu'", "'cuda'", "--per-profile"]),
-    ("profile", "cuda-sm80", ["hardware profile 'cpu'", "'cuda-sm80'", "--per-profile"]),
+    ("profile", "cuda-sm80", ["hardware profile 'cpu'", "'cuda-sm80'", "--profile cpu if it runs here", "--per-profile"]),
 ])
 def test_a_different_machine_refuses_in_one_line(tmp_path: Path, key, value, expected) -> None:
     opened(tmp_path)
