@@ -122,6 +122,9 @@ def _candidate_parser() -> argparse.ArgumentParser:
     t.add_argument("--pass-tokens", type=int, default=256,
                    help="run a step in parts of at most this many tokens: the same gradients, less memory; "
                         "0 runs each step in one pass (default: 256)")
+    t.add_argument("--step-groups", type=int, default=2,
+                   help="cut each step into this many groups of examples whose gradients are summed in order; with 2+ "
+                        "CPU threads they run at once (default: 2; 1: one after the other)")
     e = p.add_argument_group("export")
     e.add_argument("--precision", default="int4", choices=["fp32", "fp16", "bf16", "int8", "int4"], help="export precision (default: int4)")
     e.add_argument("--block-size", type=int, default=32, help="int4/int8 block size (default: 32)")
@@ -247,7 +250,7 @@ def cmd_candidate(args) -> int:
     train = TrainSpec(method=args.method, rank=args.rank, alpha=args.alpha or 2.0 * args.rank, dropout=args.dropout,
                       learning_rate=args.lr, steps=args.steps, batch_size=args.batch_size,
                       target_modules=args.target_modules, seed=args.seed, batching=args.batching,
-                      pass_tokens=args.pass_tokens,
+                      pass_tokens=args.pass_tokens, step_groups=args.step_groups,
                       int4_aware=args.int4_method == "int4-aware", int4_block_size=args.block_size)
     export = ExportSpec(precision=args.precision, execution_provider=profile.execution_provider,
                         block_size=args.block_size, accuracy_level=args.accuracy_level, algo=args.algo,

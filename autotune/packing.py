@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Sequence
 
 
@@ -28,8 +29,13 @@ class DropoutLayout:
 
     def __init__(self) -> None:
         self.seed = 0
-        self.positions = None  # flat (row * width + column) of each token, in the input's order
-        self._index: dict[int, object] = {}
+        # Per thread: the groups of one step may run at once (train.accumulate_gradients), each its own part.
+        self._local = threading.local()
+
+    @property
+    def positions(self):
+        """Flat (row * width + column) of each token of this thread's part, in the input's order; None outside one."""
+        return getattr(self._local, "positions", None)
 
     @contextlib.contextmanager
     def batch(self, lengths: Sequence[int], packed: bool, first_row: int = 0, width: int | None = None):
@@ -38,12 +44,13 @@ class DropoutLayout:
 
         width = width or max(lengths)
         columns = list(lengths) if packed else [max(lengths)] * len(lengths)
-        self.positions = torch.tensor([(first_row + row) * width + column
-                                       for row, n in enumerate(columns) for column in range(n)])
+        self._local.positions = torch.tensor([(first_row + row) * width + column
+                                              for row, n in enumerate(columns) for column in range(n)])
+        self._local.index = {}
         try:
             yield
         finally:
-            self.positions, self._index = None, {}
+            self._local.positions, self._local.index = None, {}
 
     def index(self, x):
         """int32 coordinates in the padded batch of every element of ``x`` (tokens x features)."""
@@ -52,9 +59,10 @@ class DropoutLayout:
         features = x.shape[-1]
         if self.positions is None:  # outside a training step: the input's own shape is the layout
             return _flat_index(torch.arange(x.numel() // features, device=x.device), features).view(x.shape)
-        if features not in self._index:
-            self._index[features] = _flat_index(self.positions.to(x.device), features)
-        return self._index[features].view(x.shape)
+        cache = self._local.index
+        if features not in cache:
+            cache[features] = _flat_index(self.positions.to(x.device), features)
+        return cache[features].view(x.shape)
 
 
 def _flat_index(positions, features: int):

@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -56,6 +57,9 @@ class TrainSpec:
     weight is computed as its symmetric int4 rounding in blocks of ``int4_block_size`` (see
     :func:`quantization_aware`), so the adapter learns to land well on that grid (symmetric,
     the builder's default rounding: one int4-aware adapter per block size).
+    ``step_groups`` cuts each step's batch into that many groups of examples, each with its own
+    gradient, summed in order (:func:`accumulate_gradients`): on a CPU with two or more threads the
+    groups run at once; ``pass_tokens`` bounds the tokens of each forward pass within a group.
     """
 
     method: str = "lora"
@@ -75,6 +79,7 @@ class TrainSpec:
     min_lr_ratio: float = 0.1
     batching: str = "packed"
     pass_tokens: int = 256
+    step_groups: int = 2
     gradient_checkpointing: str = "auto"
     int4_aware: bool = False
     int4_block_size: int = 32
@@ -89,6 +94,8 @@ class TrainSpec:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.pass_tokens < 0:
             raise UserError(f"--pass-tokens must be >= 0 (0: a whole step per pass), got {self.pass_tokens}")
+        if self.step_groups < 1:
+            raise UserError(f"--step-groups must be at least 1, got {self.step_groups}")
         if self.alpha <= 0 or self.learning_rate <= 0 or not 0 <= self.dropout < 1:
             raise UserError("alpha and learning rate must be positive and dropout in [0, 1)")
         for name, choices in (("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("batching", BATCHING),
@@ -185,10 +192,11 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def tokens_per_step(splits: Splits, spec: TrainSpec) -> int:
-    """A bound on the tokens one forward pass holds, from the longest examples (~3 characters per token)."""
+    """A bound on the tokens a step's passes hold at once (its groups' passes may run together), from the
+    longest examples (~3 characters per token)."""
     lengths = sorted((len(e.prompt) + len(e.label)) // 3 + 4 for e in splits.train)[-spec.batch_size:]
     tokens = computed_tokens(lengths, spec.batching == "packed")
-    return min(tokens, max(spec.pass_tokens, lengths[-1])) if spec.pass_tokens else tokens
+    return min(tokens, spec.step_groups * max(spec.pass_tokens, lengths[-1])) if spec.pass_tokens else tokens
 
 
 def computed_tokens(lengths: Sequence[int], packed: bool) -> int:
@@ -309,7 +317,7 @@ def train_adapter(
     start = time.perf_counter()
     for step, indices in enumerate(order):
         loss = accumulate_gradients(model, [encoded[i] for i in indices], tokenizer.pad_token_id, device, packed,
-                                    spec.pass_tokens)
+                                    spec.pass_tokens, spec.step_groups)
         if not math.isfinite(loss):
             raise UserError(f"training diverged (loss {loss}) at step {step}; lower the learning rate")
         if spec.max_grad_norm:
@@ -399,6 +407,7 @@ def _int4_forward(layer, grid: Int4Grid):
     import torch.nn.functional as F
 
     cached = {"key": None, "weight": None}
+    lock = threading.Lock()  # a step's groups may run at once: one computes, the other waits for it
 
     def rounded(dtype):
         """``fake_quantize(W + s * B @ A)``, computed once per value of A and B (once per optimizer step, not
@@ -406,13 +415,14 @@ def _int4_forward(layer, grid: Int4Grid):
         (adapter,) = layer.active_adapters
         base, a, b = layer.base_layer.weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         key = (adapter, dtype, a._version, b._version, base._version)  # an optimizer step updates A and B in place
-        if cached["key"] != key:
-            cached["weight"] = None  # the old copy goes before the new one is made
-            with torch.no_grad():
-                # In fp32, as the export merges and rounds (a bf16 base on a GPU is exact to within its own rounding).
-                merged = base.float() + layer.scaling[adapter] * (b.float() @ a.float())
-                cached["key"], cached["weight"] = key, fake_quantize(merged, grid).to(dtype)
-        return cached["weight"]
+        with lock:
+            if cached["key"] != key:
+                cached["weight"] = None  # the old copy goes before the new one is made
+                with torch.no_grad():
+                    # In fp32, as the export merges and rounds (a bf16 base on a GPU is exact to within its own rounding).
+                    merged = base.float() + layer.scaling[adapter] * (b.float() @ a.float())
+                    cached["key"], cached["weight"] = key, fake_quantize(merged, grid).to(dtype)
+            return cached["weight"]
 
     def forward(x, *args, **kwargs):
         (adapter,) = layer.active_adapters
@@ -471,30 +481,82 @@ def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
 
 
 def accumulate_gradients(model, batch: Sequence[tuple[list[int], list[int]]], pad_id: int, device: str, packed: bool,
-                         pass_tokens: int = 0) -> float:
+                         pass_tokens: int = 0, groups: int = 1) -> float:
     """Forward and backward of one step's batch; returns its mean answer-token loss.
 
-    The batch runs in consecutive parts of at most ``pass_tokens`` computed tokens (0: in one
-    pass; an example longer than that is a part of its own), each loss weighted by its share of
+    The batch is cut into ``groups`` consecutive groups of examples of about equal tokens, and each
+    group runs in consecutive parts of at most ``pass_tokens`` computed tokens (0: in one pass; an
+    example longer than that is a part of its own). Each part's loss is weighted by its share of
     the answer tokens, and every part draws its dropout masks where its rows sit in the whole
-    batch (:class:`~autotune.packing.DropoutLayout`): the gradients are the whole batch's, whatever the split or
-    the packing, while the activations held at once are bounded by the part.
+    batch (:class:`~autotune.packing.DropoutLayout`): the gradients are the whole batch's, whatever
+    the split or the packing, while the activations held at once are bounded by the parts.
+
+    Each group's gradient is computed on its own and the groups' are summed in order into
+    ``.grad``, so the numbers do not depend on how the groups run: on a CPU with two or more torch
+    threads they run at once, each on its share of the threads (two one-thread streams of small
+    ops keep two cores busier than one two-thread stream, whose every op waits for both threads).
     """
     import torch
 
     scored = [sum(t != -100 for t in labels[1:]) for _, labels in batch]
     total, width = sum(scored), max(len(ids) for ids, _ in batch)
+    lengths = [len(ids) for ids, _ in batch]
     layout = model.dropout_layout
     layout.seed = int(torch.randint(-2**31, 2**31 - 1, ()))
-    loss_sum = 0.0
-    for first, last in _parts([len(ids) for ids, _ in batch], packed, pass_tokens):
-        part = batch[first:last]
-        with layout.batch([len(ids) for ids, _ in part], packed, first_row=first, width=width):
-            loss = _packed_loss(model, part, device) if packed else _padded_loss(model, part, pad_id, device)
-            share = sum(scored[first:last]) / total
-            (loss * share).backward()  # inside the layout: a checkpointed layer's recompute draws the same masks
-        loss_sum += loss.item() * share
-    return loss_sum
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def group_gradients(first_example: int, last_example: int, threads: int | None = None):
+        if threads is not None:  # a worker thread: its own share of the cores
+            torch.set_num_threads(threads)
+        loss_sum, grads = 0.0, None
+        for first, last in _parts(lengths[first_example:last_example], packed, pass_tokens):
+            first, last = first + first_example, last + first_example
+            part = batch[first:last]
+            with layout.batch(lengths[first:last], packed, first_row=first, width=width):
+                loss = _packed_loss(model, part, device) if packed else _padded_loss(model, part, pad_id, device)
+                share = sum(scored[first:last]) / total
+                # Inside the layout: a checkpointed layer's recompute draws the same masks.
+                part_grads = torch.autograd.grad(loss * share, params, allow_unused=True)
+            grads = part_grads if grads is None else [_add(a, b) for a, b in zip(grads, part_grads)]
+            loss_sum += loss.item() * share
+        return loss_sum, grads
+
+    spans = _groups(lengths, groups)
+    threads = torch.get_num_threads()
+    if len(spans) > 1 and device == "cpu" and threads >= 2:
+        from concurrent.futures import ThreadPoolExecutor
+
+        share = max(1, threads // len(spans))
+        try:
+            with ThreadPoolExecutor(len(spans)) as pool:
+                results = list(pool.map(lambda span: group_gradients(*span, threads=share), spans))
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        results = [group_gradients(*span) for span in spans]
+    for param, *grads in zip(params, *(grads for _, grads in results)):
+        for grad in grads:  # in the groups' order, onto whatever .grad holds already
+            param.grad = _add(param.grad, grad)
+    return sum(loss for loss, _ in results)
+
+
+def _add(a, b):
+    """``a + b`` where either may be None (a parameter no example reached)."""
+    return b if a is None else a if b is None else a + b
+
+
+def _groups(lengths: Sequence[int], groups: int) -> list[tuple[int, int]]:
+    """``groups`` consecutive, non-empty (first, last) example ranges of about equal tokens (fewer if
+    there are fewer examples)."""
+    groups = max(1, min(groups, len(lengths)))
+    ends = list(itertools.accumulate(lengths))
+    cuts = [0]
+    for g in range(1, groups):
+        target = ends[-1] * g / groups
+        # The boundary closest to the target that leaves every group at least one example.
+        cut = min(range(cuts[-1] + 1, len(lengths) - (groups - g) + 1), key=lambda k: abs(ends[k - 1] - target))
+        cuts.append(cut)
+    return list(zip(cuts, [*cuts[1:], len(lengths)]))
 
 
 def _parts(lengths: Sequence[int], packed: bool, pass_tokens: int) -> list[tuple[int, int]]:

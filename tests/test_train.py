@@ -11,7 +11,7 @@ from autotune.candidate import Workspace
 from autotune.data import DataConfig, load_splits
 from autotune.errors import CandidateError
 from autotune.models import BaseModel, model_shape
-from autotune.train import (TrainSpec, _parts, _peft_model, accumulate_gradients, check_memory, encode_example,
+from autotune.train import (TrainSpec, _groups, _parts, _peft_model, accumulate_gradients, check_memory, encode_example,
                             load_tokenizer, memory_need, train_adapter)
 from autotune.packing import PACKED_ATTENTION, keep_mask, packed_attention
 from conftest import LABELS, write_jsonl
@@ -37,12 +37,12 @@ def _fake_free(monkeypatch, free_bytes: int) -> None:
         monkeypatch.setattr(module, "free_memory", lambda device: (free_bytes, "RAM"))
 
 
-def _loss_and_grads(model, batch, pad_id: int, packed: bool, pass_tokens: int = 0, seed: int = 0):
+def _loss_and_grads(model, batch, pad_id: int, packed: bool, pass_tokens: int = 0, seed: int = 0, groups: int = 1):
     import torch
 
     model.zero_grad()
     torch.manual_seed(seed)
-    loss = accumulate_gradients(model, batch, pad_id, "cpu", packed, pass_tokens)
+    loss = accumulate_gradients(model, batch, pad_id, "cpu", packed, pass_tokens, groups)
     return loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
@@ -71,6 +71,41 @@ def test_packing_and_parts_give_the_padded_step_dropout_included(base, splits, p
     assert worst < 1e-4, worst  # float summation order only
     other_seed, _ = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, pass_tokens, seed=1)
     assert other_seed != pytest.approx(loss, rel=1e-4)  # dropout is live: other masks, another loss
+
+
+@pytest.mark.parametrize("packed,pass_tokens", [(True, 0), (True, 25), (False, 0)])
+def test_step_groups_run_at_once_give_the_same_numbers_as_one_after_the_other(base, splits, peft_model, packed,
+                                                                            pass_tokens):
+    """Groups run at once (2 threads) or in turn (1 thread): bit for bit the same loss and gradients, dropout
+    included; against one group, the same up to float summation order."""
+    import torch
+
+    tokenizer = load_tokenizer(base)
+    batch = [encode_example(e, tokenizer, False) for e in splits.train[:7]]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        together = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, pass_tokens, groups=2)
+        assert torch.get_num_threads() == 2  # the workers' one thread each does not leak out
+        torch.set_num_threads(1)
+        in_turn = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, pass_tokens, groups=2)
+        one = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, pass_tokens, groups=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert together[0] == in_turn[0]
+    assert all(torch.equal(a, b) for a, b in zip(together[1], in_turn[1], strict=True))
+    assert together[0] == pytest.approx(one[0], rel=1e-6)
+    worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(together[1], one[1], strict=True))
+    assert worst < 1e-5, worst
+
+
+def test_step_groups_are_consecutive_and_balanced_by_tokens():
+    assert _groups([10, 10, 10, 10], 2) == [(0, 2), (2, 4)]
+    assert _groups([30, 5, 5, 5, 5, 10], 2) == [(0, 1), (1, 6)]  # 30 | 30
+    assert _groups([20, 5, 5, 5, 5, 20], 2) == [(0, 3), (3, 6)]  # 30 | 30, not 25 | 35
+    assert _groups([7, 7, 7], 3) == [(0, 1), (1, 2), (2, 3)]
+    assert _groups([100, 1, 1], 2) == [(0, 1), (1, 3)]
+    assert _groups([5], 2) == [(0, 1)] and _groups([5, 6], 1) == [(0, 2)]
 
 
 def test_the_step_loss_is_transformers_own(base, splits, peft_model):
