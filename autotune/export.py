@@ -46,7 +46,8 @@ class ExportSpec:
     first and last eighth of the layers and every third layer's qkv/v/down projections).
     ``calibration`` ``gptq`` chooses the int4 weights ourselves, by GPTQ on the task's own
     training prompts (``calibration_samples`` of them, Hessian damping
-    ``calibration_damping``), and hands them to the builder as a pre-quantized checkpoint.
+    ``calibration_damping``, packed ``calibration_tokens_per_pass`` tokens to a forward), and hands
+    them to the builder as a pre-quantized checkpoint.
     """
 
     precision: str = "int4"
@@ -59,6 +60,7 @@ class ExportSpec:
     calibration: str = "none"
     calibration_samples: int = 128
     calibration_damping: float = 0.01
+    calibration_tokens_per_pass: int = 2048
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -75,8 +77,8 @@ class ExportSpec:
             raise UserError(f"unknown calibration '{self.calibration}' (choose from {', '.join(CALIBRATIONS)})")
         if self.calibration != "none" and (self.algo != "default" or self.int8_layers != "none"):
             raise UserError("a calibrated int4 export chooses its own weights: use it with algo default and int8 layers none")
-        if self.calibration_samples < 1 or not 0 < self.calibration_damping < 1:
-            raise UserError("calibration samples must be at least 1 and damping in (0, 1)")
+        if self.calibration_samples < 1 or not 0 < self.calibration_damping < 1 or self.calibration_tokens_per_pass < 1:
+            raise UserError("calibration samples and tokens per pass must be at least 1 and damping in (0, 1)")
 
     @property
     def quantized(self) -> bool:
@@ -177,7 +179,8 @@ def prequantize(hf_dir: Path, out_dir: Path, spec: ExportSpec, samples: list[lis
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True)
         model.eval()
-        weights = gptq_quantize(model, list(samples[: spec.calibration_samples]), grid, spec.calibration_damping, on_layer)
+        weights = gptq_quantize(model, list(samples[: spec.calibration_samples]), grid, spec.calibration_damping, on_layer,
+                                spec.calibration_tokens_per_pass)
         del model
         release_memory()
     return write_prequantized(hf_dir, out_dir, weights, grid)

@@ -27,7 +27,8 @@ from autotune.quantize import Int4Grid, fake_quantize
 
 # Bump when a change to this module or to autotune.packing changes the adapters it trains: it is part of every
 # adapter's cache key. 3: each packed example attends on its own, in fp32 on the CPU. 4: int4-aware adapters
-# get their straight-through gradients from one LoRA pass (the same gradients, summed in another order).
+# get their straight-through gradients from one LoRA pass, and a step's gradients are summed group by group
+# (the same gradients, summed in another order).
 CODE_VERSION = 4
 METHODS = ("lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
