@@ -8,12 +8,16 @@ otherwise make it differ from, or cost more than, the padded batch (one row per 
 - Attention: over a packed row, transformers' ``sdpa`` computes the whole row's scores under a
   block-diagonal mask. :func:`packed_attention` computes each example's causal attention on its
   own instead (~half the attention time at 8 short examples per step, the same values).
+
+:func:`consecutive_parts` and :func:`packed_inputs` lay sequences out in passes: training's parts
+of a step, and GPTQ's packed calibration forwards (:mod:`autotune.quantize`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import threading
 from collections.abc import Sequence
 
@@ -127,6 +131,32 @@ def padded_layout_dropout(model) -> DropoutLayout:
     for number, dropout in enumerate(dropouts):
         dropout.forward = functools.partial(forward, number, dropout)
     return layout
+
+
+def computed_tokens(lengths: Sequence[int], packed: bool) -> int:
+    """Tokens a forward pass over examples of ``lengths`` computes: their sum packed, rows x longest padded."""
+    return sum(lengths) if packed else len(lengths) * max(lengths)
+
+
+def consecutive_parts(lengths: Sequence[int], packed: bool, pass_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive (first, last) example ranges whose computed tokens stay within ``pass_tokens`` (0: one
+    range of all; an example longer than that is a range of its own)."""
+    parts, first = [], 0
+    for last in range(1, len(lengths) + 1):
+        if pass_tokens and computed_tokens(lengths[first:last], packed) > pass_tokens and last - first > 1:
+            parts.append((first, last - 1))
+            first = last - 1
+    return parts + [(first, len(lengths))]
+
+
+def packed_inputs(sequences: Sequence[Sequence[int]], device) -> dict:
+    """One row holding ``sequences`` back to back, each with its own position ids (restarting at 0) and
+    the cumulative lengths :func:`packed_attention` attends within (``cu_seq_lens_q``)."""
+    import torch
+
+    return {"input_ids": torch.tensor([[t for ids in sequences for t in ids]], device=device),
+            "position_ids": torch.tensor([[p for ids in sequences for p in range(len(ids))]], device=device),
+            "cu_seq_lens_q": torch.tensor([0, *itertools.accumulate(map(len, sequences))], device=device)}
 
 
 PACKED_ATTENTION = "autotune_packed"  # the attention implementation's name in transformers' registries

@@ -210,7 +210,8 @@ def _validate_requires(requires: dict[str, Any], where: str) -> None:
         if key == "min_compute_capability" and parse_capability(value) is None:
             raise UserError(f"{where}: requires.min_compute_capability must look like 8.0 (got {value!r})")
         for name, choices in (("os", OSES), ("isa", ISAS)):
-            if key == name and (not one_or_many(value) or any(n not in choices for n in one_or_many(value))):
+            names = one_or_many(value)
+            if key == name and (not names or any(n not in choices for n in names)):
                 raise UserError(f"{where}: requires.{name} must be one or a list of {', '.join(choices)} (got {value!r})")
         if key == "provider" and value not in EXECUTION_PROVIDERS:
             raise UserError(

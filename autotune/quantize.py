@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import json
 import re
 import shutil
@@ -132,22 +131,24 @@ def _grid_of(blocks: "torch.Tensor", grid: Int4Grid) -> tuple["torch.Tensor", "t
     return scale, _round_half_away(zero_fp).clamp_(0.0, 15.0)
 
 
-def _codes(blocks: "torch.Tensor", scale: "torch.Tensor", zero: "torch.Tensor") -> "torch.Tensor":
-    """The int4 code of every weight of ``blocks`` (as fp32 values 0..15) on its block's ``scale`` and ``zero``."""
+def _reciprocal(scale: "torch.Tensor") -> "torch.Tensor":
+    """``1 / scale``, 0 where the scale is 0 (an all-zero block), as MLAS computes it."""
     import torch
 
-    reciprocal = torch.where(scale != 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
-    # MLAS multiplies by the reciprocal, then adds the zero point: two roundings, kept apart.
-    scaled = blocks * reciprocal.unsqueeze(-1)
-    scaled += zero.unsqueeze(-1)
-    return _round_half_away(scaled).clamp_(0.0, 15.0)
+    return torch.where(scale != 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
 
 
-def _blocks(weight: "torch.Tensor", grid: Int4Grid) -> "torch.Tensor":
+def _rounded(weight: "torch.Tensor", grid: Int4Grid) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """(codes ``[out, blocks, block_size]`` as fp32 values 0..15, scale, zero point) of ``weight`` on ``grid``."""
     if weight.dim() != 2 or weight.shape[1] % grid.block_size:
         raise ValueError(f"need a [out, in] weight with in divisible by {grid.block_size}, got {tuple(weight.shape)}")
     out, cols = weight.shape
-    return weight.detach().float().reshape(out, cols // grid.block_size, grid.block_size)
+    blocks = weight.detach().float().reshape(out, cols // grid.block_size, grid.block_size)
+    scale, zero = _grid_of(blocks, grid)
+    # MLAS multiplies by the reciprocal, then adds the zero point: two roundings, kept apart.
+    scaled = blocks * _reciprocal(scale).unsqueeze(-1)
+    scaled += zero.unsqueeze(-1)
+    return _round_half_away(scaled).clamp_(0.0, 15.0), scale, zero
 
 
 def quantize_rtn(weight: "torch.Tensor", grid: Int4Grid) -> QuantizedWeight:
@@ -159,9 +160,7 @@ def quantize_rtn(weight: "torch.Tensor", grid: Int4Grid) -> QuantizedWeight:
     """
     import torch
 
-    blocks = _blocks(weight, grid)
-    scale, zero = _grid_of(blocks, grid)
-    q = _codes(blocks, scale, zero)
+    q, scale, zero = _rounded(weight, grid)
     return QuantizedWeight(q.to(torch.uint8).view(weight.shape), scale, zero.to(torch.uint8))
 
 
@@ -177,9 +176,7 @@ def fake_quantize(weight: "torch.Tensor", grid: Int4Grid) -> "torch.Tensor":
 
 def _dequantized(weight: "torch.Tensor", grid: Int4Grid) -> "torch.Tensor":
     """``quantize_rtn(weight, grid).dequantize()``, without the round trip through uint8 (~4x faster)."""
-    blocks = _blocks(weight, grid)
-    scale, zero = _grid_of(blocks, grid)
-    q = _codes(blocks, scale, zero)
+    q, scale, zero = _rounded(weight, grid)
     q -= zero.unsqueeze(-1)  # the (q - zero point) * scale of :meth:`QuantizedWeight.dequantize`, op for op
     q *= scale.unsqueeze(-1)
     return q.view(weight.shape)
@@ -456,7 +453,7 @@ def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid,
         scale, zero = _grid_of(w1.T.unsqueeze(1), grid)  # the block's grid, from its columns as updated so far
         scale, zero = scale[:, 0], zero[:, 0]
         scales[start // block], zeros[start // block] = scale, zero
-        reciprocal = torch.where(scale != 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
+        reciprocal = _reciprocal(scale)
         half_up = zero + 0.5
         errors = torch.empty_like(w1)
         inverse_diagonal = (1 / torch.diag(hinv1)).tolist()
@@ -490,21 +487,18 @@ def _layer_inputs(model, samples: list[list[int]], tokens_per_pass: int = 0) -> 
         captured.append((args, kwargs))
         raise _Captured
 
-    chunks: list[list[list[int]]] = []
-    for ids in samples:
-        if chunks and tokens_per_pass and sum(map(len, chunks[-1])) + len(ids) <= tokens_per_pass:
-            chunks[-1].append(ids)
-        else:
-            chunks.append([ids])
+    from autotune.packing import consecutive_parts, packed_inputs
+
     handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for chunk in chunks:
-                inputs = {"input_ids": torch.tensor([[t for ids in chunk for t in ids]], device=device)}
-                if tokens_per_pass:
-                    inputs["position_ids"] = torch.tensor([[p for ids in chunk for p in range(len(ids))]], device=device)
-                    inputs["cu_seq_lens_q"] = torch.tensor([0, *itertools.accumulate(map(len, chunk))], device=device)
+            if tokens_per_pass:
+                calls = [packed_inputs(samples[first:last], device)
+                         for first, last in consecutive_parts([len(ids) for ids in samples], True, tokens_per_pass)]
+            else:
+                calls = [{"input_ids": torch.tensor([ids], device=device)} for ids in samples]
+            for inputs in calls:
                 with contextlib.suppress(_Captured):
                     model(**inputs, use_cache=False)
     finally:

@@ -22,7 +22,8 @@ from pathlib import Path
 from autotune.data import Example, Splits, render_prompt
 from autotune.errors import CandidateError, UserError
 from autotune.models import BaseModel, model_shape
-from autotune.packing import padded_layout_dropout, use_packed_attention
+from autotune.packing import (computed_tokens, consecutive_parts, packed_inputs, padded_layout_dropout,
+                              use_packed_attention)
 from autotune.quantize import Int4Grid, fake_quantize
 
 # Bump when a change to this module or to autotune.packing changes the adapters it trains: it is part of every
@@ -198,11 +199,6 @@ def tokens_per_step(splits: Splits, spec: TrainSpec) -> int:
     lengths = sorted((len(e.prompt) + len(e.label)) // 3 + 4 for e in splits.train)[-spec.batch_size:]
     tokens = computed_tokens(lengths, spec.batching == "packed")
     return min(tokens, spec.step_groups * max(spec.pass_tokens, lengths[-1])) if spec.pass_tokens else tokens
-
-
-def computed_tokens(lengths: Sequence[int], packed: bool) -> int:
-    """Tokens a forward pass over examples of ``lengths`` computes: their sum packed, rows x longest padded."""
-    return sum(lengths) if packed else len(lengths) * max(lengths)
 
 
 def memory_need(base: BaseModel, spec: TrainSpec, dtype: str, tokens: int, checkpointing: bool) -> int:
@@ -510,7 +506,7 @@ def accumulate_gradients(model, batch: Sequence[tuple[list[int], list[int]]], pa
         if threads is not None:  # a worker thread: its own share of the cores
             torch.set_num_threads(threads)
         loss_sum, grads = 0.0, None
-        for first, last in _parts(lengths[first_example:last_example], packed, pass_tokens):
+        for first, last in consecutive_parts(lengths[first_example:last_example], packed, pass_tokens):
             first, last = first + first_example, last + first_example
             part = batch[first:last]
             with layout.batch(lengths[first:last], packed, first_row=first, width=width):
@@ -560,16 +556,6 @@ def _groups(lengths: Sequence[int], groups: int) -> list[tuple[int, int]]:
     return list(zip(cuts, [*cuts[1:], len(lengths)]))
 
 
-def _parts(lengths: Sequence[int], packed: bool, pass_tokens: int) -> list[tuple[int, int]]:
-    """Consecutive (first, last) example ranges whose computed tokens stay within ``pass_tokens``."""
-    parts, first = [], 0
-    for last in range(1, len(lengths) + 1):
-        if pass_tokens and computed_tokens(lengths[first:last], packed) > pass_tokens and last - first > 1:
-            parts.append((first, last - 1))
-            first = last - 1
-    return parts + [(first, len(lengths))]
-
-
 def _packed_loss(model, batch: Sequence[tuple[list[int], list[int]]], device: str):
     """Mean answer-token loss of a batch packed into one row, logits only where a label is scored.
 
@@ -581,16 +567,12 @@ def _packed_loss(model, batch: Sequence[tuple[list[int], list[int]]], device: st
     """
     import torch
 
-    ids = [t for item, _ in batch for t in item]
-    positions = [p for item, _ in batch for p in range(len(item))]
+    inputs = packed_inputs([ids for ids, _ in batch], device)  # cu_seq_lens_q: packed_attention attends within each
+    positions = inputs["position_ids"][0].tolist()
     targets = [t for _, labels in batch for t in labels]
     # The logit at position i predicts token i + 1; an example's last position predicts nothing.
-    keep = [i for i in range(len(ids) - 1) if targets[i + 1] != -100 and positions[i + 1] != 0]
-    input_ids = torch.tensor([ids], device=device)
-    position_ids = torch.tensor([positions], device=device)
-    starts = torch.tensor([0, *itertools.accumulate(len(item) for item, _ in batch)], device=device)
-    logits = model(input_ids=input_ids, position_ids=position_ids, logits_to_keep=torch.tensor(keep, device=device),
-                   cu_seq_lens_q=starts,  # where the examples start: packed_attention attends within each
+    keep = [i for i in range(len(targets) - 1) if targets[i + 1] != -100 and positions[i + 1] != 0]
+    logits = model(**inputs, logits_to_keep=torch.tensor(keep, device=device),
                    use_cache=False).logits  # a cache would hide the packed positions from the mask builder
     gold = torch.tensor([targets[i + 1] for i in keep], device=device)
     return torch.nn.functional.cross_entropy(logits[0].float(), gold)

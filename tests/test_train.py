@@ -11,9 +11,9 @@ from autotune.candidate import Workspace
 from autotune.data import DataConfig, load_splits
 from autotune.errors import CandidateError
 from autotune.models import BaseModel, model_shape
-from autotune.train import (TrainSpec, _groups, _parts, _peft_model, accumulate_gradients, check_memory, encode_example,
+from autotune.train import (TrainSpec, _groups, _peft_model, accumulate_gradients, check_memory, encode_example,
                             load_tokenizer, memory_need, train_adapter)
-from autotune.packing import PACKED_ATTENTION, keep_mask, packed_attention
+from autotune.packing import PACKED_ATTENTION, consecutive_parts, keep_mask, packed_attention
 from conftest import LABELS, write_jsonl
 
 # Phi-3-mini-4k-instruct's config.json (3.8B parameters): sizes only, no weights.
@@ -64,7 +64,7 @@ def test_packing_and_parts_give_the_padded_step_dropout_included(base, splits, p
     assert len({len(ids) for ids, _ in batch}) > 1  # padding would really be needed
     padded, g_padded = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed=False)
     loss, grads = _loss_and_grads(peft_model, batch, tokenizer.pad_token_id, packed, pass_tokens)
-    parts = _parts([len(ids) for ids, _ in batch], packed, pass_tokens)
+    parts = consecutive_parts([len(ids) for ids, _ in batch], packed, pass_tokens)
     assert len(parts) == {0: 1, 1: len(batch)}.get(pass_tokens, len(parts)) and (len(parts) > 1) == (pass_tokens > 0)
     assert loss == pytest.approx(padded, rel=1e-5)  # same dropout masks, not just the same distribution
     worst = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, g_padded, strict=True))
