@@ -32,7 +32,7 @@ from autotune.errors import CandidateError
 
 # Bump when the child's generation, stop rule, label scoring or timing changes: it is part of
 # the measurement cache key. A change in normalize_answer/score needs no bump (answers are re-scored on load).
-MEASURE_VERSION = 2
+MEASURE_VERSION = 3  # 3: each request also scores every label teacher-forced (label_logprobs)
 # --latency-metric -> the Latency field it optimises and bounds (--max-latency).
 LATENCY_METRICS = {"request": "request_p50_ms", "ttft": "ttft_p50_ms", "token": "token_p50_ms"}
 Z_95 = 1.959964  # two-sided 95% normal quantile
@@ -74,6 +74,8 @@ class Accuracy:
     invalid: int
     confusion: dict[str, dict[str, int]]  # true label -> predicted label (or "<invalid>") -> count
     predictions: tuple[str, ...] = ()
+    marks: str = ""  # "1" where the prompt was answered right, "0" where not, in prompt order
+
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -85,7 +87,7 @@ class Accuracy:
 
     def to_dict(self) -> dict:
         """The figures without the per-prompt predictions, plus the interval."""
-        record = {k: v for k, v in asdict(self).items() if k != "predictions"}
+        record = {k: v for k, v in asdict(self).items() if k not in ("predictions", "marks")}
         record["interval"] = list(self.interval)
         return record
 
@@ -99,6 +101,7 @@ class Request:
     request_ms: float  # tokenize + prefill + generation to the stop + decode
     ttft_ms: float  # tokenize + prefill + first token
     token_ms: tuple[float, ...]  # each decode step after the first token
+    label_logprobs: tuple[float, ...] = ()  # per label: log-prob of its tokens after the prompt (teacher-forced)
 
 
 @dataclass(frozen=True)
@@ -145,10 +148,20 @@ class Measurement:
         record["accuracy"] = self.accuracy.to_dict()
         return record
 
+    def label_logprob(self, answers: Sequence[str], labels: Sequence[str]) -> float | None:
+        """Mean over prompts of the log-probability the model gives the right label's tokens after the
+        prompt (teacher-forced, from the exported model's logits): a lower-variance signal of how well a
+        candidate has learnt the task than its accuracy. None where the labels were not scored."""
+        index = {label: i for i, label in enumerate(labels)}
+        values = [r.label_logprobs[index[a]] for r, a in zip(self.requests, answers, strict=True) if r.label_logprobs]
+        return sum(values) / len(values) if values and len(values) == len(answers) else None
+
     @classmethod
     def from_dict(cls, record: dict, answers: Sequence[str], labels: Sequence[str]) -> "Measurement":
         """Inverse of :meth:`to_dict`; the accuracy is scored again from the stored raw answers."""
-        requests = tuple(Request(**{**r, "token_ms": tuple(r["token_ms"])}) for r in record["requests"])
+        requests = tuple(Request(**{**r, "token_ms": tuple(r["token_ms"]),
+                                    "label_logprobs": tuple(r.get("label_logprobs", ()))})
+                         for r in record["requests"])
         values = {f.name: record[f.name] for f in fields(cls) if f.name in record}
         return cls(**{**values, "requests": requests,
                       "accuracy": score([r.answer for r in requests], answers, labels),
@@ -165,6 +178,7 @@ def measure(
     threads: int = 1,
     latency: LatencySettings | None = LatencySettings(),
     restrict_to_labels: bool = False,
+    score_labels: bool = True,
     timeout_s: float | None = None,
 ) -> Measurement:
     """Score ``prompts`` against ``answers``, timing each request, in a fresh process.
@@ -180,6 +194,8 @@ def measure(
             (the per-request times are still kept).
         restrict_to_labels: instead of generating, answer with the label whose tokens
             the model scores highest after the prompt (teacher-forced total log-prob).
+        score_labels: after each timed request, also score every label teacher-forced
+            (:attr:`Request.label_logprobs`; not timed).
 
     Raises:
         CandidateError: the runtime could not load or run the model.
@@ -192,10 +208,12 @@ def measure(
         "labels": list(labels),
         "warmup": latency.warmup if latency and prompts else 0,
         "restrict_to_labels": restrict_to_labels,
+        "score_labels": score_labels,
     }
     raw = run_child(request, timeout_s)
     requests = tuple(Request(r["answer"], r["prompt_tokens"], r["request_s"] * 1000, r["ttft_s"] * 1000,
-                             tuple(t * 1000 for t in r["step_s"])) for r in raw["requests"])
+                             tuple(t * 1000 for t in r["step_s"]), tuple(r.get("label_logprobs", ())))
+                     for r in raw["requests"])
     return Measurement(
         accuracy=score([r.answer for r in requests], answers, labels),
         latency=summarize_latency(requests) if latency is not None and requests else None,
@@ -250,18 +268,18 @@ def normalize_answer(text: str, labels: Sequence[str]) -> str | None:
 def score(generated: Sequence[str], answers: Sequence[str], labels: Sequence[str]) -> Accuracy:
     """Accuracy and per-label confusion of generated answers."""
     confusion: dict[str, dict[str, int]] = {label: {} for label in labels}
-    correct = invalid = 0
-    predictions = []
+    invalid = 0
+    predictions, marks = [], []
     for text, truth in zip(generated, answers, strict=True):
         predicted = normalize_answer(text, labels)
         key = predicted if predicted is not None else "<invalid>"
         confusion.setdefault(truth, {})
         confusion[truth][key] = confusion[truth].get(key, 0) + 1
         invalid += predicted is None
-        correct += predicted == truth
+        marks.append("1" if predicted == truth else "0")
         predictions.append(key)
-    n = len(answers)
-    return Accuracy(correct / n if n else 0.0, n, correct, invalid, confusion, tuple(predictions))
+    n, correct = len(answers), marks.count("1")
+    return Accuracy(correct / n if n else 0.0, n, correct, invalid, confusion, tuple(predictions), "".join(marks))
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -369,8 +387,10 @@ def _child(request: dict) -> dict:
         generator.append_tokens(ids)  # prefill
         tokens: list[int] = []
         steps: list[float] = []
+        scores: list[float] = []
         if request["restrict_to_labels"]:
-            answer = labels[_best_label(generator, len(ids), label_ids)]
+            scores = _label_scores(generator, len(ids), label_ids)
+            answer = labels[max(range(len(labels)), key=scores.__getitem__)]
             ttft = time.perf_counter() - t0
         else:
             generator.generate_next_token()
@@ -386,6 +406,12 @@ def _child(request: dict) -> dict:
             answer = tokenizer.decode(tokens)
         timing = {"answer": answer, "prompt_tokens": len(ids), "request_s": time.perf_counter() - t0,
                   "ttft_s": ttft, "step_s": steps}
+        if request.get("score_labels") and not scores:  # after the clock stops: not part of the request
+            generator.rewind_to(len(ids) - 1)  # recompute the prompt's last position: its logits
+            generator.append_tokens(ids[-1:])
+            scores = _label_scores(generator, len(ids), label_ids)
+        if scores:
+            timing["label_logprobs"] = [float(v) for v in scores]
         return timing, tokens
 
     loaded = time.perf_counter()
@@ -410,11 +436,11 @@ def _child(request: dict) -> dict:
     }
 
 
-def _best_label(generator, prompt_length: int, label_ids: list[list[int]]) -> int:
-    """Index of the label whose tokens have the highest total log-prob after the prompt (teacher-forced).
+def _label_scores(generator, prompt_length: int, label_ids: list[list[int]]) -> list[float]:
+    """Each label's total log-prob after the prompt (teacher-forced).
 
-    Called right after the prompt's prefill; each label is appended, scored from the logits
-    and rewound, so the prompt is computed once.
+    Called right after the generator computed the prompt's last position; each label is
+    appended, scored from the logits and rewound, so the prompt is computed once.
     """
     import numpy as np  # a dependency of onnxruntime-genai
 
@@ -431,8 +457,8 @@ def _best_label(generator, prompt_length: int, label_ids: list[list[int]]) -> in
             logits = generator.get_output("logits")[0]  # row k predicts token k + 1 of the label
             total += sum(log_softmax(logits[k])[ids[k + 1]] for k in range(len(ids) - 1))
             generator.rewind_to(prompt_length)
-        scores.append(total)
-    return int(np.argmax(scores))
+        scores.append(float(total))
+    return scores
 
 
 def _gpu_memory_mb() -> float | None:

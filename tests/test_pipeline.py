@@ -245,13 +245,20 @@ def test_measure_without_latency(exports, splits):
 
 
 def test_measure_restricted_to_labels(exports, splits):
-    """Answers restricted to the labels: always a label, the one with the highest teacher-forced log-prob."""
+    """Answers restricted to the labels: always a label, the one with the highest teacher-forced log-prob.
+    A generated request scores the labels too, after its clock stops: the same log-probs."""
     import numpy as np
     import onnxruntime_genai as og
 
     prompts, answers = _prompts(splits)
     m = measure(exports["fp32"], prompts[:4], answers[:4], splits.labels, latency=None, restrict_to_labels=True)
     assert m.accuracy.invalid == 0 and all(r.answer in splits.labels for r in m.requests)
+    generated = measure(exports["fp32"], prompts[:4], answers[:4], splits.labels, latency=None)
+    for restricted, request in zip(m.requests, generated.requests):
+        assert len(request.label_logprobs) == len(splits.labels)
+        np.testing.assert_allclose(request.label_logprobs, restricted.label_logprobs, rtol=1e-4, atol=1e-4)
+    right = [r.label_logprobs[splits.labels.index(a)] for r, a in zip(generated.requests, answers[:4])]
+    assert generated.label_logprob(answers[:4], splits.labels) == pytest.approx(sum(right) / 4)
     # The same choice by hand: each label appended to a fresh generator, its tokens scored one by one.
     model = og.Model(str(exports["fp32"]))
     tokenizer = og.Tokenizer(model)
@@ -268,6 +275,7 @@ def test_measure_restricted_to_labels(exports, splits):
             logp -= np.log(np.exp(logp).sum(axis=-1, keepdims=True))
             scores[label] = sum(logp[len(ids) - 1 + k, t] for k, t in enumerate(label_ids))
         assert request.answer == max(scores, key=scores.get), scores
+        np.testing.assert_allclose([scores[label] for label in splits.labels], request.label_logprobs, atol=1e-4)
 
 
 def test_rescored_from_raw_answers(exports, splits):
