@@ -9,8 +9,10 @@ interval of Bonett and Price (2012) bounds the difference of the two accuracies.
 The default rule (:data:`RULES` ``smallest-tied``): among the feasible candidates that are
 not significantly less accurate than the most accurate one, ship the smallest, then the
 fastest. 136 prompts give about +-0.08 at 95%, so chasing the most accurate alone buys
-size and latency for noise. ``most-accurate`` keeps the plain rule: the most accurate,
-ties to the faster, then the smaller.
+size and latency for noise. Sizes within :data:`SIZE_TOLERANCE` of each other count as
+equal, and latencies within :data:`LATENCY_TOLERANCE` (the spread of one model's latency
+from trial to trial), so among equals the more accurate one is shipped.
+``most-accurate`` keeps the plain rule: the most accurate, ties to the faster, then the smaller.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ RULES = {
     "most-accurate": "the most accurate feasible candidate (ties: the faster, then the smaller)",
 }
 ALPHA = 0.05  # significance level of "significantly less accurate"
+SIZE_TOLERANCE = 0.05  # sizes within 5% are one size (int4 b32 and b64 differ by 12%, int8 and fp32 by 2x)
+LATENCY_TOLERANCE = 0.10  # latencies within 10% are one speed: one model's trials spread that much
 
 
 @dataclass(frozen=True)
@@ -124,16 +128,39 @@ class Ranking:
 def rank(pool: Sequence[Candidate], rule: str = "smallest-tied") -> Ranking:
     """Order ``pool`` by ``rule`` (see :data:`RULES`), best first.
 
-    ``smallest-tied``: the candidates tied with the most accurate one come first, smallest then
-    fastest (then more accurate); the rest follow, most accurate first.
+    ``smallest-tied``: the candidates tied with the most accurate one come first, each time the
+    one :func:`_smallest_then_fastest` picks from those left; the rest follow, most accurate first.
     """
     if rule not in RULES:
         raise ValueError(f"unknown selection rule {rule!r}")
     best = most_accurate(pool)
     paired = {m.number: compare(m, best) for m in pool} if best else {}
+    plain = sorted(pool, key=lambda m: (-m.accuracy, m.latency_ms, m.size_mb or 0.0))
     if rule == "most-accurate":
-        key = lambda m: (-m.accuracy, m.latency_ms, m.size_mb or 0.0)  # noqa: E731
-    else:
-        key = lambda m: ((0, m.size_mb or 0.0, m.latency_ms, -m.accuracy)  # noqa: E731
-                         if not paired[m.number].significantly_worse else (1, -m.accuracy, m.latency_ms, 0.0))
-    return Ranking(rule, best, tuple(sorted(pool, key=key)), paired)
+        return Ranking(rule, best, tuple(plain), paired)
+    tied = [m for m in plain if not paired[m.number].significantly_worse]
+    order = []
+    while tied:
+        order.append(_smallest_then_fastest(tied))
+        tied.remove(order[-1])
+    return Ranking(rule, best, tuple(order + [m for m in plain if paired[m.number].significantly_worse]), paired)
+
+
+def _smallest_then_fastest(pool: Sequence[Candidate]) -> Candidate:
+    """The smallest (sizes within :data:`SIZE_TOLERANCE` equal), then the fastest (within
+    :data:`LATENCY_TOLERANCE` equal), then the most accurate of ``pool``."""
+    smallest = min(m.size_mb or 0.0 for m in pool)
+    pool = [m for m in pool if (m.size_mb or 0.0) <= smallest * (1 + SIZE_TOLERANCE)]
+    fastest = min(m.latency_ms for m in pool)
+    pool = [m for m in pool if m.latency_ms <= fastest * (1 + LATENCY_TOLERANCE)]
+    return min(pool, key=lambda m: (-m.accuracy, m.latency_ms, m.size_mb or 0.0))
+
+
+def above_chance(correct: int, n: int, rate: float) -> bool:
+    """Whether ``correct`` of ``n`` is significantly (one-sided exact binomial, :data:`ALPHA`) above
+    what answering at ``rate`` gives, e.g. always naming the most frequent label: the adapter learnt
+    something."""
+    if n <= 0 or correct <= rate * n:
+        return False
+    tail = sum(math.comb(n, k) * rate**k * (1 - rate) ** (n - k) for k in range(correct, n + 1))
+    return tail < ALPHA

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from autotune.selection import Candidate, compare, mcnemar_exact, paired_interval, rank
+from autotune.selection import Candidate, above_chance, compare, mcnemar_exact, paired_interval, rank
 
 
 def test_mcnemar_exact_is_the_two_sided_binomial_test() -> None:
@@ -65,3 +65,20 @@ def test_most_accurate_keeps_the_plain_rule() -> None:
 
 def test_empty_pool_chooses_nothing() -> None:
     assert rank([]).chosen is None
+
+
+def test_within_tolerance_the_more_accurate_of_equals_is_shipped() -> None:
+    """Two int8 models of one size and nearly one speed: the more accurate one, not the one a hair faster."""
+    best = "1" * 96 + "0" * 40
+    near = "1" * 93 + "0" * 43
+    ranking = rank([Candidate(1, best, 60.0, 274.0), Candidate(2, near, 57.0, 274.2)])
+    assert ranking.chosen.number == 1
+    # 20% faster at the same size is faster, not noise.
+    assert rank([Candidate(1, best, 60.0, 274.0), Candidate(2, near, 48.0, 274.2)]).chosen.number == 2
+
+
+def test_above_chance_is_a_one_sided_binomial_test_against_the_majority_rate() -> None:
+    assert not above_chance(0, 136, 0.25)
+    assert not above_chance(34, 136, 0.25)  # exactly the majority rate
+    assert not above_chance(40, 136, 0.25)  # 0.29: within chance
+    assert above_chance(50, 136, 0.25)  # 0.37
