@@ -2,10 +2,13 @@
 
 A space file maps each choice to a list (categorical) or a range::
 
+    start: {method: lora, rank: 16, alpha_ratio: 2, learning_rate: 1.0e-3, int4_method: gptq}
     method: [lora, qlora]
     rank: {low: 4, high: 64, log: true}
-    alpha_ratio: [0.5, 1, 2]        # alpha = ratio * rank
-    learning_rate: {low: 1.0e-4, high: 1.0e-3, log: true}
+    alpha_ratio: [1, 2]             # alpha = ratio * rank
+    learning_rate: {low: 5.0e-4, high: 3.0e-3, log: true}
+    steps: [30, 60, 120]            # rungs: every adapter trains the first; the best continue
+    promote: 0.5                    # the share of a rung's adapters that continue to the next
     int4_method: [rtn, int4-aware, gptq]
     precision: [int4, int8, fp32]
     block_size: [32, 64]            # int4/int8 only
@@ -13,11 +16,18 @@ A space file maps each choice to a list (categorical) or a range::
     symmetric: [true, false]        # int4 only
     int8_layers: [none, last]       # int4 only
 
+An *adapter* is the training choices without the steps; ``steps`` are the rungs of successive
+halving (:mod:`autotune.schedule`): an adapter is first trained for ``steps[0]`` and exported the
+*screening* way (:meth:`SearchSpace.screening`: the most accurate cheap precision, int8 on the
+CPU), and the best continue to the next rung. The adapters that reach the top rung get the
+other precisions and int4 methods (:meth:`SearchSpace.exports`). ``start`` is the first adapter
+and the first int4 export: a recipe known to learn, so the search starts from strength.
+
 :meth:`SearchSpace.restrict` drops what the hardware profile cannot run (QLoRA
-without bitsandbytes 4-bit, fp16 on the CPU, ...), and :meth:`SearchSpace.suggest`
-turns an Optuna trial into a :class:`~autotune.candidate.CandidateSpec`, sampling the
-quantization options only for quantized precisions so invalid combinations are never
-sampled.
+without bitsandbytes 4-bit, fp16 on the CPU, ...) and learning rates too low to learn within
+the first rung (``min_lr_steps``); :meth:`SearchSpace.suggest` turns an Optuna trial into a
+:class:`~autotune.candidate.CandidateSpec`, sampling the quantization options only for
+quantized precisions so invalid combinations are never sampled.
 """
 
 from __future__ import annotations
@@ -70,9 +80,11 @@ class Range:
 
 Param = Union[Choice, Range]
 
-_TRAIN_KEYS = ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "steps", "batch_size", "dropout", "target_modules",
+# The adapter: everything that changes the trained weights except the steps (the rungs).
+_TRAIN_KEYS = ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "batch_size", "dropout", "target_modules",
                "int4_method")
 _EXPORT_KEYS = ("precision", "block_size", "accuracy_level", "algo", "symmetric", "int8_layers")
+_OTHER_KEYS = ("steps", "promote", "min_lr_steps", "start", "seed")
 _WHOLE = ("rank", "steps", "batch_size")
 _ALLOWED = {
     "method": METHODS,
@@ -85,18 +97,23 @@ _ALLOWED = {
     "symmetric": (True, False),
     "int8_layers": tuple(INT8_LAYERS),
 }
+# The screening export of a plain adapter: the first of these the space allows. int8 keeps an adapter's
+# accuracy (within 0.01 of fp32 over seeds) at a quarter of fp32's export and measuring time.
+SCREENING_ORDER = ("int8", "fp16", "bf16", "fp32", "int4")
+# Exports of an adapter that reached the top rung, best value first (after the screening one).
+EXPORT_ORDER = ("int4", "fp32", "bf16", "fp16", "int8")
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Every searchable choice. ``alpha`` and ``alpha_ratio`` are exclusive."""
+    """Every searchable choice. ``alpha`` and ``alpha_ratio`` are exclusive. ``steps`` holds the rungs."""
 
     method: Param = Choice(("lora",))
     rank: Param = Choice((16,))
     alpha: Param | None = None
     alpha_ratio: Param | None = Choice((2.0,))
     learning_rate: Param = Choice((3e-4,))
-    steps: Param = Choice((150,))
+    steps: Choice = Choice((150,))
     batch_size: Param = Choice((8,))
     dropout: Param = Choice((0.05,))
     target_modules: Param = Choice(("all-linear",))
@@ -107,8 +124,12 @@ class SearchSpace:
     int4_method: Param = Choice(("rtn",))
     symmetric: Param = Choice((True,))
     int8_layers: Param = Choice(("none",))
+    promote: float = 0.5
+    min_lr_steps: float | None = None
+    start: tuple[tuple[str, Any], ...] = ()
     seed: int = 0
     source: str = field(default="", compare=False)
+    notes: tuple[str, ...] = field(default=(), compare=False)  # what restrict() dropped, and why
 
     # ------------------------------------------------------------------ loading
 
@@ -131,7 +152,7 @@ class SearchSpace:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "search space") -> "SearchSpace":
-        known = _TRAIN_KEYS + _EXPORT_KEYS + ("seed",)
+        known = _TRAIN_KEYS + _EXPORT_KEYS + _OTHER_KEYS
         params: dict[str, Any] = {}
         for key, value in raw.items():
             if key not in known:
@@ -140,97 +161,205 @@ class SearchSpace:
                 if not isinstance(value, int) or isinstance(value, bool):
                     raise UserError(f"{where}: 'seed' must be a whole number, got {value!r}")
                 params[key] = value
-                continue
-            params[key] = _parse_param(key, value, where)
+            elif key == "promote":
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+                    raise UserError(f"{where}: 'promote' is the share of a rung's adapters that continue, in (0, 1); "
+                                    f"got {value!r}")
+                params[key] = float(value)
+            elif key == "min_lr_steps":
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                    raise UserError(f"{where}: 'min_lr_steps' must be a positive number, got {value!r}")
+                params[key] = float(value)
+            elif key == "start":
+                params[key] = _parse_start(value, where)
+            elif key == "steps":
+                params[key] = _parse_rungs(value, where)
+            else:
+                params[key] = _parse_param(key, value, where)
         if "alpha" in params and "alpha_ratio" in params:
             raise UserError(f"{where}: give either 'alpha' or 'alpha_ratio', not both")
         if "alpha" in params:
             params["alpha_ratio"] = None
         return cls(**params, source=where)
 
+    @property
+    def rungs(self) -> tuple[int, ...]:
+        return self.steps.values
+
     # ------------------------------------------------------------------ hardware
 
     def restrict(self, precisions: tuple[str, ...], qlora: bool, execution_provider: str,
                  widths: tuple[int, ...] = ()) -> "SearchSpace":
-        """Only what the profile can run, and block sizes that divide the model's ``widths``
-        (hidden and MLP sizes: the builder quantizes along them). Raises if nothing is left of a choice."""
+        """Only what the profile can run, block sizes that divide the model's ``widths`` (hidden and
+        MLP sizes: the builder quantizes along them), and learning rates that can learn within the
+        first rung (``min_lr_steps``). Raises if nothing is left of a choice; :attr:`notes` says
+        what was dropped and why."""
         where = self.source or "search space"
+        notes = list(self.notes)
         blocks = [b for b in _values(self.block_size) if all(w % b == 0 for w in widths)]
         if not blocks:
             raise UserError(f"{where}: no block size in {list(_values(self.block_size))} divides this model's widths "
                             f"{list(widths)}; add one that does, e.g. 16")
+        if len(blocks) < len(_values(self.block_size)):
+            notes.append(f"block sizes {[b for b in _values(self.block_size) if b not in blocks]} dropped: they do "
+                         f"not divide this model's widths {list(widths)}")
         allowed = [p for p in _values(self.precision) if p in precisions]
         if not allowed:
             raise UserError(
                 f"{where}: none of the precisions {list(_values(self.precision))} runs on "
                 f"{execution_provider} (valid there: {', '.join(precisions)})"
             )
+        if len(allowed) < len(_values(self.precision)):
+            notes.append(f"precisions {[p for p in _values(self.precision) if p not in allowed]} dropped: they do not "
+                         f"run on {execution_provider}")
         methods = [m for m in _values(self.method) if m != "qlora" or qlora]
         if not methods:
             raise UserError(f"{where}: QLoRA is the only method, but this hardware cannot run bitsandbytes 4-bit; add lora")
+        if len(methods) < len(_values(self.method)):
+            notes.append("QLoRA dropped: bitsandbytes 4-bit does not run on this hardware")
         changes: dict[str, Any] = {"precision": Choice(tuple(allowed)), "method": Choice(tuple(methods)),
                                    "block_size": Choice(tuple(blocks))}
         if "int4" not in allowed:  # the int4 methods have nothing to act on
             changes["int4_method"] = Choice(("rtn",))
         if execution_provider != "cpu":
             changes["accuracy_level"] = Choice((0,))  # a CPU kernel setting; others use their default
-        return dataclasses.replace(self, **changes)
+        lr = self.learning_rate
+        if self.min_lr_steps and _low(lr) * self.rungs[0] < self.min_lr_steps:
+            low = self.min_lr_steps / self.rungs[0]
+            if _high(lr) < low:
+                raise UserError(f"{where}: every learning rate is below {low:.1e}, too low to learn in "
+                                f"{self.rungs[0]} steps (min_lr_steps {self.min_lr_steps:g}); raise it or the first rung")
+            changes["learning_rate"] = (Range(low, lr.high, lr.log, lr.step) if isinstance(lr, Range)
+                                        else Choice(tuple(v for v in lr.values if v >= low)))
+            notes.append(f"learning rates below {low:.1e} dropped: too low to learn within the first rung of "
+                         f"{self.rungs[0]} steps (min_lr_steps {self.min_lr_steps:g})")
+        space = dataclasses.replace(self, **changes)
+        start = dict(self.start)
+        if start and not space._admits(start):
+            notes.append(f"start {start} dropped: not in the space this hardware runs")
+            start = {}
+        return dataclasses.replace(space, start=tuple(start.items()), notes=tuple(notes))
 
-    def suggest(self, trial, execution_provider: str) -> CandidateSpec:
+    # ------------------------------------------------------------------ sampling
+
+    def suggest(self, trial, execution_provider: str, steps: int | None = None, export: bool = False) -> CandidateSpec:
         """Sample one candidate (define-by-run: each option only where it applies).
 
-        ``int4_method`` is drawn with the training choices, since ``int4-aware`` changes the
-        adapter: its int4 block size is then a training choice too, and an int4 export of that
-        adapter uses exactly that grid (symmetric, the builder's default rounding, no int8
-        layers). QLoRA never draws ``int4-aware`` (its forward is nf4, not the export's int4).
+        The adapter trains for ``steps`` (default: the first rung). ``export`` False exports it
+        the screening way (:meth:`screening`); True samples the export (its ``precision`` is
+        fixed by the trial's enqueued parameters, see :mod:`autotune.schedule`).
         """
+        train = self.adapter(trial, self.rungs[0] if steps is None else steps)
+        if not export:
+            return CandidateSpec(train, self.screening(train, execution_provider))
+        return CandidateSpec(train, self.export(trial, train, self.precision.suggest(trial, "precision"),
+                                                execution_provider))
+
+    def adapter(self, trial, steps: int) -> TrainSpec:
+        """The training choices of a trial. ``int4-aware`` is one (it changes the adapter): its int4 block
+        size is then a training choice too. QLoRA never draws it (its forward is nf4, not the export's int4)."""
         rank = int(self.rank.suggest(trial, "rank"))
         if self.alpha is not None:
             alpha = float(self.alpha.suggest(trial, "alpha"))
         else:
             alpha = float(self.alpha_ratio.suggest(trial, "alpha_ratio")) * rank
         method = self.method.suggest(trial, "method")
-        int4_method = self._int4_method(method).suggest(trial, "int4_method" if method == "lora" else f"int4_method_{method}")
-        aware = int4_method == "int4-aware"
-        grid_block = int(self.block_size.suggest(trial, "block_size")) if aware else 32
-        train = TrainSpec(
+        aware = (method == "lora" and "int4-aware" in self.int4_method.values
+                 and Choice((False, True)).suggest(trial, "int4_aware"))
+        return TrainSpec(
             method=method,
             rank=rank,
             alpha=alpha,
             dropout=float(self.dropout.suggest(trial, "dropout")),
             learning_rate=float(self.learning_rate.suggest(trial, "learning_rate")),
-            steps=int(self.steps.suggest(trial, "steps")),
+            steps=steps,
             batch_size=int(self.batch_size.suggest(trial, "batch_size")),
             target_modules=self.target_modules.suggest(trial, "target_modules"),
             seed=self.seed,
             int4_aware=aware,
-            int4_block_size=grid_block,
+            int4_block_size=int(self.block_size.suggest(trial, "block_size")) if aware else 32,
         )
-        precision = self.precision.suggest(trial, "precision")
-        export = ExportSpec(precision=precision, execution_provider=execution_provider)
-        if export.quantized:
-            knobs = dict(
-                block_size=grid_block if aware else int(self.block_size.suggest(trial, "block_size")),
-                accuracy_level=int(self.accuracy_level.suggest(trial, "accuracy_level")),
-            )
-            if precision == "int4" and int4_method == "gptq":
-                knobs.update(symmetric=self.symmetric.suggest(trial, "symmetric"), calibration="gptq")
-            elif precision == "int4" and not aware:
-                knobs.update(symmetric=self.symmetric.suggest(trial, "symmetric"), algo=self.algo.suggest(trial, "algo"),
-                             int8_layers=self.int8_layers.suggest(trial, "int8_layers"))
-            export = ExportSpec(precision=precision, execution_provider=execution_provider, **knobs)
-        return CandidateSpec(train=train, export=export.normalized())
 
-    def _int4_method(self, method: str) -> Choice:
-        """The int4 methods open to a training method (QLoRA cannot be int4-aware)."""
-        if method == "lora":
-            return self.int4_method
+    def screening(self, train: TrainSpec, execution_provider: str) -> ExportSpec:
+        """How an adapter is exported to be judged at a rung: an int4-aware one at int4 on its own grid
+        (what it is made for), any other at the most accurate cheap precision the space allows."""
+        if train.int4_aware:
+            return ExportSpec("int4", execution_provider, block_size=train.int4_block_size,
+                              accuracy_level=self.accuracy_level.values[0]).normalized()
+        precision = next(p for p in SCREENING_ORDER if p in self.precision.values)
+        block = 32 if 32 in self.block_size.values else self.block_size.values[0]
+        return ExportSpec(precision, execution_provider, block_size=block,
+                          accuracy_level=self.accuracy_level.values[0]).normalized()
+
+    def export(self, trial, train: TrainSpec, precision: str, execution_provider: str) -> ExportSpec:
+        """The export choices of a trial at ``precision``. An int4-aware adapter's int4 export uses
+        exactly its trained grid (symmetric, the builder's default rounding, no int8 layers)."""
+        export = ExportSpec(precision=precision, execution_provider=execution_provider)
+        if not export.quantized:
+            return export.normalized()
+        if train.int4_aware:
+            block = train.int4_block_size
+        else:
+            block = int(self.block_size.suggest(trial, "block_size"))
+        knobs: dict[str, Any] = dict(block_size=block, accuracy_level=int(self.accuracy_level.suggest(trial, "accuracy_level")))
+        if precision == "int4" and not train.int4_aware:
+            method = self._export_int4_method().suggest(trial, "int4_method")
+            knobs.update(symmetric=self.symmetric.suggest(trial, "symmetric"))
+            if method == "gptq":
+                knobs.update(calibration="gptq")
+            else:
+                knobs.update(algo=self.algo.suggest(trial, "algo"), int8_layers=self.int8_layers.suggest(trial, "int8_layers"))
+        return ExportSpec(precision=precision, execution_provider=execution_provider, **knobs).normalized()
+
+    def _export_int4_method(self) -> Choice:
+        """How a plain adapter's int4 export keeps its accuracy (int4-aware is a training choice)."""
         return Choice(tuple(m for m in self.int4_method.values if m != "int4-aware") or ("rtn",))
 
-    def training_params(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The sampled parameters of a trial that decide its adapter (to queue its siblings)."""
-        names = set(self.train_param_names()) | {"alpha", "int4_method_qlora"}
-        if params.get("int4_method") == "int4-aware":
+    def exports(self, train: TrainSpec, execution_provider: str) -> list[dict[str, Any]]:
+        """The exports an adapter that reached the top rung gets, best value first: each a mapping of
+        the parameters to fix (``precision``, and the start's int4 knobs for the first int4 export);
+        the rest of each is sampled. The screening precision is not repeated; an int4-aware adapter
+        gets no other precision (it has learnt the int4 model, not the full-precision one)."""
+        if train.int4_aware:
+            return []
+        screened = self.screening(train, execution_provider).precision
+        plan = []
+        for precision in EXPORT_ORDER:
+            if precision in self.precision.values and precision != screened:
+                fixed: dict[str, Any] = {"precision": precision}
+                if precision == "int4":
+                    fixed.update({k: v for k, v in self.start if k in ("int4_method", "block_size", "symmetric")
+                                  and (k != "int4_method" or v in self._export_int4_method().values)})
+                plan.append(fixed)
+        if "int4" in self.precision.values and screened != "int4":
+            plan.append({"precision": "int4"})  # a second int4 export, its knobs sampled
+        return plan
+
+    def start_params(self) -> dict[str, Any]:
+        """The Optuna parameters of the start adapter (empty if the space declares none)."""
+        start = dict(self.start)
+        params = {k: start[k] for k in ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "batch_size", "dropout",
+                                        "target_modules") if k in start and _sampled(getattr(self, k))}
+        if "int4_aware" in start or start.get("int4_method") == "int4-aware":
+            params["int4_aware"] = True
+        return params
+
+    def _admits(self, start: dict[str, Any]) -> bool:
+        """Whether every choice of ``start`` lies in this space."""
+        for key, value in start.items():
+            param = getattr(self, key if key != "int4_method" else "int4_method", None)
+            if param is None:
+                return False
+            if isinstance(param, Choice) and value not in param.values:
+                return False
+            if isinstance(param, Range) and not param.low <= value <= param.high:
+                return False
+        return True
+
+    def adapter_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The sampled parameters of a trial that decide its adapter (to continue or export it)."""
+        names = set(self.train_param_names()) | {"alpha", "int4_aware"}
+        if params.get("int4_aware"):
             names.add("block_size")  # the grid it was trained against
         return {k: v for k, v in params.items() if k in names}
 
@@ -238,34 +367,20 @@ class SearchSpace:
         """Names of the sampled parameters that change the adapter."""
         return tuple(k for k in _TRAIN_KEYS if isinstance(getattr(self, k), (Choice, Range)) and _sampled(getattr(self, k)))
 
-    def size(self) -> int | None:
-        """An upper bound on the distinct candidates if every choice is categorical, else ``None``.
-
-        (An rtn and a gptq trial of one adapter at int8 or fp32 are the same model, counted twice.)
-        """
-        params = [getattr(self, k) for k in _TRAIN_KEYS[:-1] + _EXPORT_KEYS[1:] if getattr(self, k) is not None]
-        if any(isinstance(p, Range) for p in params):
-            return None
-        n = {k: len(getattr(self, k).values) for k in ("block_size", "accuracy_level", "algo", "symmetric", "int8_layers")}
-        shared = 1
-        for key in ("rank", "alpha", "alpha_ratio", "learning_rate", "steps", "batch_size", "dropout", "target_modules"):
-            if getattr(self, key) is not None:
-                shared *= len(getattr(self, key).values)
-        total = 0
+    def adapters(self) -> int | None:
+        """The number of distinct adapters if every training choice is categorical, else ``None``."""
+        count = 1
+        for key in ("rank", "alpha", "alpha_ratio", "learning_rate", "batch_size", "dropout", "target_modules"):
+            param = getattr(self, key)
+            if isinstance(param, Range) and _sampled(param):
+                return None
+            if param is not None:
+                count *= len(param.values) if isinstance(param, Choice) else 1
+        methods = 0
         for method in self.method.values:
-            for int4_method in self._int4_method(method).values:
-                aware = int4_method == "int4-aware"
-                exports = 0
-                for precision in _values(self.precision):
-                    if precision == "int4":
-                        exports += n["accuracy_level"] * (1 if aware else n["block_size"] * n["symmetric"] * (
-                            1 if int4_method == "gptq" else n["algo"] * n["int8_layers"]))
-                    elif precision == "int8":
-                        exports += n["accuracy_level"] * (1 if aware else n["block_size"])
-                    else:
-                        exports += 1
-                total += shared * exports * (n["block_size"] if aware else 1)
-        return total
+            aware = method == "lora" and "int4-aware" in self.int4_method.values
+            methods += 1 + (len(self.block_size.values) if aware else 0)
+        return count * methods
 
 
 def default_space_path() -> Path:
@@ -283,6 +398,32 @@ def _values(param: Param) -> tuple:
     if isinstance(param, Choice):
         return param.values
     raise UserError("precision and method must be lists, not ranges")
+
+
+def _low(param: Param) -> float:
+    return param.low if isinstance(param, Range) else min(param.values)
+
+
+def _high(param: Param) -> float:
+    return param.high if isinstance(param, Range) else max(param.values)
+
+
+def _parse_rungs(value: Any, where: str) -> Choice:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise UserError(f"{where}: 'steps' lists the rungs, whole numbers of steps above 0 (e.g. [30, 60, 120]); "
+                        f"got {value!r}")
+    return Choice(tuple(sorted(set(values))))
+
+
+def _parse_start(value: Any, where: str) -> tuple[tuple[str, Any], ...]:
+    keys = ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "batch_size", "dropout", "target_modules",
+            "int4_method", "block_size", "symmetric")
+    if not isinstance(value, dict) or not set(value) <= set(keys):
+        raise UserError(f"{where}: 'start' is a mapping of single choices ({', '.join(keys)}); got {value!r}")
+    for key, item in value.items():  # each value must be valid as a one-value choice of its key
+        _parse_param(key, [item], where)
+    return tuple(value.items())
 
 
 def _parse_param(key: str, value: Any, where: str) -> Param:

@@ -33,7 +33,9 @@ from autotune.quantize import Int4Grid, fake_quantize
 CODE_VERSION = 4
 METHODS = ("lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
-LR_SCHEDULES = ("cosine", "linear", "constant")
+# wsd (warmup-stable-decay): a run of N steps is a run of M < N steps up to M's decay, so a longer run
+# continues a shorter one's checkpoint (autotune.schedule's rungs) and trains the same adapter.
+LR_SCHEDULES = ("wsd", "cosine", "linear", "constant")
 # packed: a step's examples in one row, each with its own positions and causal block (no padding: ~40% less
 # compute here); padded: one row per example. The same training: dropout masks follow the padded layout.
 BATCHING = ("packed", "padded")
@@ -50,9 +52,13 @@ class TrainSpec:
     """The training choices of one candidate (everything that changes the adapter).
 
     ``alpha`` is the LoRA scale numerator: the update is scaled by ``alpha / rank``.
-    ``target_modules`` is ``all-linear``, ``attention`` or ``mlp``. The learning rate warms
-    up linearly over ``warmup_fraction`` of the steps, then follows ``lr_schedule`` down to
-    ``min_lr_ratio`` of its peak. ``max_grad_norm`` 0 turns gradient clipping off.
+    ``target_modules`` is ``all-linear``, ``attention`` or ``mlp``. ``lr_schedule`` ``wsd``
+    warms the learning rate up linearly over ``warmup_steps``, holds it, and decays it linearly to
+    ``min_lr_ratio`` of its peak over the last ``decay_fraction`` of the steps: up to
+    :attr:`stable_steps` a run does not depend on its length, so a longer run continues a shorter
+    one's checkpoint. ``cosine``, ``linear`` and ``constant`` warm up over ``warmup_fraction`` of
+    the steps, then follow their shape down to ``min_lr_ratio``. ``max_grad_norm`` 0 turns
+    gradient clipping off.
     ``gradient_checkpointing`` ``auto`` turns it on only when memory is short: it recomputes
     activations in the backward pass (same gradients; each layer's forward runs twice).
     ``int4_aware`` trains against the int4 export the builder will write: every quantized
@@ -77,8 +83,10 @@ class TrainSpec:
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    lr_schedule: str = "cosine"
+    lr_schedule: str = "wsd"
     min_lr_ratio: float = 0.1
+    warmup_steps: int = 6
+    decay_fraction: float = 0.2
     batching: str = "packed"
     pass_tokens: int = 256
     step_groups: int = 2
@@ -111,13 +119,29 @@ class TrainSpec:
                             "the int4 grid of the export); use --method lora with it")
         if self.weight_decay < 0 or self.max_grad_norm < 0 or not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.warmup_fraction < 1:
             raise UserError("weight decay and max grad norm must be >= 0, min lr ratio in [0, 1] and warm-up fraction in [0, 1)")
+        if self.warmup_steps < 0 or not 0 < self.decay_fraction <= 1:
+            raise UserError("warm-up steps must be >= 0 and the decay fraction in (0, 1]")
 
     def int4_grid(self) -> Int4Grid | None:
         """The export grid this adapter is trained against, or None for plain training."""
         return Int4Grid(self.int4_block_size, symmetric=True) if self.int4_aware else None
 
+    @property
+    def stable_steps(self) -> int:
+        """Steps before the decay of a ``wsd`` run (all of them otherwise): the part a longer run shares."""
+        if self.lr_schedule != "wsd":
+            return self.steps
+        return self.steps - max(1, round(self.steps * self.decay_fraction))
+
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``learning_rate`` at optimizer step ``step`` (0-based)."""
+        if self.lr_schedule == "wsd":
+            if step < self.warmup_steps:
+                return (step + 1) / (self.warmup_steps + 1)
+            if step < self.stable_steps:
+                return 1.0
+            progress = (step - self.stable_steps + 1) / (self.steps - self.stable_steps)
+            return 1.0 - (1.0 - self.min_lr_ratio) * progress
         warmup = max(1, int(self.steps * self.warmup_fraction))
         if step < warmup:
             return (step + 1) / warmup
