@@ -196,12 +196,14 @@ def _data_config(args):
 
 
 def _hardware(target: str, name: str | None = None):
-    from autotune import hardware
+    from autotune.hardware import probe
+    from autotune.profile_choice import TARGETS, choose_profile
+    from autotune.profiles import load_profiles
 
-    if target not in hardware.TARGETS:
-        raise UserError(f"unknown --target '{target}' (choose from {', '.join(hardware.TARGETS)})")
-    info = hardware.probe()
-    profile = hardware.choose_profile(info, target, hardware.load_profiles(), name)
+    if target not in TARGETS:
+        raise UserError(f"unknown --target '{target}' (choose from {', '.join(TARGETS)})")
+    info = probe()
+    profile = choose_profile(info, target, load_profiles(), name)
     return info, profile
 
 
@@ -283,7 +285,8 @@ def cmd_candidate(args) -> int:
 def cmd_profile(args) -> int:
     from rich.console import Console
 
-    from autotune.hardware import choose_threads, format_profile
+    from autotune.hardware import choose_threads
+    from autotune.profile_choice import format_profile
 
     info, profile = _hardware(args.target, args.profile)
     if args.json:
@@ -326,7 +329,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
     import yaml
 
     from autotune import report
-    from autotune.hardware import qlora_enabled
+    from autotune.profile_choice import qlora_enabled
     from autotune.models import model_shape
     from autotune.search import SearchSettings, hardware_identity, open_study
     from autotune.space import SearchSpace, default_space_path
