@@ -35,8 +35,9 @@ from autotune.data import Splits, instruction_prompt
 from autotune.errors import CandidateError, UserError, check_interrupted, first_line
 from autotune.export import ExportSpec, check_export_memory, check_free_disk, export_model, merge_adapter, prequantize
 from autotune.measure import MEASURE_VERSION, LatencySettings, Measurement, measure
+from autotune.memory import check_memory, tokens_per_step
 from autotune.models import BaseModel
-from autotune.train import TrainResult, TrainSpec, check_memory, read_train_log, tokens_per_step, train_adapter
+from autotune.train import TrainResult, TrainSpec, read_train_log, train_adapter
 
 # Called as on_stage(stage, fraction_done, detail); stages: train, merge, export, measure.
 StageCallback = Callable[[str, float, str], None]

@@ -18,7 +18,7 @@ from pathlib import Path
 from autotune.errors import CandidateError, UserError
 from autotune.models import BaseModel, model_shape
 from autotune.quantize import BLOCK_SIZES
-from autotune.train import free_memory, release_memory
+from autotune.memory import RUNTIME_BYTES, free_memory, release_memory
 
 # Bump when a change to this module or to autotune.quantize changes the models it exports: it is part of every
 # export's cache key. 3: GPTQ calibrates on packed samples and rounds Linears sharing an input as one matrix.
@@ -192,8 +192,6 @@ def export_memory_need(base: BaseModel) -> int:
     Both read the full-precision model (QLoRA adapters too are merged into the fp32 base); the
     builder quantizes it layer by layer, so its output adds about a quarter on top.
     """
-    from autotune.train import RUNTIME_BYTES
-
     return int(RUNTIME_BYTES + model_shape(base).parameters * 4 * 1.25)
 
 

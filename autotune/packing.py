@@ -33,7 +33,7 @@ class DropoutLayout:
 
     def __init__(self) -> None:
         self.seed = 0
-        # Per thread: the groups of one step may run at once (train.accumulate_gradients), each its own part.
+        # Per thread: the groups of one step may run at once (gradients.accumulate_gradients), each its own part.
         self._local = threading.local()
 
     @property

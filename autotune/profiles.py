@@ -64,7 +64,7 @@ class Profile:
         precisions: export precisions to search, each valid on the EP
             (see :data:`VALID_PRECISIONS`).
         qlora: whether QLoRA (bitsandbytes 4-bit base) candidates are searched; also
-            needs :attr:`HardwareInfo.bnb_4bit` (see :func:`qlora_enabled`).
+            needs :attr:`HardwareInfo.bnb_4bit` (see :func:`~autotune.profile_choice.qlora_enabled`).
         train_device: ``cpu`` or ``cuda``.
         train_dtype: ``float32``, ``bfloat16`` or ``float16``.
         memory_headroom: fraction of the free RAM/VRAM one candidate may use.

@@ -82,7 +82,9 @@ def compare(out: Path, args) -> list[dict]:
     from autotune.candidate import CandidateSpec, Workspace, run_candidate
     from autotune.data import DataConfig, load_splits
     from autotune.export import ExportSpec
-    from autotune.hardware import choose_profile, choose_threads, load_profiles, probe, qlora_enabled
+    from autotune.hardware import choose_threads, probe
+    from autotune.profile_choice import choose_profile, qlora_enabled
+    from autotune.profiles import load_profiles
     from autotune.models import resolve_model
     from autotune.train import TrainSpec
 
@@ -124,7 +126,9 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from autotune.errors import UserError
-    from autotune.hardware import choose_profile, load_profiles, probe
+    from autotune.hardware import probe
+    from autotune.profile_choice import choose_profile
+    from autotune.profiles import load_profiles
 
     info = probe()
     try:

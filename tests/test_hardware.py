@@ -1,4 +1,5 @@
-"""Tests for autotune.hardware: the real probe on this machine, and profile choice from given answers."""
+"""Tests for autotune.hardware (the real probe on this machine) and autotune.profile_choice (profile choice
+from given answers)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from autotune import hardware
+from autotune import hardware, profile_choice
 from autotune.errors import UserError
-from autotune.hardware import (
-    VALID_PRECISIONS,
-    GpuInfo,
-    HardwareInfo,
-    Profile,
-    choose_profile,
-    choose_threads,
-    free_cores,
-    load_profiles,
-    matches,
-    probe,
-)
-from autotune.profiles import ISAS
+from autotune.hardware import GpuInfo, HardwareInfo, choose_threads, free_cores, probe
+from autotune.profile_choice import choose_profile, matches
+from autotune.profiles import ISAS, VALID_PRECISIONS, Profile, default_profiles_dir, load_profiles
 
 A100 = GpuInfo("NVIDIA A100-SXM4-80GB", 79.2, (8, 0))
 T4 = GpuInfo("Tesla T4", 14.6, (7, 5))
@@ -126,7 +117,7 @@ def test_format_profile_renders(real_info: HardwareInfo, profiles: list[Profile]
 
     profile = next(p for p in profiles if p.name == "cpu")
     console = Console(record=True, width=120)
-    console.print(hardware.format_profile(real_info, profile, threads=1))
+    console.print(profile_choice.format_profile(real_info, profile, threads=1))
     text = console.export_text()
     assert "Profile: cpu" in text and "int4" in text
 
@@ -223,7 +214,7 @@ def test_a_cpu_with_native_bf16_trains_in_bf16(profiles: list[Profile], isa: tup
     assert chosen.train_dtype == {"cpu": "float32", "cpu-bf16": "bfloat16"}[expected]
     assert choose_profile(replace(machine(), isa=isa), "auto", profiles).name == expected
     if expected == "cpu":
-        assert "needs a CPU with avx512_bf16 or amx" in hardware._mismatch(
+        assert "needs a CPU with avx512_bf16 or amx" in profile_choice._mismatch(
             next(p for p in profiles if p.name == "cpu-bf16"), replace(machine(), isa=isa))
 
 
@@ -247,8 +238,8 @@ def test_a_profile_asked_for_by_name(profiles: list[Profile]) -> None:
 
 def test_qlora_needs_the_probe(profiles: list[Profile]) -> None:
     cpu = next(p for p in profiles if p.name == "cpu")
-    assert hardware.qlora_enabled(cpu, machine(bnb_4bit=True))
-    assert not hardware.qlora_enabled(cpu, machine(bnb_4bit=False))
+    assert profile_choice.qlora_enabled(cpu, machine(bnb_4bit=True))
+    assert not profile_choice.qlora_enabled(cpu, machine(bnb_4bit=False))
 
 
 def test_gpu_bf16_property() -> None:
@@ -358,9 +349,9 @@ def test_every_shipped_profile_is_valid(profiles: list[Profile]) -> None:
 
 def test_default_profiles_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("AUTOTUNE_PROFILES_DIR", raising=False)
-    assert hardware.default_profiles_dir() == Path(hardware.__file__).resolve().parent.parent / "hardware_profiles"
+    assert default_profiles_dir() == Path(hardware.__file__).resolve().parent.parent / "hardware_profiles"
     monkeypatch.setenv("AUTOTUNE_PROFILES_DIR", str(tmp_path))
-    assert hardware.default_profiles_dir() == tmp_path
+    assert default_profiles_dir() == tmp_path
     monkeypatch.setenv("AUTOTUNE_PROFILES_DIR", str(tmp_path / "nope"))
     with pytest.raises(UserError):
-        hardware.default_profiles_dir()
+        default_profiles_dir()

@@ -9,7 +9,7 @@ import pytest
 
 from autotune.candidate import CandidateSpec
 from autotune.errors import UserError
-from autotune.hardware import VALID_PRECISIONS
+from autotune.profiles import VALID_PRECISIONS
 from autotune.space import Choice, Range, SearchSpace
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,10 +10,11 @@ import pytest
 from autotune.candidate import Workspace
 from autotune.data import DataConfig, load_splits
 from autotune.errors import CandidateError
+from autotune.gradients import _groups, accumulate_gradients
+from autotune.memory import check_memory, memory_need
 from autotune.models import BaseModel, model_shape
-from autotune.train import (TrainSpec, _groups, _peft_model, accumulate_gradients, check_memory, encode_example,
-                            load_tokenizer, memory_need, train_adapter)
 from autotune.packing import PACKED_ATTENTION, consecutive_parts, keep_mask, packed_attention
+from autotune.train import TrainSpec, _peft_model, encode_example, load_tokenizer, train_adapter
 from conftest import LABELS, write_jsonl
 
 # Phi-3-mini-4k-instruct's config.json (3.8B parameters): sizes only, no weights.
@@ -31,9 +32,9 @@ def splits(tmp_path_factory):
 
 def _fake_free(monkeypatch, free_bytes: int) -> None:
     import autotune.export
-    import autotune.train
+    import autotune.memory
 
-    for module in (autotune.train, autotune.export):
+    for module in (autotune.memory, autotune.export):
         monkeypatch.setattr(module, "free_memory", lambda device: (free_bytes, "RAM"))
 
 
@@ -247,9 +248,6 @@ def test_a_model_too_large_is_refused_before_any_work(tmp_path, monkeypatch, cap
 
 
 def test_int4_aware_memory_counts_the_rounded_weights_it_keeps(base):
-    from autotune.models import model_shape
-    from autotune.train import memory_need
-
     plain, aware = TrainSpec(rank=4, alpha=8.0), TrainSpec(rank=4, alpha=8.0, int4_aware=True)
     shape = model_shape(base)
     for dtype, width in (("float32", 4), ("bfloat16", 2)):
