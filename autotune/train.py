@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from autotune import trajectory
 from autotune.data import Example, Splits, render_prompt
 from autotune.errors import UserError
 from autotune.gradients import accumulate_gradients
@@ -266,6 +267,8 @@ def train_adapter(
     trust_remote_code: bool = False,
     checkpointing: bool | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    resume_from: Path | None = None,
+    checkpoint_to: Path | None = None,
 ) -> TrainResult:
     """Train a LoRA/QLoRA adapter and save it (peft format, safetensors) in ``out_dir``.
 
@@ -283,6 +286,9 @@ def train_adapter(
         checkpointing: gradient checkpointing; ``None`` follows ``spec`` (``auto`` means off here:
             :func:`~autotune.memory.check_memory` decides it from the free memory).
         on_step: called after each optimizer step with (step, loss), e.g. for a progress bar.
+        resume_from: a stable-phase checkpoint of the same adapter (:mod:`autotune.trajectory`) at or
+            before ``spec.stable_steps``: training continues from there, to the same adapter.
+        checkpoint_to: where to save the state at ``spec.stable_steps``, for a longer run to continue.
     """
     import torch
 
@@ -300,36 +306,38 @@ def train_adapter(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer_class = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[spec.optimizer]
     optimizer = optimizer_class(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, spec.lr_factor)
     # A model with its own code may not build its mask from packed position ids; padding gives the same loss.
     packed = spec.batching == "packed" and not trust_remote_code
     order = _batches(len(encoded), spec.batch_size, spec.steps, spec.seed)
-    losses: list[float] = []
+    first, losses = trajectory.load(resume_from, model, optimizer) if resume_from else (0, [])
     start = time.perf_counter()
-    for step, indices in enumerate(order):
-        loss = accumulate_gradients(model, [encoded[i] for i in indices], tokenizer.pad_token_id, device, packed,
+    for step in range(first, spec.steps):
+        for group in optimizer.param_groups:  # what LambdaLR(optimizer, spec.lr_factor) sets, from any step
+            group["lr"] = spec.learning_rate * spec.lr_factor(step)
+        loss = accumulate_gradients(model, [encoded[i] for i in order[step]], tokenizer.pad_token_id, device, packed,
                                     spec.pass_tokens, spec.step_groups)
         if not math.isfinite(loss):
             raise UserError(f"training diverged (loss {loss}) at step {step}; lower the learning rate")
         if spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
         trim_heap()  # packed lengths vary per step; without this glibc's heap grows ~0.3 GB by fragmentation
+        if checkpoint_to is not None and step + 1 == spec.stable_steps < spec.steps:
+            trajectory.save(checkpoint_to, model, optimizer, step + 1, losses)
         if on_step is not None:
             on_step(step + 1, losses[-1])
     seconds = time.perf_counter() - start
 
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    del model, optimizer, scheduler, params
+    del model, optimizer, params
     release_memory()
     result = TrainResult(adapter_dir=out_dir, losses=tuple(losses), seconds=seconds, threads=threads)
     (out_dir / "train_log.json").write_text(json.dumps(
-        {"spec": asdict(spec), "losses": losses, "seconds": seconds, "threads": threads, "checkpointing": checkpointing},
-        indent=1))
+        {"spec": asdict(spec), "losses": losses, "seconds": seconds, "threads": threads, "checkpointing": checkpointing,
+         "resumed_at_step": first}, indent=1))
     return result
 
 def read_train_log(adapter_dir: Path) -> TrainResult:

@@ -186,6 +186,7 @@ def test_padded_batching_trains(base, splits, tmp_path):
 @pytest.mark.parametrize("change", [
     {"optimizer": "sgd"}, {"weight_decay": 0.01}, {"max_grad_norm": 0.5}, {"lr_schedule": "linear"},
     {"min_lr_ratio": 0.0}, {"warmup_fraction": 0.2}, {"batching": "padded"}, {"pass_tokens": 64}, {"gradient_checkpointing": "on"},
+    {"warmup_steps": 3}, {"decay_fraction": 0.3},
 ])
 def test_changing_a_training_constant_misses_the_adapter_cache(base, splits, tmp_path, change):
     ws = Workspace(root=tmp_path, base=base, splits=splits)
@@ -195,11 +196,44 @@ def test_changing_a_training_constant_misses_the_adapter_cache(base, splits, tmp
 
 
 def test_lr_schedules():
-    cosine = TrainSpec(steps=100, warmup_fraction=0.1)
+    cosine = TrainSpec(steps=100, warmup_fraction=0.1, lr_schedule="cosine")
     assert cosine.lr_factor(0) == pytest.approx(0.1) and cosine.lr_factor(9) == pytest.approx(1.0)
     assert cosine.lr_factor(10) == pytest.approx(1.0) and cosine.lr_factor(100) == pytest.approx(0.1)
     assert replace(cosine, lr_schedule="constant").lr_factor(60) == 1.0
     assert replace(cosine, lr_schedule="linear", min_lr_ratio=0.0).lr_factor(55) == pytest.approx(0.5)
+
+
+def test_wsd_runs_share_their_stable_part():
+    """Before its decay, a wsd run's learning rate does not depend on its length; then it decays to min_lr_ratio."""
+    short, long = TrainSpec(steps=30), TrainSpec(steps=120)
+    assert (short.stable_steps, long.stable_steps) == (24, 96)
+    assert [short.lr_factor(k) for k in range(24)] == [long.lr_factor(k) for k in range(24)]
+    assert short.lr_factor(0) == pytest.approx(1 / 7) and short.lr_factor(6) == 1.0 and long.lr_factor(95) == 1.0
+    assert short.lr_factor(29) == pytest.approx(0.1) and long.lr_factor(119) == pytest.approx(0.1)
+    assert short.lr_factor(24) < 1.0
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_longer_run_continues_a_shorter_ones_checkpoint_to_the_same_adapter(base, splits, tmp_path, method):
+    """The adapter of 10 steps continued from the 5-step run's stable checkpoint is the fresh 10-step adapter,
+    bit for bit (weights, and the losses of every step)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from autotune import trajectory
+
+    short = TrainSpec(method=method, rank=4, alpha=8.0, steps=5, batch_size=4, learning_rate=1e-3, warmup_steps=2,
+                      dropout=0.1)
+    long = replace(short, steps=10)
+    saved = trajectory.step_dir(tmp_path / "trajectory", short.stable_steps)
+    train_adapter(base, splits, short, tmp_path / "short", threads=1, checkpoint_to=saved)
+    assert trajectory.latest(tmp_path / "trajectory", long.stable_steps) == saved
+    continued = train_adapter(base, splits, long, tmp_path / "continued", threads=1, resume_from=saved)
+    fresh = train_adapter(base, splits, long, tmp_path / "fresh", threads=1)
+    assert continued.losses == fresh.losses and len(fresh.losses) == 10
+    a, b = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("continued", "fresh"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "continued" / "train_log.json").read_text())["resumed_at_step"] == 4
 
 
 def test_model_shape_counts_parameters_from_the_config(base, tmp_path):
