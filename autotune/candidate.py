@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from autotune import cache, export, train
+from autotune import cache, export, train, trajectory
 from autotune.cache import atomic_dir, atomic_write_text, content_key, file_lock, sweep_partials
 from autotune.data import Splits, instruction_prompt
 from autotune.errors import CandidateError, UserError, check_interrupted, first_line
@@ -134,6 +134,16 @@ class Workspace:
         code = (cache.SCHEMA_VERSION, train.CODE_VERSION, cache.library_versions(*libraries))
         return content_key("adapter", code, self.base.fingerprint, self.splits.fingerprint, spec, self.train_device,
                            self.train_dtype)
+
+    def trajectory_dir(self, spec: TrainSpec) -> Path:
+        """Where the stable-phase checkpoints of ``spec``'s adapter at any length live (:mod:`autotune.trajectory`):
+        the adapter's key without its steps."""
+        libraries = ADAPTER_LIBRARIES + (("bitsandbytes",) if spec.method == "qlora" else ())
+        code = (cache.SCHEMA_VERSION, train.CODE_VERSION, cache.library_versions(*libraries))
+        lengthless = {k: v for k, v in asdict(spec).items() if k != "steps"}
+        key = content_key("trajectory", code, self.base.fingerprint, self.splits.fingerprint, lengthless,
+                          self.train_device, self.train_dtype)
+        return self.root / "trajectories" / key
 
     def export_key(self, spec: CandidateSpec) -> str:
         source = self.train_key(spec.train) if spec.train else f"base:{self.base.fingerprint}"
@@ -255,14 +265,21 @@ def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: 
         return None, 0.0
     checkpointing = check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom,
                                  tokens_per_step(ws.splits, spec.train))
-    notify("train", 0.0, "loading base model" + (" (gradient checkpointing: memory is short)" if checkpointing else ""))
+    # A shorter run of this adapter saved its state where its decay began: continue from the latest one.
+    runs = ws.trajectory_dir(spec.train)
+    resume = trajectory.latest(runs, spec.train.stable_steps)
+    detail = f", continuing from step {resume.name.removeprefix('step-')}" if resume else ""
+    notify("train", 0.0, "loading base model" + detail
+           + (" (gradient checkpointing: memory is short)" if checkpointing else ""))
     start = time.perf_counter()
+    save = trajectory.step_dir(runs, spec.train.stable_steps)
     with atomic_dir(adapter) as tmp:
         train_adapter(
             ws.base, ws.splits, spec.train, tmp,
             device=ws.train_device, dtype=ws.train_dtype, threads=ws.train_threads,
             trust_remote_code=ws.trust_remote_code, checkpointing=checkpointing,
             on_step=lambda step, loss: notify("train", step / spec.train.steps, f"step {step} loss {loss:.3f}"),
+            resume_from=resume, checkpoint_to=None if resume == save else save,
         )
     return read_train_log(adapter), time.perf_counter() - start
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from autotune.cache import atomic_dir, file_lock
+
 CHECKPOINT = "checkpoint.safetensors"
 STATE = "state.json"
 
@@ -49,9 +51,10 @@ def save(folder: Path, model, optimizer, step: int, losses: list[float]) -> None
         for key, value in entries.items():
             tensors[f"optimizer/{index}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng/torch"] = torch.get_rng_state()
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / CHECKPOINT))
-    (folder / STATE).write_text(json.dumps({"step": step, "losses": losses, "param_groups": state["param_groups"]}))
+    # Whole or not at all, and never swept from under the writer (cache.sweep_partials takes the lock).
+    with file_lock(folder), atomic_dir(folder) as tmp:
+        save_file(tensors, str(tmp / CHECKPOINT))
+        (tmp / STATE).write_text(json.dumps({"step": step, "losses": losses, "param_groups": state["param_groups"]}))
 
 
 def load(folder: Path, model, optimizer) -> tuple[int, list[float]]:

@@ -288,3 +288,18 @@ def test_int4_aware_memory_counts_the_rounded_weights_it_keeps(base):
         for checkpointing in (False, True):  # kept across the step, recomputed layers or not
             extra = memory_need(base, aware, dtype, 256, checkpointing) - memory_need(base, plain, dtype, 256, checkpointing)
             assert extra == (shape.parameters - shape.embedding_parameters) * width
+
+
+def test_the_workspace_continues_an_adapter_from_its_shorter_run(base, splits, tmp_path):
+    """run_candidate at 10 steps, after the same adapter at 5: training starts at the 5-step run's checkpoint."""
+    from autotune.candidate import CandidateSpec, run_candidate
+    from autotune.export import ExportSpec
+
+    ws = Workspace(root=tmp_path, base=base, splits=splits, threads=1, train_threads=1, max_eval=4)
+    short = TrainSpec(rank=4, alpha=8.0, steps=5, batch_size=4, learning_rate=1e-3, warmup_steps=2)
+    run_candidate(ws, CandidateSpec(short, ExportSpec("fp32")), with_latency=False)
+    long = replace(short, steps=10)
+    run_candidate(ws, CandidateSpec(long, ExportSpec("fp32")), with_latency=False)
+    log = json.loads((ws.adapter_dir(long) / "train_log.json").read_text())
+    assert log["resumed_at_step"] == short.stable_steps and len(log["losses"]) == 10
+    assert ws.trajectory_dir(long) == ws.trajectory_dir(short) != ws.trajectory_dir(replace(short, rank=8))
