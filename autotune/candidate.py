@@ -66,6 +66,11 @@ class CandidateSpec:
                                 f"block {t.int4_block_size}, default rounding, no int8 layers, no calibration); "
                                 f"drop the other int4 options")
 
+    @classmethod
+    def from_dict(cls, record: dict) -> "CandidateSpec":
+        """Inverse of ``dataclasses.asdict`` (what a trial stores as its ``spec`` attribute)."""
+        return cls(TrainSpec(**record["train"]) if record.get("train") else None, ExportSpec(**record["export"]))
+
     @property
     def int4_method(self) -> str:
         """One of :data:`INT4_METHODS`: how this candidate's int4 weights were made (an int8 or fp32

@@ -35,7 +35,6 @@ from autotune.export import ExportSpec
 from autotune.live import console, fmt, trial_table
 from autotune.measure import Accuracy, Latency, LatencySettings, format_accuracy, measure, score, wilson_interval
 from autotune.search import SearchSettings, preference
-from autotune.train import TrainSpec
 
 PACKAGES = ("autotune", "torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "onnxruntime-genai",
             "onnxruntime-genai-cuda", "onnxruntime-genai-directml", "optuna")
@@ -82,9 +81,7 @@ class Baseline:
 
 
 def spec_from_attrs(attrs: dict[str, Any]) -> CandidateSpec:
-    spec = attrs["spec"]
-    train = TrainSpec(**spec["train"]) if spec.get("train") else None
-    return CandidateSpec(train=train, export=ExportSpec(**spec["export"]))
+    return CandidateSpec.from_dict(attrs["spec"])
 
 
 def feasible_front(study: optuna.Study, bounds: Bounds) -> list[optuna.trial.FrozenTrial]:

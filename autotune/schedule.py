@@ -1,0 +1,179 @@
+"""What a search runs next: successive halving over training steps, then exports of the best.
+
+Optuna's multi-objective studies refuse ``Trial.report``, so its pruners cannot stop a
+training run early. This module builds the multi-fidelity search on the study instead,
+with its public API: every trial is one measured candidate, and the next trial's adapter
+and length are fixed by :meth:`optuna.Study.enqueue_trial` (its training parameters, and
+``user_attrs`` naming its role and steps) before the sampler fills in the rest.
+
+- **screen**: a new adapter (the space's ``start`` first, then the sampler's proposals),
+  trained for the first rung (``steps[0]``) and exported the screening way
+  (:meth:`~autotune.space.SearchSpace.screening`).
+- **continue**: an adapter among the best ``promote`` share of those measured at rung k is
+  trained on to rung k + 1 (asynchronous successive halving: promotions are decided on the
+  trials finished so far, so workers never wait for a rung to fill). Under the ``wsd``
+  schedule it resumes from the shorter run's checkpoint (:mod:`autotune.trajectory`).
+- **export**: the best adapter at the top rung gets the space's other precisions and int4
+  methods (:meth:`~autotune.space.SearchSpace.exports`): export knobs are cheap next to
+  training, so they are spent where an adapter has earned them.
+
+Adapters are ranked within a rung by the mean log-probability of the right label on the
+validation prompts (:meth:`~autotune.measure.Measurement.label_logprob`), a lower-variance
+signal than accuracy; an adapter whose accuracy is not above the majority-class rate
+(:func:`~autotune.selection.above_chance`) learnt nothing and is never promoted or exported.
+The trial budget decides what is still worth starting: a new adapter only while it could
+still reach the top rung and be exported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from autotune.selection import above_chance
+
+ROLES = ("screen", "continue", "export")
+EXTRA_EXPORTS = 4  # int4 variants, knobs sampled, an exported finalist may get when the budget has room
+
+
+@dataclass(frozen=True)
+class Work:
+    """A trial to enqueue: the parameters to fix, and the user attributes that say what it is."""
+
+    params: dict[str, Any]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def role(self) -> str:
+        return self.attrs.get("role", "screen")
+
+    def describe(self) -> str:
+        what = {"screen": "new adapter", "continue": "continue adapter", "export": "export adapter"}[self.role]
+        source = f" of trial {self.attrs['from_trial']}" if "from_trial" in self.attrs else ""
+        return f"{what}{source} at {self.attrs.get('steps')} steps" + (
+            f", {self.params['precision']}" if "precision" in self.params else "")
+
+
+def role(trial: optuna.trial.FrozenTrial) -> str:
+    return trial.user_attrs.get("role", "screen")
+
+
+def signal(trial: optuna.trial.FrozenTrial) -> float:
+    """How well a trial's adapter learnt, for ranking within a rung: the mean log-prob of the right
+    label, or the accuracy where the labels were not scored."""
+    value = trial.user_attrs.get("signal")
+    return float(value) if value is not None else math.log(max(trial.values[0], 1e-9))
+
+
+def learned(trial: optuna.trial.FrozenTrial, majority_rate: float) -> bool:
+    """Whether the trial's accuracy is significantly above always naming the most frequent label."""
+    marks = trial.user_attrs.get("correct")
+    if marks is None:
+        return trial.values[0] > majority_rate
+    return above_chance(marks.count("1"), len(marks), majority_rate)
+
+
+class Scheduler:
+    """Decides the next trial of a study from the trials so far (see the module docstring).
+
+    Args:
+        rungs: the steps of each rung, ascending (the space's ``steps``).
+        promote: the share of a rung's adapters that continue to the next.
+        exports: the exports of an adapter that reached the top rung, each the parameters to fix
+            (``space.exports``); called with the adapter's trial.
+        majority_rate: validation accuracy of always answering the most frequent training label.
+        start: the parameters of the first adapter (empty: the sampler proposes it).
+    """
+
+    def __init__(self, rungs: Sequence[int], promote: float, exports, majority_rate: float,
+                 start: dict[str, Any] | None = None) -> None:
+        self.rungs = tuple(rungs)
+        self.promote = promote
+        self.exports = exports
+        self.majority_rate = majority_rate
+        self.start = dict(start or {})
+
+    def first(self, trials: Sequence[optuna.trial.FrozenTrial]) -> Work | None:
+        """The start adapter, for a study without trials."""
+        if trials or not self.start:
+            return None
+        return Work(dict(self.start), {"role": "screen", "steps": self.rungs[0], "start": True})
+
+    def next(self, trials: Sequence[optuna.trial.FrozenTrial], remaining: int) -> Work | None:
+        """The trial to enqueue next, or None for a new adapter proposed by the sampler.
+
+        ``remaining``: trials of the budget not yet started (waiting and running ones excluded).
+        """
+        if remaining <= 0:
+            return None
+        started = {_key(t) for t in trials if t.state != optuna.trial.TrialState.PRUNED}
+        adapters = [t for t in _complete(trials) if role(t) in ("screen", "continue") and self._learned(t)]
+        best = self._finalist(adapters)
+        plan = self.exports(best) if best is not None else []
+        missing = [i for i in range(len(plan)) if ("export", best.user_attrs.get("trajectory"), _steps(best), i)
+                   not in started] if best is not None else []
+        at_top = best is not None and _steps(best) == self.rungs[-1]
+        # Exports of the best adapter at the top rung come first; when the budget runs short, the best so far.
+        if missing and (at_top or remaining <= len(missing)):
+            return self._export(best, plan, missing[0])
+        if promotion := self._promotion(adapters, started):
+            return promotion
+        if remaining > len(plan or [None]) + len(self.rungs) - 1:
+            return None  # a new adapter could still reach the top rung and be exported
+        if best is not None and at_top:  # more int4 variants of the best, their knobs sampled
+            for index in range(len(plan), len(plan) + EXTRA_EXPORTS):
+                if ("export", best.user_attrs.get("trajectory"), _steps(best), index) not in started:
+                    return self._export(best, plan + [{"precision": "int4"}] * EXTRA_EXPORTS, index)
+        return None
+
+    # ------------------------------------------------------------------ parts
+
+    def _learned(self, trial: optuna.trial.FrozenTrial) -> bool:
+        return learned(trial, self.majority_rate)
+
+    def _finalist(self, adapters: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
+        """The best adapter at the highest rung any adapter reached."""
+        if not adapters:
+            return None
+        top = max(_steps(t) for t in adapters)
+        return max((t for t in adapters if _steps(t) == top), key=signal)
+
+    def _promotion(self, adapters: list[optuna.trial.FrozenTrial], started: set) -> Work | None:
+        """The best adapter of the highest rung whose top ``promote`` share has one not yet continued."""
+        for k in reversed(range(len(self.rungs) - 1)):
+            done = sorted((t for t in adapters if _steps(t) == self.rungs[k]), key=signal, reverse=True)
+            for trial in done[: math.floor(len(done) * self.promote)]:
+                if ("continue", trial.user_attrs.get("trajectory"), self.rungs[k + 1], None) not in started:
+                    return Work(_adapter_params(trial), {"role": "continue", "steps": self.rungs[k + 1],
+                                                         "trajectory": trial.user_attrs.get("trajectory"),
+                                                         "from_trial": trial.number})
+        return None
+
+    def _export(self, trial: optuna.trial.FrozenTrial, plan: list[dict[str, Any]], index: int) -> Work:
+        return Work({**_adapter_params(trial), **plan[index]},
+                    {"role": "export", "steps": _steps(trial), "trajectory": trial.user_attrs.get("trajectory"),
+                     "from_trial": trial.number, "export_index": index})
+
+
+def _complete(trials: Sequence[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("duplicate_of")]
+
+
+def _steps(trial: optuna.trial.FrozenTrial) -> int | None:
+    return trial.user_attrs.get("steps")
+
+
+def _adapter_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The parameters that fix a trial's adapter (recorded by the objective)."""
+    return dict(trial.user_attrs.get("adapter_params", {}))
+
+
+def _key(trial: optuna.trial.FrozenTrial) -> tuple:
+    """What a trial is, to never enqueue the same work twice: (role, adapter, steps, export index)."""
+    kind = role(trial)
+    index = trial.user_attrs.get("export_index") if kind == "export" else None
+    return kind, trial.user_attrs.get("trajectory"), _steps(trial), index
