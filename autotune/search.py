@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import optuna
 
-from autotune.bounds import KINDS, Bounds, attrs_figures, trial_figures
+from autotune.bounds import KINDS, Bounds, attrs_figures
 from autotune.cache import file_lock
 from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, run_candidate
 from autotune.errors import CandidateError, UserError, first_line
 from autotune.measure import LATENCY_METRICS
+from autotune.schedule import Scheduler, Work
+from autotune.selection import Candidate, rank
 from autotune.space import SearchSpace
 
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -69,20 +72,19 @@ class SearchSettings:
         return Bounds(self.max_latency_ms, self.max_size_mb, self.max_memory_mb)
 
 
-def constraints(trial: optuna.trial.FrozenTrial) -> tuple[float, ...]:
-    """Optuna's constraint convention: a value <= 0 is feasible; one per bound kind (:meth:`Bounds.constraint_values`).
-    A trial without figures (a pruned duplicate) is infeasible, with as many values: NSGA-II compares counts."""
-    return tuple(trial.user_attrs.get("constraint", (1.0,) * len(KINDS)))
+def record_constraints(trial: optuna.Trial, values: Sequence[float]) -> None:
+    """Optuna's constraints of a trial (measured - bound, feasible at <= 0; :data:`NO_BOUND` where none is
+    given), one per bound kind, by name: every sampler reads them from the trial (``Trial.set_constraint``)."""
+    for kind, value in zip(KINDS, values, strict=True):
+        trial.set_constraint(kind.key, value)
 
 
 def make_sampler(settings: SearchSettings) -> optuna.samplers.BaseSampler:
     if settings.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=settings.seed, constraints_func=constraints, population_size=8)
+        return optuna.samplers.NSGAIISampler(seed=settings.seed, population_size=8)
     if settings.sampler == "random":
         return optuna.samplers.RandomSampler(seed=settings.seed)
-    return optuna.samplers.TPESampler(
-        seed=settings.seed, multivariate=True, group=True, constraints_func=constraints, n_startup_trials=6
-    )
+    return optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True, n_startup_trials=6)
 
 
 def latency_of(result_or_attrs: Any, metric: str) -> float:
@@ -92,20 +94,24 @@ def latency_of(result_or_attrs: Any, metric: str) -> float:
     return float(result_or_attrs.measurement.latency.metric(metric))
 
 
-def preference(accuracy: float, latency_ms: float, size_mb: float | None) -> tuple[float, float, float]:
-    """The one definition of "best": most accurate, ties to lower latency, then smaller (min() of this)."""
-    return -accuracy, latency_ms, size_mb or 0.0
+def selection_candidate(trial: optuna.trial.FrozenTrial, metric: str, latency_ms: float | None = None) -> Candidate:
+    """What the selection rule (:mod:`autotune.selection`) knows of a complete trial."""
+    return Candidate(trial.number, trial.user_attrs.get("correct") or "", trial.values[1] if latency_ms is None
+                     else latency_ms, trial.user_attrs.get("size_mb"))
 
 
-def best_trial(trials: Iterable[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
-    """The best complete, feasible trial by :func:`preference`."""
-    ok = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")]
-    return min(ok, key=lambda t: preference(t.values[0], t.values[1], t.user_attrs.get("size_mb")), default=None)
+def best_trial(trials: Iterable[optuna.trial.FrozenTrial], rule: str = "smallest-tied") -> optuna.trial.FrozenTrial | None:
+    """The complete, feasible trial the selection rule ships, as the trials measured them."""
+    ok = {t.number: t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")
+          and t.user_attrs.get("correct")}
+    chosen = rank([selection_candidate(t, "") for t in ok.values()], rule).chosen
+    return ok[chosen.number] if chosen else None
 
 
 def trial_attrs(result: CandidateResult, ws: Workspace) -> dict[str, Any]:
     """The measured figures a trial carries (shown in optuna-dashboard)."""
     m = result.measurement
+    _, answers = ws.prompts("validation")
     return {
         **asdict(m.latency),
         "peak_rss_mb": m.peak_rss_mb,
@@ -115,6 +121,8 @@ def trial_attrs(result: CandidateResult, ws: Workspace) -> dict[str, Any]:
         "eval_examples": m.accuracy.n,
         "accuracy_interval": list(m.accuracy.interval),
         "confusion": m.accuracy.confusion,
+        "correct": m.accuracy.marks,
+        "signal": m.label_logprob(answers, ws.splits.labels),
         "final_loss": result.train.final_loss if result.train else None,
         "stage_seconds": result.stage_seconds,
         "cached": list(result.cached),
@@ -123,6 +131,14 @@ def trial_attrs(result: CandidateResult, ws: Workspace) -> dict[str, Any]:
         "spec": asdict(result.spec),
         "model_key": ws.export_key(result.spec),
     }
+
+
+def majority_rate(ws: Workspace) -> float:
+    """Validation accuracy of always naming the most frequent training label (the majority-class baseline)."""
+    counts = Counter(e.label for e in ws.splits.train)
+    majority = max(ws.splits.labels, key=counts.__getitem__)
+    _, answers = ws.prompts("validation")
+    return answers.count(majority) / len(answers) if answers else 1.0
 
 
 class Search:
@@ -134,16 +150,25 @@ class Search:
         execution_provider: where candidates run (from the profile).
         settings: trials, constraint, sampler.
         study: the Optuna study (created by :func:`open_study`).
+        evaluate: builds and measures a candidate (:func:`~autotune.candidate.run_candidate`; a
+            benchmark may replay measured figures instead).
     """
 
     def __init__(self, ws: Workspace, space: SearchSpace, execution_provider: str,
-                 settings: SearchSettings, study: optuna.Study) -> None:
+                 settings: SearchSettings, study: optuna.Study, evaluate: Callable[..., CandidateResult] = run_candidate) -> None:
         self.ws = ws
         self.space = space
         self.execution_provider = execution_provider
         self.settings = settings
         self.study = study
+        self.evaluate = evaluate
+        self.scheduler = Scheduler(space.rungs, space.promote, self._exports, majority_rate(ws), space.start_params())
         self._duplicates = 0  # consecutive duplicate proposals: a sign the space is exhausted
+
+    def _exports(self, trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
+        if not self.settings.siblings:
+            return []
+        return self.space.exports(CandidateSpec.from_dict(trial.user_attrs["spec"]).train, self.execution_provider)
 
     def _same_candidate(self, number: int, key: str) -> int | None:
         """Another trial that measured, or is measuring, the same model (call under the claim lock)."""
@@ -155,10 +180,13 @@ class Search:
 
     def objective(self, trial: optuna.Trial, on_stage: StageCallback | None = None) -> tuple[float, float]:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        spec = self.space.suggest(trial, self.execution_provider)
+        role, steps = trial.user_attrs.get("role", "screen"), trial.user_attrs.get("steps", self.space.rungs[0])
+        spec = self.space.suggest(trial, self.execution_provider, steps=steps, export=role == "export")
         key = self.ws.export_key(spec)
-        trial.set_user_attr("candidate", spec.describe())
-        trial.set_user_attr("spec", asdict(spec))  # also on failed trials: their note and artifacts need it
+        for name, value in {"role": role, "steps": steps, "trajectory": self.ws.trajectory_dir(spec.train).name,
+                            "adapter_params": self.space.adapter_params(trial.params), "candidate": spec.describe(),
+                            "spec": asdict(spec)}.items():  # the spec also on failed trials: their note needs it
+            trial.set_user_attr(name, value)
         # Claim the candidate: check and mark under a lock in the shared artifacts folder, so two
         # workers proposing the same candidate at once cannot both miss the other's claim.
         with file_lock(self.ws.root / "claims" / key):
@@ -170,42 +198,41 @@ class Search:
             self._duplicates += 1
             raise optuna.TrialPruned(f"same candidate as trial {earlier}")
         self._duplicates = 0
-        fresh_adapter = spec.train is not None and not (self.ws.adapter_dir(spec.train) / "train_log.json").is_file()
         try:
-            result = run_candidate(self.ws, spec, on_stage=on_stage)
+            result = self.evaluate(self.ws, spec, on_stage=on_stage)
         except CandidateError as exc:  # run_candidate turns any failure inside the candidate into this
             trial.set_user_attr("fail_reason", str(exc))
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", INTERRUPTED)  # Optuna marks it FAIL; a rerun retries it
             raise
-        for key, value in trial_attrs(result, self.ws).items():
-            trial.set_user_attr(key, value)
+        for name, value in trial_attrs(result, self.ws).items():
+            trial.set_user_attr(name, value)
         accuracy, latency = result.measurement.accuracy.accuracy, latency_of(result, self.settings.latency_metric)
         values = self.settings.bounds.constraint_values(attrs_figures(trial.number, accuracy, latency, trial.user_attrs))
+        record_constraints(trial, values)
         trial.set_user_attr("constraint", values)
         trial.set_user_attr("feasible", all(v <= 0 for v in values))
-        if fresh_adapter and self.settings.siblings:
-            self._enqueue_siblings(trial, spec)
         return accuracy, latency
 
-    def _enqueue_siblings(self, trial: optuna.Trial, spec: CandidateSpec) -> None:
-        """Queue the new adapter at the space's other precisions (export + measure only), except those
-        whose every measured model broke the size or memory bound: a model's size, and nearly its
-        memory, follow from its precision, not from its training, so that sibling would break it too."""
-        train_params = self.space.training_params(trial.params)
-        for precision in self.space.precision.values:
-            if precision != spec.export.precision and not self._too_big(precision):
-                self.study.enqueue_trial({**train_params, "precision": precision}, skip_if_exists=True)
+    def schedule(self) -> Work | None:
+        """Enqueue the next trial the scheduler asks for (under a lock: workers share the study); return it."""
+        with file_lock(self.ws.root / "claims" / "schedule"):
+            trials = self.study.get_trials(deepcopy=False)
+            waiting = [t for t in trials if t.state in (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)]
+            work = self.scheduler.first(trials) or self.scheduler.next(trials, self.remaining() - len(waiting))
+            if work is not None:
+                self.study.enqueue_trial(work.params, user_attrs=work.attrs)
+        return work
 
-    def _too_big(self, precision: str) -> bool:
-        if precision == "int4":  # its size follows its knobs too (an int8 head unshares the embedding)
+    def exhausted(self) -> bool:
+        """Every adapter of a categorical space screened, and nothing left to continue or export."""
+        adapters = self.space.adapters()
+        trials = self.study.get_trials(deepcopy=False)
+        if adapters is None or any(t.state == optuna.trial.TrialState.WAITING for t in trials):
             return False
-        kinds = {k.key for k, _ in self.settings.bounds.given()} & {"max_size_mb", "max_memory_mb"}
-        done = [t for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if (t.user_attrs.get("spec") or {}).get("export", {}).get("precision") == precision]
-        return bool(kinds and done) and all(
-            any(k.key in kinds for k in self.settings.bounds.over(trial_figures(t))) for t in done)
+        screened = {t.user_attrs.get("trajectory") for t in counted_trials(trials) if t.user_attrs.get("role") == "screen"}
+        return len(screened) >= adapters
 
     def remaining(self) -> int:
         """Trials still to run; interrupted ones and those of dead workers do not count (they are retried)."""
@@ -221,16 +248,16 @@ class Search:
         """
         if self.remaining() == 0:
             return
+        self.schedule()
 
-        def stop_when_done(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        def next_or_stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # Counted study-wide, so several workers stop together; duplicates don't count.
-            size = self.space.size()
-            measured = {t.user_attrs.get("model_key") for t in counted_trials(study.get_trials(deepcopy=False))}
-            exhausted = size is not None and len(measured) >= size
-            if self.remaining() == 0 or exhausted or self._duplicates >= MAX_DUPLICATES:
+            if self.remaining() == 0 or self._duplicates >= MAX_DUPLICATES:
+                study.stop()
+            elif self.schedule() is None and self.exhausted():
                 study.stop()
 
-        callbacks = [stop_when_done] + ([on_trial] if on_trial else [])
+        callbacks = [next_or_stop] + ([on_trial] if on_trial else [])
         def objective(trial: optuna.Trial) -> tuple[float, float]:
             try:
                 return self.objective(trial, on_stage)

@@ -340,8 +340,10 @@ class SearchSpace:
         start = dict(self.start)
         params = {k: start[k] for k in ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "batch_size", "dropout",
                                         "target_modules") if k in start and _sampled(getattr(self, k))}
-        if "int4_aware" in start or start.get("int4_method") == "int4-aware":
-            params["int4_aware"] = True
+        if start and start.get("method", "lora") == "lora" and "int4-aware" in self.int4_method.values:
+            params["int4_aware"] = start.get("int4_method") == "int4-aware"  # sampled for LoRA: fix it either way
+            if params["int4_aware"] and "block_size" in start:
+                params["block_size"] = start["block_size"]
         return params
 
     def _admits(self, start: dict[str, Any]) -> bool:
