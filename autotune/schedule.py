@@ -20,7 +20,7 @@ and length are fixed by :meth:`optuna.Study.enqueue_trial` (its training paramet
 Adapters are ranked within a rung by the mean log-probability of the right label on the
 validation prompts (:meth:`~autotune.measure.Measurement.label_logprob`), a lower-variance
 signal than accuracy; an adapter whose accuracy is not above the majority-class rate
-(:func:`~autotune.selection.above_chance`) learnt nothing and is never promoted or exported.
+learnt nothing and is never promoted or exported.
 The trial budget decides what is still worth starting: a new adapter only while it could
 still reach the top rung and be exported.
 """
@@ -34,7 +34,6 @@ from typing import Any
 
 import optuna
 
-from autotune.selection import above_chance
 
 ROLES = ("screen", "continue", "export")
 EXTRA_EXPORTS = 4  # int4 variants, knobs sampled, an exported finalist may get when the budget has room
@@ -70,11 +69,9 @@ def signal(trial: optuna.trial.FrozenTrial) -> float:
 
 
 def learned(trial: optuna.trial.FrozenTrial, majority_rate: float) -> bool:
-    """Whether the trial's accuracy is significantly above always naming the most frequent label."""
-    marks = trial.user_attrs.get("correct")
-    if marks is None:
-        return trial.values[0] > majority_rate
-    return above_chance(marks.count("1"), len(marks), majority_rate)
+    """Whether the trial beats always naming the most frequent label: below that an adapter learnt nothing
+    a continuation or another export could use (the never-answering 0.000 adapters)."""
+    return trial.values[0] > majority_rate
 
 
 class Scheduler:

@@ -154,13 +154,3 @@ def _smallest_then_fastest(pool: Sequence[Candidate]) -> Candidate:
     fastest = min(m.latency_ms for m in pool)
     pool = [m for m in pool if m.latency_ms <= fastest * (1 + LATENCY_TOLERANCE)]
     return min(pool, key=lambda m: (-m.accuracy, m.latency_ms, m.size_mb or 0.0))
-
-
-def above_chance(correct: int, n: int, rate: float) -> bool:
-    """Whether ``correct`` of ``n`` is significantly (one-sided exact binomial, :data:`ALPHA`) above
-    what answering at ``rate`` gives, e.g. always naming the most frequent label: the adapter learnt
-    something."""
-    if n <= 0 or correct <= rate * n:
-        return False
-    tail = sum(math.comb(n, k) * rate**k * (1 - rate) ** (n - k) for k in range(correct, n + 1))
-    return tail < ALPHA

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from autotune.selection import Candidate, above_chance, compare, mcnemar_exact, paired_interval, rank
+from autotune.selection import Candidate, compare, mcnemar_exact, paired_interval, rank
 
 
 def test_mcnemar_exact_is_the_two_sided_binomial_test() -> None:
@@ -75,10 +75,3 @@ def test_within_tolerance_the_more_accurate_of_equals_is_shipped() -> None:
     assert ranking.chosen.number == 1
     # 20% faster at the same size is faster, not noise.
     assert rank([Candidate(1, best, 60.0, 274.0), Candidate(2, near, 48.0, 274.2)]).chosen.number == 2
-
-
-def test_above_chance_is_a_one_sided_binomial_test_against_the_majority_rate() -> None:
-    assert not above_chance(0, 136, 0.25)
-    assert not above_chance(34, 136, 0.25)  # exactly the majority rate
-    assert not above_chance(40, 136, 0.25)  # 0.29: within chance
-    assert above_chance(50, 136, 0.25)  # 0.37
