@@ -27,6 +27,7 @@ from typing import Any
 import optuna
 
 from autotune import notes
+from autotune.candidate import CandidateSpec
 from autotune.errors import UserError
 
 ARTIFACTS = "artifacts"  # <output>/artifacts for a local run
@@ -110,9 +111,7 @@ class TrialRecorder:
             _warn(f"trial {trial.number}: dashboard note not written ({exc})")
 
     def _files(self, attrs: dict[str, Any], params: dict[str, Any], tmp: Path) -> list[tuple[Path, str]]:
-        from autotune.report import spec_from_attrs
-
-        spec = spec_from_attrs(attrs)
+        spec = CandidateSpec.from_dict(attrs["spec"])
         files = []
         train_log = self.ws.adapter_dir(spec.train) / "train_log.json" if spec.train else None
         if train_log is not None and train_log.is_file():
