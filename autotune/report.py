@@ -166,9 +166,11 @@ def baselines(ws: Workspace, export: ExportSpec, split: str, on_stage=None) -> l
 
 
 def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSettings, out: Path, *, hardware: dict,
-                     profile: dict, argv: list[str], keep_all: bool = False, shared_storage: bool = False) -> int:
+                     profile: dict, argv: list[str], keep_all: bool = False, shared_storage: bool = False,
+                     storage: optuna.storages.BaseStorage | None = None) -> int:
     """The select stage: re-benchmark the feasible front, choose, score the choice and the baselines
-    on the test split, write the outputs and print the summary; 0, or a UserError saying why not."""
+    on the test split, write the outputs and print the summary; 0, or a UserError saying why not.
+    ``storage`` is the study's (the dashboard note links the chosen trial through it)."""
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     out_console = Console(width=None if sys.stdout.isatty() else 140)
@@ -202,7 +204,7 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
     judged = outcomes(bounds, chosen.trial.number, [trial_figures(t) for t in complete], [m.figures for m in front],
                       key=lambda f: preference(f.accuracy, f.latency_ms, f.size_mb), metric=metric)
     result = write_outputs(out, ws, study, front, chosen, test, floors, hardware, profile, metric, bounds, judged, argv)
-    write_study_note(study, result)  # the dashboard's view of the same result
+    write_study_note(study, result, storage)  # the dashboard's view of the same result
     if not keep_all:
         prune(ws, study, [m.trial for m in front], keep_specs=[CandidateSpec(None, chosen.spec.export)])
     c = result["chosen"]
