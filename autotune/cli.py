@@ -255,10 +255,11 @@ def _run_trials(ctx: SearchContext) -> None:
 
 def _select(ctx: SearchContext) -> int:
     from autotune.report import select_and_write
+    from autotune.search import open_storage
 
     return select_and_write(ctx.study, ctx.ws, ctx.settings, ctx.out, hardware=ctx.info.to_dict(),
                             profile=ctx.profile.to_dict(), argv=ctx.argv, keep_all=ctx.args.keep_all,
-                            shared_storage=bool(ctx.args.storage))
+                            shared_storage=bool(ctx.args.storage), storage=open_storage(ctx.storage))
 
 
 def cmd_search(args, argv: list[str]) -> int:

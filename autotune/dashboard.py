@@ -27,6 +27,7 @@ from typing import Any
 import optuna
 
 from autotune import notes
+from autotune.candidate import CandidateSpec
 from autotune.errors import UserError
 
 ARTIFACTS = "artifacts"  # <output>/artifacts for a local run
@@ -41,14 +42,6 @@ def artifact_dir(output: str | Path | None, shared: str | Path | None = None) ->
     if shared:
         return Path(shared).expanduser() / SHARED_ARTIFACTS
     return Path(output or "autotune-out") / ARTIFACTS
-
-
-class _TrialRef:
-    """What ``optuna_dashboard.save_note`` reads from a trial (storage, study, id), for a
-    finished trial: notes live in study attributes, so they can be written after the end."""
-
-    def __init__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        self.storage, self.study, self._trial_id = study._storage, study, trial._trial_id
 
 
 class TrialRecorder:
@@ -72,6 +65,9 @@ class TrialRecorder:
         self.ws, self.folder = ws, folder
         self.store = FileSystemArtifactStore(str(folder))
         self.latency_metric, self.bounds = latency_metric, bounds
+        # Each trial this process runs, from the end of its objective to its callback: the note is written
+        # through it (Optuna's public handle on a trial's storage and id) once its state is final.
+        self._running: dict[int, optuna.Trial] = {}
 
     def attach(self, trial: optuna.Trial) -> None:
         """Upload the trial's loss curve, confusion matrix, builder log and measured figures."""
@@ -79,6 +75,7 @@ class TrialRecorder:
 
         from autotune.search import INTERRUPTED
 
+        self._running[trial.number] = trial
         attrs = trial.user_attrs
         if "duplicate_of" in attrs or attrs.get("fail_reason") == INTERRUPTED or "spec" not in attrs:
             return  # nothing of its own to show, or Ctrl-C: leave at once
@@ -91,28 +88,29 @@ class TrialRecorder:
             _warn(f"trial {trial.number}: artifacts not saved ({exc})")
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Write the trial's note (an Optuna callback: runs when the trial has ended)."""
-        if not trial.state.is_finished():
+        """Write the trial's note (an Optuna callback: runs when the trial has ended; :meth:`attach`
+        saw it first)."""
+        running = self._running.pop(trial.number, None)
+        if running is None or not trial.state.is_finished():
             return
         try:
             from optuna.artifacts import get_all_artifact_meta
             from optuna_dashboard import save_note
 
-            metas = get_all_artifact_meta(trial, storage=study._storage)
-            figures = {m.filename.removesuffix(".png").replace("-", " "):
-                       f"/artifacts/{study._study_id}/{trial._trial_id}/{m.artifact_id}"
+            metas = get_all_artifact_meta(running)
+            study_id = running.storage.get_study_id_from_name(study.study_name)
+            trial_id = running.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            figures = {m.filename.removesuffix(".png").replace("-", " "): f"/artifacts/{study_id}/{trial_id}/{m.artifact_id}"
                        for m in metas if m.mimetype == "image/png"}
             names = sorted({m.filename for m in metas}, key=lambda n: ARTIFACT_ORDER.index(n) if n in ARTIFACT_ORDER else 99)
             figures = dict(sorted(figures.items(), key=lambda kv: kv[0] != "loss curve"))
             body = notes.trial_note(trial, self.latency_metric, self.bounds, figures, names)
-            save_note(_TrialRef(study, trial), body)
+            save_note(running, body)
         except Exception as exc:
             _warn(f"trial {trial.number}: dashboard note not written ({exc})")
 
     def _files(self, attrs: dict[str, Any], params: dict[str, Any], tmp: Path) -> list[tuple[Path, str]]:
-        from autotune.report import spec_from_attrs
-
-        spec = spec_from_attrs(attrs)
+        spec = CandidateSpec.from_dict(attrs["spec"])
         files = []
         train_log = self.ws.adapter_dir(spec.train) / "train_log.json" if spec.train else None
         if train_log is not None and train_log.is_file():
@@ -203,8 +201,12 @@ def confusion_png(confusion: dict[str, dict[str, int]], path: Path) -> Path:
     return path
 
 
-def write_study_note(study: optuna.Study, report: dict) -> None:
-    """Put the selection (``report.json``'s content) on the study as its dashboard note."""
+def write_study_note(study: optuna.Study, report: dict, storage: optuna.storages.BaseStorage | None = None) -> None:
+    """Put the selection (``report.json``'s content) on the study as its dashboard note.
+
+    ``storage`` is the study's: the note links to the chosen trial's page through the study's id (without
+    it, the note names the trial).
+    """
     from optuna_dashboard import save_note
 
     from autotune.bounds import Bounds, trial_figures
@@ -214,7 +216,8 @@ def write_study_note(study: optuna.Study, report: dict) -> None:
     bounds = Bounds.from_dict(report)  # this run's: a resumed study may have run its trials under others
     feasible = (sum(bounds.meets(trial_figures(t)) for t in complete), len(complete)) if chosen is not None else None
     n = next((t.user_attrs.get("eval_examples") for t in complete if t.number == chosen), None)
-    save_note(study, notes.study_note(report, study._study_id, feasible, n))
+    study_id = storage.get_study_id_from_name(study.study_name) if storage is not None else None
+    save_note(study, notes.study_note(report, study_id, feasible, n))
 
 
 def _warn(message: str) -> None:

@@ -19,7 +19,6 @@ import dataclasses
 from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import optuna
 from rich.console import Console
@@ -80,10 +79,6 @@ class Baseline:
         return {"name": self.name, "detail": self.detail, **self.accuracy.to_dict()}
 
 
-def spec_from_attrs(attrs: dict[str, Any]) -> CandidateSpec:
-    return CandidateSpec.from_dict(attrs["spec"])
-
-
 def feasible_front(study: optuna.Study, bounds: Bounds) -> list[optuna.trial.FrozenTrial]:
     """Non-dominated completed trials within every bound of *this* run (a resumed study may
     have been started with others)."""
@@ -111,21 +106,22 @@ def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: 
     highest of the rounds counts; size on disk is the trial's (it does not change)."""
     settings = LatencySettings(warmup=1, sample=ws.latency.sample, rounds=ws.latency.rounds)
     prompts, answers = benchmark_sample(*ws.prompts("validation"), settings.sample)
+    specs = {t.number: CandidateSpec.from_dict(t.user_attrs["spec"]) for t in members}
     for t in members:  # an earlier selection under other bounds may have pruned its folder: export it again
-        if not (ws.model_dir(spec_from_attrs(t.user_attrs)) / "genai_config.json").is_file():
-            run_candidate(ws, spec_from_attrs(t.user_attrs))
+        if not (ws.model_dir(specs[t.number]) / "genai_config.json").is_file():
+            run_candidate(ws, specs[t.number])
     rounds: dict[int, list[Latency]] = {t.number: [] for t in members}
     peaks: dict[int, list[tuple[float, float | None]]] = {t.number: [] for t in members}
     for _ in range(settings.rounds):
         for t in members:
-            spec = spec_from_attrs(t.user_attrs)
+            spec = specs[t.number]
             timed = measure(ws.model_dir(spec), prompts, answers, ws.splits.labels, provider=spec.export.execution_provider,
                             threads=ws.threads or 1, latency=settings, timeout_s=ws.measure_timeout_s)
             rounds[t.number].append(timed.latency)
             peaks[t.number].append((timed.peak_rss_mb, timed.gpu_memory_mb))
     result = []
     for t in members:
-        spec, values = spec_from_attrs(t.user_attrs), [lat.metric(metric) for lat in rounds[t.number]]
+        spec, values = specs[t.number], [lat.metric(metric) for lat in rounds[t.number]]
         gpu = [g for _, g in peaks[t.number] if g is not None]
         rss = max(r for r, _ in peaks[t.number])
         memory, source = memory_of(spec.export.execution_provider, rss, max(gpu, default=None))
@@ -170,9 +166,11 @@ def baselines(ws: Workspace, export: ExportSpec, split: str, on_stage=None) -> l
 
 
 def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSettings, out: Path, *, hardware: dict,
-                     profile: dict, argv: list[str], keep_all: bool = False, shared_storage: bool = False) -> int:
+                     profile: dict, argv: list[str], keep_all: bool = False, shared_storage: bool = False,
+                     storage: optuna.storages.BaseStorage | None = None) -> int:
     """The select stage: re-benchmark the feasible front, choose, score the choice and the baselines
-    on the test split, write the outputs and print the summary; 0, or a UserError saying why not."""
+    on the test split, write the outputs and print the summary; 0, or a UserError saying why not.
+    ``storage`` is the study's (the dashboard note links the chosen trial through it)."""
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     out_console = Console(width=None if sys.stdout.isatty() else 140)
@@ -206,7 +204,7 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
     judged = outcomes(bounds, chosen.trial.number, [trial_figures(t) for t in complete], [m.figures for m in front],
                       key=lambda f: preference(f.accuracy, f.latency_ms, f.size_mb), metric=metric)
     result = write_outputs(out, ws, study, front, chosen, test, floors, hardware, profile, metric, bounds, judged, argv)
-    write_study_note(study, result)  # the dashboard's view of the same result
+    write_study_note(study, result, storage)  # the dashboard's view of the same result
     if not keep_all:
         prune(ws, study, [m.trial for m in front], keep_specs=[CandidateSpec(None, chosen.spec.export)])
     c = result["chosen"]

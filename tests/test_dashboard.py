@@ -533,7 +533,7 @@ def test_failed_trial_gets_its_builder_log_loss_curve_and_note(tmp_path):
     from optuna.artifacts import get_all_artifact_meta
     from optuna_dashboard import get_note
 
-    from autotune.dashboard import TrialRecorder, _TrialRef
+    from autotune.dashboard import TrialRecorder
 
     class Workspace:  # the two paths the recorder reads
         def adapter_dir(self, spec):
@@ -549,7 +549,8 @@ def test_failed_trial_gets_its_builder_log_loss_curve_and_note(tmp_path):
     reason = "the onnxruntime-genai builder could not export this model at int4 b32 a4: unsupported op"
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", directions=["maximize", "minimize"])
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
     recorder = TrialRecorder(Workspace(), tmp_path / "artifacts", "p50", 14.0)
     trial = study.ask()
     for key, value in {"candidate": "qlora r8 ...", "spec": SPEC, "fail_reason": reason}.items():
@@ -559,11 +560,33 @@ def test_failed_trial_gets_its_builder_log_loss_curve_and_note(tmp_path):
     frozen = study.trials[0]
     recorder(study, frozen)
 
-    metas = {m.filename: m for m in get_all_artifact_meta(frozen, storage=study._storage)}
+    metas = {m.filename: m for m in get_all_artifact_meta(frozen, storage=storage)}
     assert set(metas) == {"loss-curve.png", "builder.log"}
     log = (tmp_path / "artifacts" / metas["builder.log"].artifact_id).read_bytes()
     assert log.endswith(b"ValueError: unsupported op\n") and len(log) < 201_000  # the tail of a 320 kB log
     assert log.startswith(b"[first ") and metas["builder.log"].mimetype == "text/plain"
-    note = get_note(_TrialRef(study, frozen))
+    note = get_note(trial)
     assert f"**Failed.** {reason}" in note and "**Fix:** read the builder.log artifact" in note
-    assert f"![loss curve](/artifacts/{study._study_id}/{frozen._trial_id}/{metas['loss-curve.png'].artifact_id})" in note
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+    assert f"![loss curve](/artifacts/{study_id}/{trial_id}/{metas['loss-curve.png'].artifact_id})" in note
+
+
+def test_study_note_links_the_chosen_trial_through_the_study_id(tmp_path):
+    """The selection's note on the study: a link to the chosen trial's page, by the study's id in its storage."""
+    import optuna
+    from optuna_dashboard import get_note
+
+    from autotune.dashboard import write_study_note
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    optuna.create_study(storage=storage, study_name="other")  # so the study's id is 2, not a default 1
+    study = optuna.create_study(storage=storage, study_name="autotune", directions=["maximize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(values=[0.5, 3.0], user_attrs={"spec": SPEC, "size_mb": 80.0}))
+    report = {"chosen": {"trial": 0, "candidate": "qlora r8 ...", "spec": SPEC, "validation_accuracy": 0.5,
+                         "test_accuracy": 0.5, "measured": {"size_mb": 80.0}}, "latency_metric": "request"}
+    write_study_note(study, report, storage)
+    assert "[trial 0](/dashboard/studies/2/trials?numbers=0)" in get_note(study)
+    write_study_note(study, report)  # no storage: the note names the trial
+    assert "[trial 0]" not in get_note(study) and "trial 0" in get_note(study)
