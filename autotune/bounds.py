@@ -20,8 +20,8 @@ if TYPE_CHECKING:  # the CLI imports this module for its flags: no Optuna before
 
 NO_BOUND = -1.0  # constraint value of a bound not given: always feasible (Optuna: <= 0)
 RSS, GPU = "peak RSS", "GPU memory"
-BINDS = ("A bound *binds* when it excluded a candidate the selection prefers to the chosen one (more accurate, "
-         "or as accurate and faster), by the trials' own measurements.")
+BINDS = ("A bound *binds* when it excluded a candidate the selection rule ranks above the chosen one, by the "
+         "trials' own measurements.")
 
 
 @dataclass(frozen=True)
@@ -227,9 +227,8 @@ def outcomes(bounds: Bounds, chosen: int, measured: Sequence[Figures], judged: S
     """Each bound given, against the chosen trial, and whether it *binds*.
 
     A bound binds the choice when it excluded a candidate the selection rule prefers to the
-    chosen one: a trial ranked above the chosen trial by ``key``
-    (:func:`autotune.search.preference`: more accurate, then faster, then smaller) on the
-    trials' own measurements (``measured``: every complete trial, measured alike in the
+    chosen one: a trial ranked above the chosen trial by ``key`` (its place in the rule's order,
+    :func:`autotune.selection.rank`, without bounds) on the trials' own measurements (``measured``: every complete trial, measured alike in the
     search), whose figure as the selection judged it (the re-benchmarked one for the front
     members in ``judged``, the trial's for the rest) exceeds that bound. Without that bound
     the choice could have been a better one. A trial over several bounds counts for each
@@ -251,10 +250,12 @@ def outcomes(bounds: Bounds, chosen: int, measured: Sequence[Figures], judged: S
 
 
 def _why_preferred(better: Figures, chosen: Figures) -> str:
-    """Which step of the selection rule ranks ``better`` above ``chosen`` (both as the trials measured them)."""
-    if better.accuracy != chosen.accuracy:
+    """What ``better`` has over ``chosen`` that the selection rule ranked it above (as the trials measured them)."""
+    if better.accuracy > chosen.accuracy and (better.size_mb or 0.0) >= (chosen.size_mb or 0.0):
         return "more accurate"
-    return "as accurate and faster" if better.latency_ms != chosen.latency_ms else "as accurate, as fast and smaller"
+    if (better.size_mb or 0.0) < (chosen.size_mb or 0.0):
+        return "smaller"
+    return "faster" if better.latency_ms < chosen.latency_ms else "more accurate"
 
 
 def binding_text(record: Mapping[str, Any], mark: str = "**") -> str:

@@ -103,7 +103,8 @@ def cmd_candidate(args) -> int:
     from autotune.candidate import CandidateSpec, run_candidate
     from autotune.export import ExportSpec
     from autotune.live import console, stage_view
-    from autotune.report import baselines, candidate_table, output_dir
+    from autotune.card import candidate_table
+    from autotune.report import baselines, output_dir
     from autotune.train import TrainSpec
 
     info, profile = _hardware(args.target, args.profile)
@@ -191,7 +192,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
 
     import yaml
 
-    from autotune import report
+    from autotune import card, report
     from autotune.models import model_shape
     from autotune.profile_choice import qlora_enabled
     from autotune.search import SearchSettings, hardware_identity, open_study
@@ -201,7 +202,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
     # candidates at the same moments, and all but one of those trials would be duplicates.
     settings = SearchSettings(trials=args.trials, timeout_s=args.timeout, latency_metric=args.latency_metric,
                               sampler=args.sampler, seed=secrets.randbelow(2**31) if join else args.seed,
-                              siblings=not args.no_siblings, **bounds.from_args(args))
+                              siblings=not args.no_siblings, rule=args.select, **bounds.from_args(args))
     info, profile = _hardware(args.target, args.profile)
     space_text = getattr(args, "space_text", None)
     if space_text is None:
@@ -221,7 +222,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
     attrs = {"model": ws.base.name, "data": ws.splits.summary(), "data_fingerprint": ws.splits.fingerprint,
              "target": args.target, "latency_metric": settings.latency_metric,
              **settings.bounds.to_dict(), "hardware": info.to_dict(),
-             "versions": report.package_versions(), "command": report.reproduce_command(argv), "config": config,
+             "versions": card.package_versions(), "command": card.reproduce_command(argv), "config": config,
              **hardware_identity(profile, info, args.threads)}
     # Joining an existing study (worker, select) records only what it compares; a new one records it all.
     study = open_study(storage, args.study, settings, attrs, free_threads=ws.threads,

@@ -56,7 +56,12 @@ def search_parser() -> argparse.ArgumentParser:
     g.add_argument("--study", default="autotune", help="study name (default: autotune)")
     g.add_argument("--artifacts", help="folder for adapters and exported models that all workers reach (default: OUTPUT/cache)")
     g.add_argument("--keep-all", action="store_true", help="keep every candidate's model folder, not only the Pareto front's")
-    g.add_argument("--no-siblings", action="store_true", help="do not queue a new adapter's other precisions as extra trials")
+    g.add_argument("--no-siblings", action="store_true", help="do not export the best adapter at the space's other "
+                   "precisions and int4 methods (every adapter is still exported the screening way, int8 on a CPU)")
+    g.add_argument("--select", default="smallest-tied", choices=["smallest-tied", "most-accurate"],
+                   help="how the model is chosen: smallest-tied (default) ships the smallest, then the fastest, of the "
+                   "feasible candidates not significantly less accurate than the most accurate one (paired on the "
+                   "validation prompts); most-accurate ships the most accurate one")
     _add_per_profile(g)
     return p
 

@@ -100,15 +100,20 @@ class Scheduler:
             return None
         return Work(dict(self.start), {"role": "screen", "steps": self.rungs[0], "start": True})
 
-    def next(self, trials: Sequence[optuna.trial.FrozenTrial], remaining: int) -> Work | None:
-        """The trial to enqueue next, or None for a new adapter proposed by the sampler.
+    def next(self, trials: Sequence[optuna.trial.FrozenTrial], remaining: int, fresh: bool = True) -> Work | None:
+        """The trial to enqueue next, or None for a new adapter proposed by the sampler (or, with ``fresh``
+        False, for nothing left to do).
 
         ``remaining``: trials of the budget not yet started (waiting and running ones excluded).
+        ``fresh``: whether the space has adapters not screened yet. When it has none and no adapter
+        learnt anything, the best of those at chance are continued and exported after all: the budget
+        has nothing better to buy.
         """
         if remaining <= 0:
             return None
         started = {_key(t) for t in trials if t.state != optuna.trial.TrialState.PRUNED}
-        adapters = [t for t in _complete(trials) if role(t) in ("screen", "continue") and self._learned(t)]
+        measured = [t for t in _complete(trials) if role(t) in ("screen", "continue")]
+        adapters = [t for t in measured if self._learned(t)] or ([] if fresh else measured)
         best = self._finalist(adapters)
         plan = self.exports(best) if best is not None else []
         missing = [i for i in range(len(plan)) if ("export", best.user_attrs.get("trajectory"), _steps(best), i)
@@ -119,7 +124,7 @@ class Scheduler:
             return self._export(best, plan, missing[0])
         if promotion := self._promotion(adapters, started):
             return promotion
-        if remaining > len(plan or [None]) + len(self.rungs) - 1:
+        if fresh and remaining > len(plan or [None]) + len(self.rungs) - 1:
             return None  # a new adapter could still reach the top rung and be exported
         if best is not None and at_top:  # more int4 variants of the best, their knobs sampled
             for index in range(len(plan), len(plan) + EXTRA_EXPORTS):

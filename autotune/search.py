@@ -32,7 +32,7 @@ from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Wo
 from autotune.errors import CandidateError, UserError, first_line
 from autotune.measure import LATENCY_METRICS
 from autotune.schedule import Scheduler, Work
-from autotune.selection import Candidate, rank
+from autotune.selection import RULES, Candidate, rank
 from autotune.space import SearchSpace
 
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -54,13 +54,16 @@ class SearchSettings:
     latency_metric: str = "request"
     sampler: str = "tpe"
     seed: int = 0
-    siblings: bool = True
+    siblings: bool = True  # the best adapter's exports (schedule): off, every adapter gets its screening export only
+    rule: str = "smallest-tied"  # how the model is chosen (autotune.selection.RULES)
 
     def __post_init__(self) -> None:
         if self.latency_metric not in LATENCY_METRICS:
             raise UserError(f"unknown --latency-metric '{self.latency_metric}' (choose from {', '.join(LATENCY_METRICS)})")
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown --sampler '{self.sampler}' (choose from {', '.join(SAMPLERS)})")
+        if self.rule not in RULES:
+            raise UserError(f"unknown --select '{self.rule}' (choose from {', '.join(RULES)})")
         self.bounds  # noqa: B018 (building the Bounds validates them)
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise UserError(f"--timeout must be a positive number of seconds, got {self.timeout_s:g}")
@@ -220,19 +223,22 @@ class Search:
         with file_lock(self.ws.root / "claims" / "schedule"):
             trials = self.study.get_trials(deepcopy=False)
             waiting = [t for t in trials if t.state in (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)]
-            work = self.scheduler.first(trials) or self.scheduler.next(trials, self.remaining() - len(waiting))
+            fresh = not self._screened_all(trials)
+            work = self.scheduler.first(trials) or self.scheduler.next(trials, self.remaining() - len(waiting), fresh)
             if work is not None:
                 self.study.enqueue_trial(work.params, user_attrs=work.attrs)
         return work
 
-    def exhausted(self) -> bool:
-        """Every adapter of a categorical space screened, and nothing left to continue or export."""
+    def _screened_all(self, trials: list[optuna.trial.FrozenTrial]) -> bool:
+        """Every adapter of a categorical space screened (a space with a range never is)."""
         adapters = self.space.adapters()
-        trials = self.study.get_trials(deepcopy=False)
-        if adapters is None or any(t.state == optuna.trial.TrialState.WAITING for t in trials):
-            return False
         screened = {t.user_attrs.get("trajectory") for t in counted_trials(trials) if t.user_attrs.get("role") == "screen"}
-        return len(screened) >= adapters
+        return adapters is not None and len(screened) >= adapters
+
+    def exhausted(self) -> bool:
+        """Every adapter screened, and nothing queued to continue or export."""
+        trials = self.study.get_trials(deepcopy=False)
+        return self._screened_all(trials) and not any(t.state == optuna.trial.TrialState.WAITING for t in trials)
 
     def remaining(self) -> int:
         """Trials still to run; interrupted ones and those of dead workers do not count (they are retried)."""
