@@ -82,6 +82,7 @@ batch_size: [4]
 precision: [int4, int8, fp32]
 block_size: [32]
 accuracy_level: [4]
+symmetric: [true, false]
 """
 
 

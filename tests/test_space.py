@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -59,7 +60,7 @@ def test_from_yaml(tmp_path):
     assert space.seed == 3
     assert space.source == str(path)
     assert set(space.train_param_names()) == {"method", "rank", "alpha_ratio", "learning_rate"}
-    assert space.size() is None  # ranges have no finite count
+    assert space.adapters() is None  # ranges have no finite count
 
 
 @pytest.mark.parametrize("text,match", [
@@ -162,19 +163,25 @@ def test_suggest_fp32_samples_no_quantization_options():
 
 
 def test_suggest_quantization_options_only_when_quantized():
+    """A screening trial samples only the adapter; an export trial (its precision fixed by the scheduler)
+    samples the quantization options of that precision only."""
     space = SearchSpace.from_dict({
         "precision": ["int4", "int8", "fp32"], "block_size": [32, 128], "accuracy_level": [0, 4],
         "algo": ["default", "rtn"], "learning_rate": {"low": 1.0e-4, "high": 1.0e-3, "log": True},
         "rank": {"low": 4, "high": 32}, "steps": [10, 20],
     })
     study = _study(seed=1)
-    precisions = set()
-    for _ in range(20):
+    for precision in ("int4", "int8", "fp32") * 4:
+        screen = study.ask()
+        spec = space.suggest(screen, "cpu")
+        assert set(screen.params) == {"learning_rate", "rank"}  # the adapter only
+        assert spec.export == space.screening(spec.train, "cpu") and spec.export.precision == "int8"
+        assert spec.train.steps == 10  # the first rung
+        study.tell(screen, 0.0)
+        study.enqueue_trial({**space.adapter_params(screen.params), "precision": precision})
         trial = study.ask()
-        spec = space.suggest(trial, "cpu")
-        precision = trial.params["precision"]
-        precisions.add(precision)
-        assert spec.export.precision == precision
+        spec = space.suggest(trial, "cpu", steps=20, export=True)
+        assert spec.train.steps == 20 and spec.export.precision == precision
         quant_params = {"block_size", "accuracy_level", "algo"} & set(trial.params)
         if precision == "fp32":
             assert not quant_params
@@ -186,10 +193,8 @@ def test_suggest_quantization_options_only_when_quantized():
         assert 1e-4 <= spec.train.learning_rate <= 1e-3
         assert isinstance(spec.train.rank, int) and 4 <= spec.train.rank <= 32
         assert spec.train.alpha == pytest.approx(2.0 * spec.train.rank)  # default ratio 2
-        assert spec.train.steps in (10, 20)
         assert spec.train.seed == space.seed
         study.tell(trial, 0.0)
-    assert precisions == {"int4", "int8", "fp32"}
 
 
 def test_suggest_fixed_alpha_and_fixed_space():
@@ -202,16 +207,18 @@ def test_suggest_fixed_alpha_and_fixed_space():
     assert spec.export.precision == "int4" and spec.export.block_size == 32
 
 
-def test_size_counts_categorical_space():
+def test_adapters_counts_a_categorical_space():
     space = SearchSpace.from_dict({
         "rank": [4, 8], "alpha_ratio": [1, 2], "learning_rate": [1.0e-4, 3.0e-4, 1.0e-3],
         "precision": ["int4", "fp32"], "block_size": [32, 128], "accuracy_level": [0, 4],
     })
-    # training: 2 ranks x 2 ratios x 3 rates = 12; export: int4 2x2 + fp32 1 = 5
-    assert space.size() == 12 * 5
-    assert SearchSpace.from_dict({"precision": ["fp32", "int8"]}).size() == 1 + 1
-    assert SearchSpace().size() == 1
-    assert SearchSpace.from_dict({"steps": {"low": 10, "high": 20}}).size() is None
+    assert space.adapters() == 2 * 2 * 3  # the export choices do not make adapters
+    # int4-aware is a training choice: one adapter per grid it trains against, LoRA only.
+    aware = SearchSpace.from_dict({"method": ["lora", "qlora"], "int4_method": ["rtn", "int4-aware"],
+                                   "block_size": [32, 64], "precision": ["int4"]})
+    assert aware.adapters() == (1 + 2) + 1
+    assert SearchSpace().adapters() == 1
+    assert SearchSpace.from_dict({"learning_rate": {"low": 1e-4, "high": 1e-3}}).adapters() is None
 
 
 INT4_SPACE = {"method": ["lora", "qlora"], "precision": ["int4", "int8", "fp32"], "block_size": [16, 32, 64],
@@ -220,36 +227,80 @@ INT4_SPACE = {"method": ["lora", "qlora"], "precision": ["int4", "int8", "fp32"]
 
 
 def test_int4_methods_sample_only_valid_combinations():
-    """int4-aware: LoRA only, its int4 export on exactly the trained grid (symmetric, default rounding, no int8
-    layers); gptq: its own weights (no algo or int8 layers); rtn: every export knob."""
+    """int4-aware: LoRA only, screened and exported at int4 on exactly the trained grid (symmetric, default
+    rounding, no int8 layers); gptq: its own weights (no algo or int8 layers); rtn: every export knob."""
     space = SearchSpace.from_dict(INT4_SPACE)
     study = _study(seed=3)
     seen = set()
-    for _ in range(120):
-        trial = study.ask()
-        spec = space.suggest(trial, "cpu")
-        train, export = spec.train, spec.export
-        seen.add((train.method, spec.int4_method, export.precision))
+    for _ in range(60):
+        screen = study.ask()
+        train = space.suggest(screen, "cpu").train
+        study.tell(screen, 0.0)
         assert not (train.method == "qlora" and train.int4_aware)
-        if train.int4_aware and export.quantized:
-            assert export.block_size == train.int4_block_size
-            if export.precision == "int4":
+        for fixed in space.exports(train, "cpu") or [{"precision": "int4"}]:
+            study.enqueue_trial({**space.adapter_params(screen.params), **fixed})
+            trial = study.ask()
+            spec = space.suggest(trial, "cpu", export=True)
+            export = spec.export
+            seen.add((train.method, spec.int4_method, export.precision))
+            if train.int4_aware and export.quantized:
+                assert export.precision == "int4" and export.block_size == train.int4_block_size
                 assert (export.symmetric, export.algo, export.int8_layers, export.calibration) == (True, "default", "none", "none")
-        if export.calibration == "gptq":
-            assert export.precision == "int4" and export.algo == "default" and export.int8_layers == "none"
-        if export.precision != "int4":
-            assert export.calibration == "none" and export.int8_layers == "none" and export.symmetric
-        study.tell(trial, 0.0)
+            if export.calibration == "gptq":
+                assert export.precision == "int4" and export.algo == "default" and export.int8_layers == "none"
+            if export.precision != "int4":
+                assert export.calibration == "none" and export.int8_layers == "none" and export.symmetric
+            study.tell(trial, 0.0)
     assert {("lora", "int4-aware", "int4"), ("lora", "gptq", "int4"), ("qlora", "gptq", "int4"), ("lora", "rtn", "int4"),
-            ("lora", "int4-aware", "int8")} <= seen
+            ("lora", "rtn", "fp32"), ("qlora", "rtn", "fp32")} <= seen
 
 
-def test_int4_aware_siblings_keep_the_trained_grid():
+def test_int4_aware_adapters_keep_the_trained_grid_and_get_no_other_precision():
     space = SearchSpace.from_dict(INT4_SPACE)
-    params = {"method": "lora", "int4_method": "int4-aware", "block_size": 16, "precision": "int8", "symmetric": False,
+    params = {"method": "lora", "int4_aware": True, "block_size": 16, "precision": "int8", "symmetric": False,
               "int8_layers": "last"}
-    assert space.training_params(params) == {"method": "lora", "int4_method": "int4-aware", "block_size": 16}
-    assert space.training_params({**params, "int4_method": "rtn"}) == {"method": "lora", "int4_method": "rtn"}
+    assert space.adapter_params(params) == {"method": "lora", "int4_aware": True, "block_size": 16}
+    assert space.adapter_params({**params, "int4_aware": False}) == {"method": "lora", "int4_aware": False}
+    study = _study()
+    study.enqueue_trial({"method": "lora", "int4_aware": True, "block_size": 16})
+    train = space.suggest(study.ask(), "cpu").train
+    assert train.int4_aware and space.screening(train, "cpu").block_size == 16
+    assert space.exports(train, "cpu") == []
+
+
+def test_exports_start_with_the_start_int4_method():
+    space = SearchSpace.from_dict({**INT4_SPACE, "start": {"rank": 16, "int4_method": "gptq", "block_size": 32}})
+    plain = space.suggest(_study().ask(), "cpu").train
+    plain = plain if not plain.int4_aware else replace(plain, int4_aware=False)
+    plan = space.exports(plain, "cpu")
+    assert plan[0] == {"precision": "int4", "int4_method": "gptq", "block_size": 32}
+    assert [p["precision"] for p in plan] == ["int4", "fp32", "int4"]  # int8 is the screening export
+
+
+def test_start_is_the_first_adapter_and_is_dropped_when_it_cannot_run():
+    space = SearchSpace.from_dict({"method": ["lora", "qlora"], "rank": [8, 16], "int4_method": ["rtn", "int4-aware"],
+                                   "start": {"method": "qlora", "rank": 16}})
+    assert space.start_params() == {"method": "qlora", "rank": 16}
+    lora_only = space.restrict(VALID_PRECISIONS["cpu"], qlora=False, execution_provider="cpu")
+    assert lora_only.start_params() == {} and any("start" in note for note in lora_only.notes)
+    lora = SearchSpace.from_dict({**INT4_SPACE, "start": {"method": "lora", "int4_method": "gptq"}})
+    assert lora.start_params() == {"method": "lora", "int4_aware": False}  # sampled for LoRA: fixed either way
+
+
+def test_rungs_promote_and_learning_rates_too_low_to_learn():
+    space = SearchSpace.from_dict({"steps": [60, 30, 120], "promote": 0.34,
+                                   "learning_rate": {"low": 1.0e-4, "high": 3.0e-3, "log": True}, "min_lr_steps": 0.015})
+    assert space.rungs == (30, 60, 120) and space.promote == 0.34
+    cut = space.restrict(VALID_PRECISIONS["cpu"], True, "cpu")
+    assert cut.learning_rate == Range(5.0e-4, 3.0e-3, True, None)
+    assert any("learning rates below 5.0e-04 dropped" in note for note in cut.notes)
+    with pytest.raises(UserError, match="too low to learn"):
+        SearchSpace.from_dict({"steps": [10], "learning_rate": [1.0e-4], "min_lr_steps": 0.015}).restrict(
+            VALID_PRECISIONS["cpu"], True, "cpu")
+    for bad, match in (({"promote": 1.5}, "promote"), ({"steps": [0, 10]}, "rungs"), ({"start": {"rank": 0}}, "positive"),
+                       ({"start": {"bogus": 1}}, "start")):
+        with pytest.raises(UserError, match=match):
+            SearchSpace.from_dict(bad)
 
 
 def test_restrict_keeps_block_sizes_that_divide_the_model():
@@ -260,15 +311,3 @@ def test_restrict_keeps_block_sizes_that_divide_the_model():
         SearchSpace.from_dict({**INT4_SPACE, "block_size": [64]}).restrict(("int4",), True, "cpu", widths=(96,))
     no_int4 = SearchSpace.from_dict(INT4_SPACE).restrict(("fp16", "int8"), True, "cuda")
     assert no_int4.int4_method.values == ("rtn",)
-
-
-def test_size_bounds_the_distinct_candidates():
-    space = SearchSpace.from_dict({**INT4_SPACE, "method": ["lora"], "block_size": [32], "symmetric": [True],
-                                   "int8_layers": ["none"], "algo": ["default"]})
-    study, models = _study(seed=0), set()
-    for _ in range(200):
-        trial = study.ask()
-        spec = space.suggest(trial, "cpu")
-        models.add((spec.train, spec.export))
-        study.tell(trial, 0.0)
-    assert len(models) <= space.size()
