@@ -3,16 +3,15 @@
 Objectives: maximise validation accuracy, minimise latency (``--latency-metric``: the p50
 across validation prompts of the whole request by default, or of TTFT or per-token decode).
 The edge bounds (``--max-latency``, ``--max-size``, ``--max-memory``; :mod:`autotune.bounds`)
-are constraints the sampler knows about (Optuna's ``constraints_func``), so infeasible
-trials are kept, marked and steered away from.
+are constraints the sampler knows about (``Trial.set_constraint``), so infeasible trials are
+kept, marked and steered away from.
 
-Optuna does the searching, the Pareto front and the storage (SQLite by default, any
-RDB URL for many workers); this module only turns a trial into a candidate and its
-measurement into objective values and user attributes.
-
-Train once, export many: when a trial trains a new adapter, the same adapter at the
-space's other precisions is enqueued as the next trials; they cost an export and a
-measurement, not a training run.
+Optuna does the sampling, the Pareto front and the storage (SQLite by default, any RDB URL
+for many workers); this module turns a trial into a candidate and its measurement into
+objective values and user attributes. What runs next is :mod:`autotune.schedule`'s: new
+adapters on short runs, the best continued to longer ones from their checkpoints, and the
+best at the top rung exported at the other precisions and int4 methods (train once,
+export many: an export costs an export and a measurement, not a training run).
 """
 
 from __future__ import annotations
