@@ -21,6 +21,7 @@ Workspace layout below ``root``::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import tempfile
@@ -207,8 +208,32 @@ def run_candidate(
         CandidateError: anything went wrong inside this candidate (a diverged loss, out of
             memory, a builder or runtime error), with the reason; other candidates may still work.
     """
+    with _candidate_errors():
+        notify = _notifier(on_stage)
+        model_dir, train_result, seconds, cached = _build(ws, spec, notify)
+        notify("measure", 0.0, f"accuracy on {split}" + (" + latency" if with_latency else ""))
+        measurement, was_cached = _measure_cached(ws, spec, model_dir, split, with_latency, prompt_style,
+                                                  restrict_to_labels)
+        if was_cached:
+            cached.append("measure")
+        else:
+            seconds.update(measurement.stage_seconds)
+        notify("measure", 1.0, "done")
+        return CandidateResult(spec, model_dir, measurement, train_result, seconds, tuple(cached))
+
+
+def build(ws: Workspace, spec: CandidateSpec, on_stage: StageCallback | None = None) -> Path:
+    """Build (or reuse) the candidate's model folder without measuring it; raises as :func:`run_candidate`."""
+    with _candidate_errors():
+        return _build(ws, spec, _notifier(on_stage))[0]
+
+
+@contextlib.contextmanager
+def _candidate_errors():
+    """Turn any failure inside a candidate into a :class:`CandidateError` with the reason."""
     try:
-        return _run_candidate(ws, spec, split, with_latency, on_stage, prompt_style, restrict_to_labels)
+        check_interrupted()
+        yield
     except CandidateError:
         check_interrupted()  # a measuring child stopped by Ctrl-C is the user's stop, not this candidate's failure
         raise
@@ -225,19 +250,20 @@ def run_candidate(
         raise CandidateError(f"{type(exc).__name__}: {reason}") from exc
 
 
-def _run_candidate(ws: Workspace, spec: CandidateSpec, split: str, with_latency: bool,
-                   on_stage: StageCallback | None, prompt_style: str, restrict_to_labels: bool) -> CandidateResult:
+def _notifier(on_stage: StageCallback | None) -> StageCallback:
     def notify(stage: str, fraction: float, detail: str) -> None:
         check_interrupted()  # each stage and training step is a point to stop at
         if on_stage is not None:
             on_stage(stage, fraction, detail)
+    return notify
 
-    check_interrupted()
+
+def _build(ws: Workspace, spec: CandidateSpec, notify: StageCallback):
+    """Train (or reuse) the adapter and export (or reuse) the model: (folder, train result, seconds, cached)."""
     seconds: dict[str, float] = {}
     cached: list[str] = []
     model_dir = ws.model_dir(spec)
     train_result = None
-
     if spec.train is not None:
         adapter = ws.adapter_dir(spec.train)
         with file_lock(adapter):  # another worker may be training the same adapter right now
@@ -246,20 +272,11 @@ def _run_candidate(ws: Workspace, spec: CandidateSpec, split: str, with_latency:
             cached.append("train")
         elif trained_s:
             seconds["train"] = trained_s
-
     with file_lock(model_dir):
         exported = _export_cached(ws, spec, model_dir, notify, seconds)
     if not exported:
         cached.append("export")
-
-    notify("measure", 0.0, f"accuracy on {split}" + (" + latency" if with_latency else ""))
-    measurement, was_cached = _measure_cached(ws, spec, model_dir, split, with_latency, prompt_style, restrict_to_labels)
-    if was_cached:
-        cached.append("measure")
-    else:
-        seconds.update(measurement.stage_seconds)
-    notify("measure", 1.0, "done")
-    return CandidateResult(spec, model_dir, measurement, train_result, seconds, tuple(cached))
+    return model_dir, train_result, seconds, cached
 
 
 def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: Path, notify):

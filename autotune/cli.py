@@ -242,6 +242,8 @@ def _run_trials(ctx: SearchContext) -> None:
         if requeued:
             console.print(f"resuming: {requeued} interrupted trial(s) queued again")
     search = Search(ctx.ws, ctx.space, ctx.profile.execution_provider, ctx.settings, ctx.study)
+    for line in ctx.space.notes + tuple(search.fit_screening()):
+        console.print(f"space: {line}")
     done_before = ctx.settings.trials - search.remaining()
     console.print(f"[bold]data[/] {ctx.ws.splits.summary()}   [bold]model[/] {ctx.ws.base.name}   "
                   f"[bold]profile[/] {ctx.profile.name}, {ctx.ws.threads} thread(s)   "

@@ -111,7 +111,7 @@ class Scheduler:
         """
         if remaining <= 0:
             return None
-        started = {_key(t) for t in trials if t.state != optuna.trial.TrialState.PRUNED}
+        started = {_key(t) for t in trials}  # a pruned one too: its export proved a duplicate or out of bounds
         measured = [t for t in _complete(trials) if role(t) in ("screen", "continue")]
         adapters = [t for t in measured if self._learned(t)] or ([] if fresh else measured)
         best = self._finalist(adapters)

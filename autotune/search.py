@@ -16,6 +16,7 @@ export many: an export costs an export and a measurement, not a training run).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections import Counter
@@ -29,6 +30,8 @@ from autotune.bounds import KINDS, Bounds, attrs_figures
 from autotune.cache import file_lock
 from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, run_candidate
 from autotune.errors import CandidateError, UserError, first_line
+from autotune.export import ExportSpec
+from autotune.footprint import footprint
 from autotune.measure import LATENCY_METRICS
 from autotune.schedule import Scheduler, Work
 from autotune.selection import RULES, Candidate, rank
@@ -168,9 +171,32 @@ class Search:
         self._duplicates = 0  # consecutive duplicate proposals: a sign the space is exhausted
 
     def _exports(self, trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
+        """The exports the adapter of ``trial`` gets at the top rung, but those whose configuration alone
+        breaks a size or memory bound."""
         if not self.settings.siblings:
             return []
-        return self.space.exports(CandidateSpec.from_dict(trial.user_attrs["spec"]).train, self.execution_provider)
+        plan = self.space.exports(CandidateSpec.from_dict(trial.user_attrs["spec"]).train, self.execution_provider)
+        return [p for p in plan if not self._over_by_configuration(self.space.screening_at(
+            p["precision"], self.execution_provider))]
+
+    def _over_by_configuration(self, export: ExportSpec) -> list[str]:
+        """The size and memory bounds ``export``'s configuration breaks on the base model (:mod:`autotune.footprint`)."""
+        bounds = self.settings.bounds
+        if bounds.max_size_mb is None and bounds.max_memory_mb is None:
+            return []
+        return footprint(self.ws, export, with_memory=bounds.max_memory_mb is not None).over(bounds)
+
+    def fit_screening(self) -> list[str]:
+        """Under ``--max-size`` or ``--max-memory``, screen adapters at the most accurate precision whose
+        configuration fits (measured once on the base model); lines saying what was ruled out."""
+        lines = []
+        for precision in self.space.screening_order():
+            over = self._over_by_configuration(self.space.screening_at(precision, self.execution_provider))
+            if not over:
+                self.space = dataclasses.replace(self.space, screen=precision)
+                break
+            lines.append(f"{precision} exports ruled out by their configuration on the base model ({', '.join(over)})")
+        return lines
 
     def _same_candidate(self, number: int, key: str) -> int | None:
         """Another trial that measured, or is measuring, the same model (call under the claim lock)."""
@@ -185,6 +211,9 @@ class Search:
         role, steps = trial.user_attrs.get("role", "screen"), trial.user_attrs.get("steps", self.space.rungs[0])
         spec = self.space.suggest(trial, self.execution_provider, steps=steps, export=role == "export")
         key = self.ws.export_key(spec)
+        if role == "export" and (over := self._over_by_configuration(spec.export)):  # never built, nor trained for
+            trial.set_user_attr("excluded", f"its configuration breaks the bounds on the base model: {', '.join(over)}")
+            raise optuna.TrialPruned(trial.user_attrs["excluded"])
         for name, value in {"role": role, "steps": steps, "trajectory": self.ws.trajectory_dir(spec.train).name,
                             "adapter_params": self.space.adapter_params(trial.params), "candidate": spec.describe(),
                             "spec": asdict(spec)}.items():  # the spec also on failed trials: their note needs it

@@ -128,6 +128,7 @@ class SearchSpace:
     min_lr_steps: float | None = None
     start: tuple[tuple[str, Any], ...] = ()
     seed: int = 0
+    screen: str | None = None  # the screening precision, when a bound ruled out the first of SCREENING_ORDER
     source: str = field(default="", compare=False)
     notes: tuple[str, ...] = field(default=(), compare=False)  # what restrict() dropped, and why
 
@@ -282,11 +283,20 @@ class SearchSpace:
 
     def screening(self, train: TrainSpec, execution_provider: str) -> ExportSpec:
         """How an adapter is exported to be judged at a rung: an int4-aware one at int4 on its own grid
-        (what it is made for), any other at the most accurate cheap precision the space allows."""
+        (what it is made for), any other at the most accurate cheap precision the space allows
+        (:attr:`screen` when a bound ruled the others out)."""
         if train.int4_aware:
             return ExportSpec("int4", execution_provider, block_size=train.int4_block_size,
                               accuracy_level=self.accuracy_level.values[0]).normalized()
-        precision = next(p for p in SCREENING_ORDER if p in self.precision.values)
+        return self.screening_at(self.screen or self.screening_order()[0], execution_provider)
+
+    def screening_order(self) -> list[str]:
+        """The precisions an adapter may be screened at, most accurate per cost first."""
+        return [p for p in SCREENING_ORDER if p in self.precision.values]
+
+    def screening_at(self, precision: str, execution_provider: str) -> ExportSpec:
+        """The screening export of a plain adapter at ``precision``: block 32 where allowed, the builder's
+        own rounding, no int8 layers."""
         block = 32 if 32 in self.block_size.values else self.block_size.values[0]
         return ExportSpec(precision, execution_provider, block_size=block,
                           accuracy_level=self.accuracy_level.values[0]).normalized()

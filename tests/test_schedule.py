@@ -130,3 +130,22 @@ def test_a_resumed_search_goes_on_where_it_stopped(search) -> None:
     second.run()
     after = [(t.number, t.user_attrs["role"], t.user_attrs["steps"]) for t in _trials(second)]
     assert after[:6] == before and len(after) == 12
+
+
+def test_a_size_bound_screens_at_a_precision_that_fits_and_builds_nothing_it_rules_out(search) -> None:
+    """Sizes follow the export configuration: measured once on the base model, they rule out int8 and fp32
+    under a bound between int4's and int8's size, before any adapter is trained or exported for them."""
+    from autotune.export import ExportSpec
+    from autotune.footprint import footprint
+
+    s = search(6)
+    int4, int8 = (footprint(s.ws, ExportSpec(p), with_memory=False).size_mb for p in ("int4", "int8"))
+    assert int4 < int8
+    s.settings = SearchSettings(trials=6, seed=0, max_size_mb=(int4 + int8) / 2)
+    lines = s.fit_screening()
+    assert s.space.screen == "int4" and len(lines) == 2 and lines[0].startswith("int8 exports ruled out")
+    s.run()
+    trials = _trials(s)
+    assert {t.user_attrs["spec"]["export"]["precision"] for t in trials} == {"int4"}
+    assert not any(t.user_attrs["role"] == "export" and t.user_attrs["spec"]["export"]["precision"] != "int4"
+                   for t in s.study.get_trials())
