@@ -129,6 +129,7 @@ def trial_attrs(result: CandidateResult, ws: Workspace) -> dict[str, Any]:
         "correct": m.accuracy.marks,
         "signal": m.label_logprob(answers, ws.splits.labels),
         "final_loss": result.train.final_loss if result.train else None,
+        "resumed_at_step": result.train.resumed_at_step if result.train else None,
         "stage_seconds": result.stage_seconds,
         "cached": list(result.cached),
         "candidate": result.spec.describe(),

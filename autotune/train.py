@@ -160,6 +160,12 @@ class TrainResult:
     losses: tuple[float, ...]
     seconds: float
     threads: int
+    resumed_at_step: int = 0  # where training started: a shorter run's checkpoint (autotune.trajectory), or 0
+
+    @property
+    def steps_computed(self) -> int:
+        """The optimizer steps this run computed itself."""
+        return len(self.losses) - self.resumed_at_step
 
     @property
     def final_loss(self) -> float:
@@ -334,7 +340,8 @@ def train_adapter(
     tokenizer.save_pretrained(out_dir)
     del model, optimizer, params
     release_memory()
-    result = TrainResult(adapter_dir=out_dir, losses=tuple(losses), seconds=seconds, threads=threads)
+    result = TrainResult(adapter_dir=out_dir, losses=tuple(losses), seconds=seconds, threads=threads,
+                         resumed_at_step=first)
     (out_dir / "train_log.json").write_text(json.dumps(
         {"spec": asdict(spec), "losses": losses, "seconds": seconds, "threads": threads, "checkpointing": checkpointing,
          "resumed_at_step": first}, indent=1))
@@ -343,4 +350,4 @@ def train_adapter(
 def read_train_log(adapter_dir: Path) -> TrainResult:
     """The :class:`TrainResult` of an adapter trained earlier (for cache hits)."""
     log = json.loads((adapter_dir / "train_log.json").read_text())
-    return TrainResult(adapter_dir, tuple(log["losses"]), log["seconds"], log["threads"])
+    return TrainResult(adapter_dir, tuple(log["losses"]), log["seconds"], log["threads"], log.get("resumed_at_step", 0))
