@@ -24,7 +24,7 @@ from autotune.bounds import BINDS, Bounds, Figures, Outcome, binding_text, trial
 from autotune.cache import atomic_dir, atomic_write_text
 from autotune.candidate import CandidateResult, CandidateSpec, Workspace
 from autotune.live import fmt
-from autotune.measure import Accuracy, Latency, format_accuracy, wilson_interval
+from autotune.measure import SCORING_RULE, Accuracy, Latency, format_accuracy, wilson_interval
 from autotune.selection import ALPHA, RULES, Paired, Ranking
 
 PACKAGES = ("autotune", "torch", "transformers", "peft", "bitsandbytes", "onnxruntime", "onnxruntime-genai",
@@ -220,7 +220,8 @@ def model_card(report: dict) -> str:
     if spec.get("train"):
         lines += [f"- training: {', '.join(f'{k}={v}' for k, v in spec['train'].items())}"]
     lines += [f"- export: {', '.join(f'{k}={v}' for k, v in spec['export'].items())}", "",
-              "## Accuracy", "", "Exact label by greedy generation; 95% Wilson intervals.", "",
+              "## Accuracy", "", f"By greedy generation: {SCORING_RULE}; 95% Wilson intervals. The baselines are "
+              "scored by the same rule.", "",
               "| model | accuracy |", "| --- | --- |",
               f"| this model, test split | {_accuracy_text(c['test'])} |",
               f"| this model, validation split | {_accuracy_text(val)} |"]

@@ -25,7 +25,9 @@ def _add_model_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-eval", type=int, help="score on at most N prompts of each split (default: all)")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split (default: 0)")
     s = p.add_argument_group("hardware and safety")
-    s.add_argument("--target", default="auto", help="auto, cpu, cuda or dml (default: auto)")
+    s.add_argument("--target", default="auto", metavar="{auto,cpu,cuda,dml}",
+                   help="where the model will run: auto picks the best profile that runs here; cpu, cuda (NVIDIA "
+                   "GPU, needs onnxruntime-genai-cuda) or dml (Windows, DirectML) ask for one (default: auto)")
     s.add_argument("--profile", help="a hardware profile by name, e.g. cpu for fp32 training on a CPU that "
                    "cpu-bf16 would get (default: the best that runs here; `autotune profile` shows it)")
     s.add_argument("--threads", type=int, help="CPU threads for training and measuring (default: the cores free now)")
@@ -111,14 +113,16 @@ def candidate_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--split", default="validation", choices=["validation", "test"],
                    help="split to score on (default: validation; test only to report a final choice)")
-    o.add_argument("--no-baseline", action="store_true", help="skip the baselines (majority class, and the base told the labels)")
+    o.add_argument("--no-baseline", action="store_true", help="skip the three baselines (the majority class, the base "
+                   "told the labels in an instruction, and the base with its answer restricted to the labels)")
     o.add_argument("--json", action="store_true", help="print the measured record as JSON on stdout")
     return p
 
 
 def profile_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autotune profile", description="Show the detected hardware and the profile chosen for --target.")
-    p.add_argument("--target", default="auto", help="auto, cpu, cuda or dml (default: auto)")
+    p.add_argument("--target", default="auto", metavar="{auto,cpu,cuda,dml}",
+                   help="auto, cpu, cuda or dml (default: auto)")
     p.add_argument("--profile", help="show this hardware profile by name instead of the best that runs here")
     p.add_argument("--json", action="store_true", help="print as JSON")
     return p

@@ -7,8 +7,9 @@ thread count.
 
 Each prompt is one request, timed as an app runs it: tokenize, prefill, greedy
 generation to the stop (a newline or the token budget), decode. Accuracy: the first
-line of the answer, stripped of punctuation, must equal a label (case-insensitive);
-anything else is an invalid answer and counts as wrong. Latency: the requests' own
+label the answer names, as a person reads it (:func:`normalize_answer`: case, whitespace,
+bullets and punctuation aside, whole words only), must be the right one; an answer that
+names no label is invalid and counts as wrong. Latency: the requests' own
 times, after untimed warm-up ones: request, time to first token and per-token decode,
 as p50/p90 across prompts. The raw answers are kept, so a changed scoring rule
 re-scores a stored measurement without generating again.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -250,19 +252,24 @@ def run_child(request: dict, timeout_s: float | None = None) -> dict:
         return json.loads(out_path.read_text())
 
 
-def normalize_answer(text: str, labels: Sequence[str]) -> str | None:
-    """The label an answer names, or ``None`` if it names none.
+SCORING_RULE = ("the first label the answer names counts, read as a person reads it (case, whitespace, bullets and "
+                "punctuation aside, whole words only); an answer that names no label counts as wrong")
 
-    The first non-empty line counts; "Joy.", " joy" and "Joy, clearly" all name "Joy".
+
+def normalize_answer(text: str, labels: Sequence[str]) -> str | None:
+    """The label an answer names first, or ``None`` if it names none: read as a person reads it.
+
+    Case, whitespace, bullets and punctuation do not count, and a label counts only as a whole word
+    (or words): "Joy.", " joy", "- Joy:", "**joy**" and "I think joy" all name "Joy"; "Joyful" names
+    none. Where two labels start at the same place, the longer one ("Very Sad" over "Sad").
     """
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    line = line.strip(" \t\"'`*.,:;!?()[]")
-    lowered = line.lower()
-    for label in sorted(labels, key=len, reverse=True):
-        name = label.lower()
-        if lowered == name or (lowered.startswith(name) and not lowered[len(name)].isalnum()):
-            return label
-    return None
+    lowered = text.lower()
+    found = []
+    for label in labels:
+        match = re.search(rf"(?<![0-9a-z]){re.escape(label.lower())}(?![0-9a-z])", lowered)
+        if match:
+            found.append((match.start(), -len(label), label))
+    return min(found)[2] if found else None
 
 
 def score(generated: Sequence[str], answers: Sequence[str], labels: Sequence[str]) -> Accuracy:
