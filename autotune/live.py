@@ -81,6 +81,7 @@ def trial_table(trials: Sequence[optuna.trial.FrozenTrial], metric: str, bounds:
     """Params, accuracy, latency, size, memory and feasibility of trials (the last ``last`` only)."""
     table = Table(title=title, title_justify="left", header_style="bold")
     table.add_column("#", justify="right")
+    table.add_column("role")  # screen: a new adapter; continue: trained on; export: another precision
     table.add_column("candidate", no_wrap=True, overflow="ellipsis", max_width=46)
     for column in ("val acc", f"{metric} ms", "TTFT ms", "req p90 ms", "MB", "mem MB", "feasible"):
         table.add_column(column, justify="right")
@@ -89,10 +90,11 @@ def trial_table(trials: Sequence[optuna.trial.FrozenTrial], metric: str, bounds:
     for t in rows:
         attrs = t.user_attrs
         over = over_bounds(t, bounds)
-        state = {"complete": "ok", "fail": f"[red]failed[/]: {attrs.get('fail_reason', '?')}"}.get(
-            t.state.name.lower(), t.state.name.lower())
+        state = {"complete": "ok", "fail": f"[red]failed[/]: {attrs.get('fail_reason', '?')}",
+                 "pruned": f"skipped: {skipped(attrs)}"}.get(t.state.name.lower(), t.state.name.lower())
         table.add_row(
             str(t.number),
+            attrs.get("role", "-"),
             attrs.get("candidate", "-"),
             fmt(t.values[0] if t.values else None),
             fmt(t.values[1] if t.values else None, ".1f"),
@@ -219,12 +221,20 @@ class PlainView:
             verdict = f"over the {' and '.join(over)} bound{'s' * (len(over) > 1)}" if over else "feasible"
             outcome = f"acc {trial.values[0]:.3f}  {self.metric} {trial.values[1]:.1f} ms  {verdict}"
         elif trial.state == optuna.trial.TrialState.PRUNED:
-            outcome = f"skipped (same candidate as trial {attrs.get('duplicate_of')})"
+            outcome = f"skipped ({skipped(attrs)})"
         else:
             outcome = f"failed: {attrs.get('fail_reason', trial.state.name.lower())}"
         done = len(counted_trials(study.get_trials(deepcopy=False)))
         took = f" in {trial.duration.total_seconds():.0f} s" if trial.duration else ""
-        self.stages.line(f"trial {trial.number} ({done} of {self.total} done){took}: {attrs.get('candidate', '-')}  {outcome}")
+        self.stages.line(f"trial {trial.number} ({attrs.get('role', '-')}, {done} of {self.total} done){took}: "
+                         f"{attrs.get('candidate', '-')}  {outcome}")
+
+
+def skipped(attrs: dict) -> str:
+    """Why a pruned trial built nothing: a duplicate, or an export its configuration rules out."""
+    if "duplicate_of" in attrs:
+        return f"same candidate as trial {attrs['duplicate_of']}"
+    return attrs.get("excluded", "pruned")
 
 
 def stage_view() -> StageProgress | PlainStages:
