@@ -388,7 +388,7 @@ def test_progress_log_without_a_terminal(tmp_path: Path, tiny_model_dir, tiny_da
     stamp = r"\[ *\d+:\d\d\.\d\] "
     for stage in ("train", "merge", "export", "measure"):
         assert any(re.match(stamp + rf"trial \d+ {stage}: ", line) for line in lines), (stage, text[:3000])
-    trial_lines = [line for line in lines if re.match(stamp + r"trial \d+ \(\d+ of 2 done\)", line)]
+    trial_lines = [line for line in lines if re.match(stamp + r"trial \d+ \((screen|continue|export), \d+ of 2 done\)", line)]
     assert len(trial_lines) == 2, text[:3000]
     for line in trial_lines:
         assert re.search(r"acc \d\.\d{3}  request [\d.]+ ms  feasible", line), line
