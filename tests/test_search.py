@@ -110,12 +110,23 @@ def test_outputs_exist_and_load(tiny_search: Path, tiny_model_dir, tiny_dataset,
     assert report["command"] == "autotune " + shlex.join(expected)
     assert report["trials"]["complete"] == 6
     assert any(m["trial"] == chosen["trial"] for m in report["pareto"])
+    # Chosen under noise: each re-benchmarked candidate against the most accurate one, paired on the same prompts.
+    selection = report["selection"]
+    assert selection["rule"] == "smallest-tied" and "not significantly less accurate" in selection["says"]
+    assert chosen["trial"] in selection["tied"] and chosen["tied"]
+    for member in report["pareto"]:
+        vs = member["vs_most_accurate"]
+        assert vs["n"] == 8 and vs["interval"][0] <= vs["diff"] <= vs["interval"][1] and 0 <= vs["p_value"] <= 1
+        assert member["tied"] == (member["trial"] in selection["tied"])
+    tied = [m for m in report["pareto"] if m["tied"]]
+    assert chosen["size_mb"] <= min(m["size_mb"] for m in tied) * 1.05  # the smallest of the tied
 
     card = (out / "MODEL_CARD.md").read_text()
     low, high = test["interval"]
     assert f"| this model, test split | {test['accuracy']:.3f} (n=8, 95% CI {low:.2f}-{high:.2f}) |" in card
     assert card.count("| baseline: ") == 3 and "| request | " in card and "| time to first token | " in card
     assert report["command"] in card
+    assert "## How it was chosen" in card and "| chosen |" in card and "first label the answer names" in card
 
     rows = (out / "pareto.csv").read_text().splitlines()
     assert rows[0].split(",")[:3] == ["trial", "candidate", "validation_accuracy"]
@@ -388,7 +399,8 @@ def test_progress_log_without_a_terminal(tmp_path: Path, tiny_model_dir, tiny_da
     stamp = r"\[ *\d+:\d\d\.\d\] "
     for stage in ("train", "merge", "export", "measure"):
         assert any(re.match(stamp + rf"trial \d+ {stage}: ", line) for line in lines), (stage, text[:3000])
-    trial_lines = [line for line in lines if re.match(stamp + r"trial \d+ \((screen|continue|export), \d+ of 2 done\)", line)]
+    trial_lines = [line for line in lines
+                   if re.match(stamp + r"trial \d+ \((screen|continue|export), \d+ of 2 done\)", line)]
     assert len(trial_lines) == 2, text[:3000]
     for line in trial_lines:
         assert re.search(r"acc \d\.\d{3}  request [\d.]+ ms  feasible", line), line
