@@ -31,9 +31,8 @@ def _figures(number: int, accuracy: float, latency: float, size: float, memory: 
 
 
 def _key(f):
-    from autotune.search import preference
-
-    return preference(f.accuracy, f.latency_ms, f.size_mb)
+    """A selection rule's order (here the most-accurate one: more accurate, then faster, then smaller)."""
+    return -f.accuracy, f.latency_ms, f.size_mb
 
 
 def _trial(number: int, accuracy: float, latency: float, size: float, rss: float, provider: str = "cpu",
@@ -116,7 +115,11 @@ def test_binding_uses_the_rebenchmarked_figure_and_counts_a_candidate_over_two_b
     assert latency.excluded[0].latency_ms == 120.0  # the figure the selection judged it by
     # A tie in accuracy: the faster candidate is preferred, and the reason says so.
     faster = outcomes(Bounds(max_size_mb=60.0), 1, [_figures(0, 0.6, 10.0, 86.0), chosen], [], key=_key, metric="request")
-    assert faster[0].why == "as accurate and faster"
+    assert faster[0].why == "faster"
+    # Under the smallest-tied rule a smaller candidate, tied in accuracy, can be the one excluded.
+    smaller = outcomes(Bounds(max_latency_ms=50.0), 1, [_figures(0, 0.58, 80.0, 20.0), chosen], [],
+                       key=lambda f: (f.size_mb,), metric="request")
+    assert smaller[0].binds and smaller[0].why == "smaller"
 
 
 def test_unmet_names_each_bound_nothing_met_with_the_closest_figure() -> None:
@@ -189,10 +192,13 @@ def test_notes_state_each_bound_and_which_binds() -> None:
 @pytest.mark.slow
 def test_max_size_excludes_the_larger_precision_and_binds(tmp_path: Path, tiny_search: Path, tiny_model_dir,
                                                           tiny_dataset, tiny_space) -> None:
-    """Resume the finished tiny search with a --max-size just under the size of the model it chose:
-    the same trials, a smaller model chosen, and size reported as the bound that binds."""
+    """Resume the finished tiny search with a --max-size just under the size of the model the most-accurate
+    rule chose: the same trials, a smaller model chosen, and size reported as the bound that binds. (The tiny
+    model's candidates are all tied at chance, so the default rule ships the smallest and no size bound binds.)"""
     out = tmp_path / "out"
     shutil.copytree(tiny_search, out)
+    unbounded = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--select", "most-accurate"))
+    assert unbounded.returncode == 0, unbounded.stderr[-3000:]
     first = json.loads((out / "report.json").read_text())["chosen"]
     trials = {t.number: t for t in complete(load_study(out))}
     smallest = min(t.user_attrs["size_mb"] for t in trials.values())
@@ -200,7 +206,8 @@ def test_max_size_excludes_the_larger_precision_and_binds(tmp_path: Path, tiny_s
         pytest.skip(f"the unbounded choice #{first['trial']} is already the smallest ({smallest:.1f} MB)")
     limit = (first["size_mb"] + max(s for s in (t.user_attrs["size_mb"] for t in trials.values())
                                     if s < first["size_mb"])) / 2
-    proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--max-size", f"{limit:.3f}"))
+    proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--select", "most-accurate",
+                                "--max-size", f"{limit:.3f}"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming with 6 trial(s) done" in proc.stdout + proc.stderr
 
@@ -270,21 +277,3 @@ def test_resume_with_a_looser_max_size_selects(too_small, tiny_model_dir, tiny_d
     member = next(m for m in report["pareto"] if m["trial"] == chosen["trial"])
     assert memory["what"] == member["memory_source"] == "peak RSS"  # on CPU
     assert memory["chosen"] == member["memory_mb"] > 0  # the re-benchmark's peak RSS
-
-
-def test_siblings_skip_a_precision_whose_every_model_broke_the_size_bound():
-    """Under --max-size, an adapter's int8/fp32 siblings are not queued once every measured model at that
-    precision was too big (size follows the precision); int4 always is (its size follows its knobs too)."""
-    import optuna
-
-    from autotune.search import Search, SearchSettings
-    from autotune.space import SearchSpace
-
-    study = optuna.create_study(directions=["maximize", "minimize"])
-    for precision, size in (("int8", 250.0), ("fp32", 500.0), ("fp32", 90.0), ("int4", 300.0)):
-        study.add_trial(optuna.trial.create_trial(
-            values=[0.5, 10.0], user_attrs={"spec": {"export": {"precision": precision}}, "size_mb": size}))
-    space = SearchSpace.from_dict({"precision": ["int4", "int8", "fp32"]})
-    bounded = Search(None, space, "cpu", SearchSettings(max_size_mb=120), study)
-    assert bounded._too_big("int8") and not bounded._too_big("fp32") and not bounded._too_big("int4")
-    assert not Search(None, space, "cpu", SearchSettings(max_latency_ms=50), study)._too_big("int8")
