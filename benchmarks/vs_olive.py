@@ -20,9 +20,10 @@ sensitive than wall to other work on a shared machine); peak RSS is the largest 
 command's whole process tree (sampled every 50 ms), so a stage moved into a child process still counts;
 tokens/s counts the real (unpadded) tokens of the 150 x 8 training examples over the training seconds.
 
-Olive is not a dependency. Its figures below were measured 2026-11-28 by a session on this machine type
+Olive is not a dependency. Its figures below were recorded on 2026-11-28 on 2-core machines of this project
 (Olive 0.13 with onnxruntime-genai 0.14.1, the only genai version its chain ran with; 2 threads; one run after
 the other), from the same HF folder autotune converts SmolLM2 into, and scored on the same 160 test phrases.
+They are printed for context, as recorded, and no ratio is taken to them.
 The issue records the figures but not the session's config file; this reproduces the setup it describes
 (the cookbook's LoRA -> MergeAdapterWeights -> ModelBuilder chain with the issue's hyper-parameters)::
 
@@ -66,14 +67,14 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "emotion" / "train.txt"
 LABEL_MAP = "sadness=Sad,joy=Joy,fear=Fear,surprise=Surprise"
-# Olive 0.13 cookbook workflow, measured 2026-11-28 (issue 13): wall s, peak RSS GiB, train s, int4 accuracy.
+# Olive 0.13's cookbook workflow as recorded on 2026-11-28 (wall s, peak RSS GiB, train s, int4 accuracy). Not
+# measured by this script, and never divided into: a ratio is only honest when both sides ran in one sitting.
 OLIVE = {
-    'Olive 0.13, "join" data (cookbook)': (582, 2.15, 569, 0.356),
-    "Olive 0.13, line-by-line": (366, 2.11, 350, 0.037),
-    # Re-measured by session 4 on an AMD EPYC 2-core machine, right before autotune's 343 s run (config above).
-    'Olive 0.13, "join", max_seq_len 96 (EPYC)': (553, 2.35, 530, 0.338),
-    # Session 5, same host type, right before autotune's 294 s run (Olive's training is not bit-reproducible).
-    'Olive 0.13, "join", max_seq_len 96 (EPYC, s5)': (529, 2.35, 510, 0.281),
+    'Olive 0.13, "join" data (cookbook), Intel Xeon': (582, 2.15, 569, 0.356),
+    "Olive 0.13, line-by-line, Intel Xeon": (366, 2.11, 350, 0.037),
+    'Olive 0.13, "join", max_seq_len 96, AMD EPYC (Zen 4)': (553, 2.35, 530, 0.338),
+    # The same configuration again that afternoon (Olive's training is not bit-reproducible).
+    'Olive 0.13, "join", max_seq_len 96, AMD EPYC (Zen 4), 17:21': (529, 2.35, 510, 0.281),
 }
 
 
@@ -172,7 +173,7 @@ def main() -> None:
           f"seeds {args.seeds}; load after: {os.getloadavg()}")
     print(f"{'':<44}{'wall s':>8}{'peak RSS GiB':>14}{'train s':>9}{'tokens/s':>10}{'int4 accuracy':>15}")
     for name, (wall, peak, train, acc) in OLIVE.items():
-        print(f"{name:<44}{wall:>8}{peak:>14.2f}{train:>9}{'':>10}{acc:>15.3f}   (recorded 2026-11-28)")
+        print(f"{name:<44}{wall:>8}{peak:>14.2f}{train:>9}{'':>10}{acc:>15.3f}   (recorded 2026-11-28, not this run)")
     for name, runs in rows.items():
         mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
         accs = [r["accuracy"]["accuracy"] for r in runs]
