@@ -24,7 +24,7 @@ Olive is not a dependency. Its figures below were recorded on 2026-11-28 on 2-co
 (Olive 0.13 with onnxruntime-genai 0.14.1, the only genai version its chain ran with; 2 threads; one run after
 the other), from the same HF folder autotune converts SmolLM2 into, and scored on the same 160 test phrases.
 They are printed for context, as recorded, and no ratio is taken to them.
-The issue records the figures but not the session's config file; this reproduces the setup it describes
+The figures were recorded without their config file; this reproduces the setup issue 13 describes
 (the cookbook's LoRA -> MergeAdapterWeights -> ModelBuilder chain with the issue's hyper-parameters)::
 
     pip install olive-ai==0.13.* onnxruntime-genai==0.14.1
