@@ -98,12 +98,19 @@ def check_candidate(base: BaseModel, train_device: str, spec: CandidateSpec) -> 
 def check_exportable(base: BaseModel, trust_remote_code: bool = False) -> None:
     """Refuse a model the onnxruntime-genai builder cannot export at all, before any training.
 
+    A model that passed is remembered (by its fingerprint and the builder's and transformers' versions),
+    so a resumed run or another worker does not ask again.
+
     Raises:
         UserError: with the builder's reason (or the known one), and the fix.
     """
-    from onnxruntime_genai.models import builder
+    from autotune.cache import atomic_write_text, cache_root, content_key, library_version, library_versions
 
-    from autotune.cache import library_version
+    passed = cache_root() / "exportable" / content_key(
+        base.fingerprint, trust_remote_code, library_versions("onnxruntime-genai", "transformers"))
+    if passed.is_file():
+        return
+    from onnxruntime_genai.models import builder
 
     with tempfile.TemporaryDirectory(prefix="autotune-probe-") as tmp:
         options = ["config_only=true", f"hf_remote={'true' if trust_remote_code else 'false'}"]
@@ -120,4 +127,5 @@ def check_exportable(base: BaseModel, trust_remote_code: bool = False) -> None:
         if not (Path(tmp) / "genai_config.json").is_file():
             raise UserError(f"--model {base.name}: the onnxruntime-genai builder wrote no config for {base.architecture}; "
                             "choose a model of another family")
+    atomic_write_text(passed, base.architecture)
 
