@@ -43,9 +43,6 @@ class Limit:
     value: object
     reason: str
 
-    def describe(self) -> str:
-        return f"dropped {self.option} {self.value}: {self.reason}"
-
 
 def weight_shapes(base: BaseModel) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in the model's safetensors files (headers only, no weights read)."""
