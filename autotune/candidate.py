@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from autotune import cache, export, train, trajectory
+from autotune import cache, export, tokens, train, trajectory
 from autotune.cache import atomic_dir, atomic_write_text, content_key, file_lock, sweep_partials
 from autotune.data import Splits, instruction_prompt
 from autotune.errors import CandidateError, UserError, check_interrupted, first_line
@@ -126,18 +126,24 @@ class Workspace:
     train_threads: int | None = None  # None: the cores free when each training starts
     trust_remote_code: bool = False
     latency: LatencySettings = field(default_factory=LatencySettings)
-    max_eval: int | None = None  # score on the first N prompts of a split (balanced by the splitter)
+    max_eval: int | None = None  # score on N prompts of a split, its labels balanced (autotune.data.balanced)
     memory_headroom: float = 0.8  # fraction of free RAM / VRAM a candidate may use (from the profile)
-    measure_timeout_s: float = 900.0  # a model that slow to score is a failed candidate, not a hung search
+    # A model that slow to score is a failed candidate, not a hung search; None: from the model's size and the
+    # number of prompts (autotune.measure.timeout_for).
+    measure_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.measure_timeout_s is not None and not self.measure_timeout_s > 0:
+            raise UserError(f"--measure-timeout must be a positive number of seconds, got {self.measure_timeout_s:g}")
         self.root.mkdir(parents=True, exist_ok=True)
         sweep_partials(self.root)  # half-written artifacts of a killed run are never trusted
         self._prompts: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+        self._label_ids: dict[tuple[str, str], list[list[list[int]]]] = {}
+        self._tokenizer = None
 
     def train_key(self, spec: TrainSpec) -> str:
         libraries = ADAPTER_LIBRARIES + (("bitsandbytes",) if spec.method == "qlora" else ())
-        code = (cache.SCHEMA_VERSION, train.CODE_VERSION, cache.library_versions(*libraries))
+        code = (cache.SCHEMA_VERSION, train.CODE_VERSION, tokens.CODE_VERSION, cache.library_versions(*libraries))
         return content_key("adapter", code, self.base.fingerprint, self.splits.fingerprint, spec, self.train_device,
                            self.train_dtype)
 
@@ -145,7 +151,7 @@ class Workspace:
         """Where the stable-phase checkpoints of ``spec``'s adapter at any length live (:mod:`autotune.trajectory`):
         the adapter's key without its steps."""
         libraries = ADAPTER_LIBRARIES + (("bitsandbytes",) if spec.method == "qlora" else ())
-        code = (cache.SCHEMA_VERSION, train.CODE_VERSION, cache.library_versions(*libraries))
+        code = (cache.SCHEMA_VERSION, train.CODE_VERSION, tokens.CODE_VERSION, cache.library_versions(*libraries))
         lengthless = {k: v for k, v in asdict(spec).items() if k != "steps"}
         key = content_key("trajectory", code, self.base.fingerprint, self.splits.fingerprint, lengthless,
                           self.train_device, self.train_dtype)
@@ -153,7 +159,8 @@ class Workspace:
 
     def export_key(self, spec: CandidateSpec) -> str:
         source = self.train_key(spec.train) if spec.train else f"base:{self.base.fingerprint}"
-        code = (cache.SCHEMA_VERSION, export.CODE_VERSION, cache.library_versions(*EXPORT_LIBRARIES))
+        # tokens: a calibrated export is fitted to tokenized training examples.
+        code = (cache.SCHEMA_VERSION, export.CODE_VERSION, tokens.CODE_VERSION, cache.library_versions(*EXPORT_LIBRARIES))
         return content_key("model", code, source, spec.export.normalized())
 
     def adapter_dir(self, spec: TrainSpec) -> Path:
@@ -167,10 +174,16 @@ class Workspace:
 
     def calibration_samples(self) -> list[list[int]]:
         """What a calibrated int4 export is fitted to (:func:`autotune.train.calibration_samples`)."""
-        return train.calibration_samples(self.splits, train.load_tokenizer(self.base, self.trust_remote_code))
+        return train.calibration_samples(self.splits, self.tokenizer())
+
+    def tokenizer(self):
+        """The base model's tokenizer (:func:`autotune.train.load_tokenizer`), loaded once."""
+        if self._tokenizer is None:
+            self._tokenizer = train.load_tokenizer(self.base, self.trust_remote_code)
+        return self._tokenizer
 
     def prompts(self, split: str, style: str = "template") -> tuple[list[str], list[str]]:
-        """Rendered prompts and true labels of a split, first ``max_eval`` (cached: the tokenizer loads once).
+        """Rendered prompts and true labels of a split, ``max_eval`` of them with the labels balanced (cached).
 
         ``style="template"``: the data template (chat template applied if asked), what candidates
         are trained on; ``"instruction"``: an instruction naming the labels, in the model's chat
@@ -179,14 +192,23 @@ class Workspace:
         if (split, style) not in self._prompts:
             tokenizer = None
             if self.splits.config.chat_template or style == "instruction":
-                tokenizer = train.load_tokenizer(self.base, self.trust_remote_code)
+                tokenizer = self.tokenizer()
             if style == "instruction":
-                examples = list(getattr(self.splits, split))[: self.max_eval]
+                examples = self.splits.examples(split, self.max_eval)
                 rendered = [instruction_prompt(e.prompt, self.splits.labels, tokenizer) for e in examples]
                 self._prompts[split, style] = (rendered, [e.label for e in examples])
             else:
                 self._prompts[split, style] = self.splits.prompts(split, tokenizer, self.max_eval)
         return self._prompts[split, style]
+
+    def label_ids(self, split: str, style: str = "template") -> list[list[list[int]]]:
+        """Per prompt of :meth:`prompts`, the ids of each label as it follows that prompt (cached): what a right
+        answer is generated as, and what answers restricted to the labels score (:func:`autotune.tokens.label_ids`)."""
+        if (split, style) not in self._label_ids:
+            tokenizer = self.tokenizer()
+            self._label_ids[split, style] = [[tokens.label_ids(tokenizer, prompt, label) for label in self.splits.labels]
+                                             for prompt in self.prompts(split, style)[0]]
+        return self._label_ids[split, style]
 
 
 def run_candidate(
@@ -341,15 +363,16 @@ def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, 
 def _measure_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, split: str, with_latency: bool,
                     prompt_style: str = "template", restrict_to_labels: bool = False):
     prompts, answers = ws.prompts(split, prompt_style)
+    label_ids = ws.label_ids(split, prompt_style)
     latency = ws.latency if with_latency else None
     provider = spec.export.execution_provider
     threads = ws.threads or 1
     key = content_key("measure", cache.SCHEMA_VERSION, MEASURE_VERSION, cache.library_versions(*MEASURE_LIBRARIES),
-                      ws.export_key(spec), prompts, answers, latency, provider, threads, restrict_to_labels)
+                      ws.export_key(spec), prompts, answers, label_ids, latency, provider, threads, restrict_to_labels)
     path = ws.root / "measurements" / f"{key}.json"
     if path.is_file():  # scored again from the stored raw answers: a changed scoring rule applies at once
         return Measurement.from_dict(json.loads(path.read_text()), answers, ws.splits.labels), True
     result = measure(model_dir, prompts, answers, ws.splits.labels, provider=provider, threads=threads, latency=latency,
-                     restrict_to_labels=restrict_to_labels, timeout_s=ws.measure_timeout_s)
+                     restrict_to_labels=restrict_to_labels, label_ids=label_ids, timeout_s=ws.measure_timeout_s)
     atomic_write_text(path, json.dumps(result.to_dict(), indent=1))
     return result, False

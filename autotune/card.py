@@ -244,7 +244,9 @@ def model_card(report: dict) -> str:
               "", "## Versions", "", ", ".join(f"{k} {v}" for k, v in report["versions"].items()), "",
               "## Reproduce", "", "```", report["command"], "```", "",
               "## Use", "", "```python", "import onnxruntime_genai as og",
-              "model = og.Model('best')  # this folder", "tokenizer = og.Tokenizer(model)", "```", ""]
+              "model = og.Model('best')  # this folder", "tokenizer = og.Tokenizer(model)",
+              "tokenizer.update_options(add_special_tokens='true')  # the BOS it was trained with, where it has one",
+              "```", ""]
     if report["trials"]["failed"]:
         lines += ["## Failed candidates", ""] + [f"- #{f['number']} {f['candidate']}: {f['reason']}" for f in report["trials"]["failed"]] + [""]
     return "\n".join(lines)

@@ -72,6 +72,7 @@ def _hardware(target: str, name: str | None = None):
 
 def _workspace(args, out: Path, profile, root: Path | None = None):
     from autotune.candidate import Workspace
+    from autotune.capabilities import check_exportable
     from autotune.data import load_splits
     from autotune.export import check_export_memory
     from autotune.hardware import choose_threads
@@ -80,6 +81,7 @@ def _workspace(args, out: Path, profile, root: Path | None = None):
     splits = load_splits(_data_config(args))  # cheap and most likely to be wrong: check first
     base = resolve_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     check_export_memory(base, profile.memory_headroom)  # a model that cannot fit is refused before any work
+    check_exportable(base, args.trust_remote_code)  # and one the builder cannot export at all
     ws = Workspace(
         root=root or out / "cache",
         base=base,
@@ -91,6 +93,7 @@ def _workspace(args, out: Path, profile, root: Path | None = None):
         trust_remote_code=args.trust_remote_code,
         max_eval=args.max_eval,
         memory_headroom=profile.memory_headroom,
+        measure_timeout_s=getattr(args, "measure_timeout", None),
     )
     ws.prompts("validation")  # renders the chat template now: a model without one is bad input, not a failed trial
     return ws
@@ -101,6 +104,7 @@ def _workspace(args, out: Path, profile, root: Path | None = None):
 
 def cmd_candidate(args) -> int:
     from autotune.candidate import CandidateSpec, run_candidate
+    from autotune.capabilities import check_candidate
     from autotune.export import ExportSpec
     from autotune.live import console, stage_view
     from autotune.card import candidate_table
@@ -126,9 +130,10 @@ def cmd_candidate(args) -> int:
     if args.json:  # stdout carries the JSON record only
         console.file = sys.stderr
     ws = _workspace(args, out, profile)
+    spec = CandidateSpec(train, export)
+    check_candidate(ws.base, profile.train_device, spec)  # refused now rather than after training
     console.print(f"[bold]data[/] {ws.splits.summary()}   [bold]model[/] {ws.base.name} ({ws.base.architecture})   "
                   f"[bold]profile[/] {profile.name}, {ws.threads} thread(s)")
-    spec = CandidateSpec(train, export)
     floors = []
     with stage_view() as progress:
         progress.start_candidate(spec.describe())
@@ -162,7 +167,7 @@ def cmd_profile(args) -> int:
 
 # Flags about this process and machine. Every other flag of the search is the study's: recorded when
 # the study is created, and taken from it by a worker or `select` (a worker's own --trials overrides).
-LOCAL_FLAGS = ("storage", "study", "output", "artifacts", "threads", "per_profile")
+LOCAL_FLAGS = ("storage", "study", "output", "artifacts", "threads", "per_profile", "measure_timeout")
 
 
 def study_config(args: argparse.Namespace) -> dict:
@@ -193,6 +198,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
     import yaml
 
     from autotune import card, report
+    from autotune.capabilities import limits
     from autotune.models import model_shape
     from autotune.profile_choice import qlora_enabled
     from autotune.search import SearchSettings, hardware_identity, open_study
@@ -215,8 +221,10 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
     artifacts = Path(args.artifacts).expanduser() if getattr(args, "artifacts", None) else out / "cache"
     ws = _workspace(args, out, profile, artifacts)
     shape = model_shape(ws.base)
+    cannot = limits(ws.base, profile.train_device)  # what this model cannot take: dropped, each with a note
     space = space.restrict(profile.precisions, qlora_enabled(profile, info), profile.execution_provider,
-                           widths=(shape.hidden, shape.intermediate))
+                           widths=(shape.hidden, shape.intermediate),
+                           drop=[(limit.option, limit.value, limit.reason) for limit in cannot])
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     config = {**study_config(args), "space_text": space_text}
     attrs = {"model": ws.base.name, "data": ws.splits.summary(), "data_fingerprint": ws.splits.fingerprint,

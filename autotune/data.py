@@ -22,11 +22,13 @@ import json
 import random
 import string
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from autotune.errors import UserError
+from autotune.tokens import without_bos
 
 DEFAULT_TEMPLATE = "### Text: {text}\n### The tone is:\n{label}"
 DEMO_DATASET = "demo"
@@ -80,24 +82,49 @@ class Splits:
             f"labels {', '.join(self.labels)}"
         )
 
+    def examples(self, split: str, limit: int | None = None) -> list[Example]:
+        """The examples of ``split``, or ``limit`` of them with the labels balanced (:func:`balanced`)."""
+        return balanced(getattr(self, split), limit)
+
     def prompts(self, split: str, tokenizer=None, limit: int | None = None) -> tuple[list[str], list[str]]:
-        """Rendered prompts and true labels of the first ``limit`` examples of ``split``.
+        """Rendered prompts and true labels of :meth:`examples` ``(split, limit)``.
 
         ``tokenizer`` is needed only with ``config.chat_template`` (it holds the template).
         """
-        examples = list(getattr(self, split))[:limit]
+        examples = self.examples(split, limit)
         rendered = [render_prompt(e.prompt, tokenizer, self.config.chat_template) for e in examples]
         return rendered, [e.label for e in examples]
 
 
+def balanced(examples: Sequence[Example], limit: int | None) -> list[Example]:
+    """``limit`` of ``examples`` (all if None), as evenly spread over the labels as they allow: one of each
+    label in turn, each label's examples taken in their order, until ``limit``; in the examples' order."""
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    by_label: dict[str, list[int]] = {}
+    for index, example in enumerate(examples):
+        by_label.setdefault(example.label, []).append(index)
+    queues = [iter(indices) for _, indices in sorted(by_label.items())]
+    chosen: set[int] = set()
+    while len(chosen) < limit:
+        for queue in queues:
+            index = next(queue, None)
+            if index is not None and len(chosen) < limit:
+                chosen.add(index)
+    return [examples[i] for i in sorted(chosen)]
+
+
 def render_prompt(prompt: str, tokenizer, chat_template: bool) -> str:
-    """The exact text the model sees before its answer (shared by training and measuring)."""
+    """The exact text the model sees before its answer (shared by training and measuring).
+
+    A chat template's BOS is left to the tokenizer where it adds one (:func:`autotune.tokens.without_bos`).
+    """
     if not chat_template:
         return prompt
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("--chat-template: this model's tokenizer has no chat template; drop the flag")
     messages = [{"role": "user", "content": prompt.rstrip()}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return without_bos(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), tokenizer)
 
 
 def load_splits(config: DataConfig) -> Splits:
@@ -262,7 +289,7 @@ def _split(examples: list[Example], config: DataConfig, where: str) -> Splits:
         test += group[:n_test]
         validation += group[n_test : n_test + n_val]
         train += group[n_test + n_val :]
-    # Interleave labels so a truncated validation set stays balanced.
+    # Orders independent of the file's; a split cut to --max-eval prompts keeps its labels balanced (balanced()).
     rng.shuffle(train)
     validation.sort(key=lambda e: hashlib.sha256(e.prompt.encode()).hexdigest())
     test.sort(key=lambda e: hashlib.sha256(e.prompt.encode()).hexdigest())
@@ -308,4 +335,5 @@ def instruction_prompt(prompt: str, labels: tuple[str, ...] | list[str], tokeniz
     if not getattr(tokenizer, "chat_template", None) or not body:
         return f"{instruction}\n\n{prompt}"
     messages = [{"role": "user", "content": f"{instruction}\n\n{body}"}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + cue.lstrip("# ")
+    chat = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return without_bos(chat, tokenizer) + cue.lstrip("# ")

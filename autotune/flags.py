@@ -22,7 +22,7 @@ def _add_model_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chat-template", action="store_true", help="wrap each prompt in the model's chat template")
     g.add_argument("--label-map", help="rename and select labels, e.g. sadness=Sad,joy=Joy (unmapped labels are dropped)")
     g.add_argument("--max-per-label", type=int, help="use at most N rows per label")
-    g.add_argument("--max-eval", type=int, help="score on at most N prompts of each split (default: all)")
+    g.add_argument("--max-eval", type=int, help="score on at most N prompts of each split, the labels balanced (default: all)")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/validation/test split (default: 0)")
     s = p.add_argument_group("hardware and safety")
     s.add_argument("--target", default="auto", metavar="{auto,cpu,cuda,dml}",
@@ -31,6 +31,8 @@ def _add_model_data_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--profile", help="a hardware profile by name, e.g. cpu for fp32 training on a CPU that "
                    "cpu-bf16 would get (default: the best that runs here; `autotune profile` shows it)")
     s.add_argument("--threads", type=int, help="CPU threads for training and measuring (default: the cores free now)")
+    s.add_argument("--measure-timeout", type=float, help="stop measuring a candidate after this many seconds (default: "
+                   "from the exported model's size and the number of prompts)")
     s.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help=f"output folder (default: {DEFAULT_OUTPUT})")
     s.add_argument("--trust-remote-code", action="store_true", help="allow a model's own Python code to run (off by default)")
     s.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (off by default: safetensors only)")

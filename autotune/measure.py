@@ -34,7 +34,10 @@ from autotune.errors import CandidateError
 
 # Bump when the child's generation, stop rule, label scoring or timing changes: it is part of
 # the measurement cache key. A change in normalize_answer/score needs no bump (answers are re-scored on load).
-MEASURE_VERSION = 3  # 3: each request also scores every label teacher-forced (label_logprobs)
+# 3: each request also scores every label teacher-forced (label_logprobs). 4: prompts are encoded with the
+# tokenizer's special tokens (the BOS training saw), labels are scored as the ids they follow the prompt with, and a
+# sliding-window model's KV cache holds its window.
+MEASURE_VERSION = 4
 # --latency-metric -> the Latency field it optimises and bounds (--max-latency).
 LATENCY_METRICS = {"request": "request_p50_ms", "ttft": "ttft_p50_ms", "token": "token_p50_ms"}
 Z_95 = 1.959964  # two-sided 95% normal quantile
@@ -181,6 +184,7 @@ def measure(
     latency: LatencySettings | None = LatencySettings(),
     restrict_to_labels: bool = False,
     score_labels: bool = True,
+    label_ids: Sequence[Sequence[Sequence[int]]] | None = None,
     timeout_s: float | None = None,
 ) -> Measurement:
     """Score ``prompts`` against ``answers``, timing each request, in a fresh process.
@@ -198,6 +202,10 @@ def measure(
             the model scores highest after the prompt (teacher-forced total log-prob).
         score_labels: after each timed request, also score every label teacher-forced
             (:attr:`Request.label_logprobs`; not timed).
+        label_ids: per prompt, the ids of each label as it follows that prompt
+            (:func:`autotune.tokens.label_ids`): what restricted answers and label scores score, and what
+            sizes the answer budget. ``None``: each label as the runtime's tokenizer encodes it alone.
+        timeout_s: a child still running after this is stopped; ``None``: :func:`timeout_for`.
 
     Raises:
         CandidateError: the runtime could not load or run the model.
@@ -211,7 +219,11 @@ def measure(
         "warmup": latency.warmup if latency and prompts else 0,
         "restrict_to_labels": restrict_to_labels,
         "score_labels": score_labels,
+        "label_ids": None if label_ids is None else [[list(map(int, ids)) for ids in row] for row in label_ids],
     }
+    if timeout_s is None:
+        labels_scored = len(labels) if restrict_to_labels or score_labels else 0
+        timeout_s = timeout_for(model_dir, len(prompts) + request["warmup"], labels_scored)
     raw = run_child(request, timeout_s)
     requests = tuple(Request(r["answer"], r["prompt_tokens"], r["request_s"] * 1000, r["ttft_s"] * 1000,
                              tuple(t * 1000 for t in r["step_s"]), tuple(r.get("label_logprobs", ())))
@@ -228,6 +240,24 @@ def measure(
         provider=provider,
         requests=requests,
     )
+
+
+# The measuring child's time limit, scaled from what it measured for SmolLM2-135M (2026-12-03, 1 thread, the 2-core
+# machine at load 4): int4 (86 MB) loaded in 0.8 s, requests 0.22 s median, 0.26 s slowest of 16; fp32 (519 MB)
+# 4.5 s, 0.32 s, 0.39 s. The limit allows 6-16x that: a hung runtime is stopped, a slow machine is not.
+TIMEOUT_FIXED_S = 60.0
+TIMEOUT_LOAD_S_PER_MB = 0.05
+TIMEOUT_REQUEST_S = 1.0
+TIMEOUT_REQUEST_S_PER_MB = 0.01
+
+
+def timeout_for(model_dir: Path, requests: int, labels_scored: int = 0) -> float:
+    """Seconds the measuring child may take: load the model, then ``requests`` requests (each scoring
+    ``labels_scored`` labels on top when answers are restricted to the labels), all scaled by the model's
+    size on disk, which is what each decode step reads."""
+    mb = folder_size(model_dir) / 2**20
+    per_request = (TIMEOUT_REQUEST_S + TIMEOUT_REQUEST_S_PER_MB * mb) * (1 + labels_scored)
+    return TIMEOUT_FIXED_S + TIMEOUT_LOAD_S_PER_MB * mb + requests * per_request
 
 
 def run_child(request: dict, timeout_s: float | None = None) -> dict:
@@ -380,23 +410,26 @@ def _child(request: dict) -> dict:
     model = og.Model(config)
     tokenizer = og.Tokenizer(model)
     labels = request["labels"]
-    label_ids = [[int(t) for t in tokenizer.encode(label)] for label in labels]
-    max_new = request.get("max_new_tokens") or max(map(len, label_ids)) + 3  # a label, punctuation, end token
+    alone = [[int(t) for t in tokenizer.encode(label)] for label in labels]  # before the BOS is switched on
+    label_ids = request.get("label_ids") or [alone] * len(request["prompts"])
+    tokenizer.update_options(add_special_tokens="true")  # the BOS training put in front, where the model has one
+    max_new = request.get("max_new_tokens") or max(len(ids) for row in label_ids for ids in row) + 3  # label, punctuation, end
     stop_at_newline = request.get("stop_at_newline", True)
+    kv_floor = _kv_cache_floor(Path(request["model_dir"]))
 
-    def run(prompt: str) -> tuple[dict, list[int]]:
+    def run(prompt: str, index: int) -> tuple[dict, list[int]]:
         """One request, timed as an app runs it: tokenize, prefill, generate to the stop, decode."""
         t0 = time.perf_counter()
         ids = tokenizer.encode(prompt)
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + max_new)
+        params.set_search_options(do_sample=False, max_length=max(len(ids) + max_new, kv_floor))
         generator = og.Generator(model, params)
         generator.append_tokens(ids)  # prefill
         tokens: list[int] = []
         steps: list[float] = []
         scores: list[float] = []
         if request["restrict_to_labels"]:
-            scores = _label_scores(generator, len(ids), label_ids)
+            scores = _label_scores(generator, len(ids), label_ids[index])
             answer = labels[max(range(len(labels)), key=scores.__getitem__)]
             ttft = time.perf_counter() - t0
         else:
@@ -416,7 +449,7 @@ def _child(request: dict) -> dict:
         if request.get("score_labels") and not scores:  # after the clock stops: not part of the request
             generator.rewind_to(len(ids) - 1)  # recompute the prompt's last position: its logits
             generator.append_tokens(ids[-1:])
-            scores = _label_scores(generator, len(ids), label_ids)
+            scores = _label_scores(generator, len(ids), label_ids[index])
         if scores:
             timing["label_logprobs"] = [float(v) for v in scores]
         return timing, tokens
@@ -424,11 +457,11 @@ def _child(request: dict) -> dict:
     loaded = time.perf_counter()
     gpu_peak = [_gpu_memory_mb()] if request["provider"] == "cuda" else None
     for _ in range(request["warmup"]):  # first requests pay one-off allocations; they are not timed
-        run(request["prompts"][0])
+        run(request["prompts"][0], 0)
     warm = time.perf_counter()
     requests, token_ids = [], []
-    for prompt in request["prompts"]:
-        timing, tokens = run(prompt)
+    for index, prompt in enumerate(request["prompts"]):
+        timing, tokens = run(prompt, index)
         requests.append(timing)
         token_ids.append(tokens)
     if gpu_peak is not None:
@@ -441,6 +474,15 @@ def _child(request: dict) -> dict:
         "seconds": time.perf_counter() - start,
         "stage_seconds": {"load": loaded - start, "warmup": warm - loaded, "requests": time.perf_counter() - warm},
     }
+
+
+def _kv_cache_floor(model_dir: Path) -> int:
+    """The shortest ``max_length`` the model's KV cache may have: a sliding-window model's (Gemma 2/3) local
+    layers keep a cache of their window, which onnxruntime-genai refuses to make smaller ("KV cache capacity
+    must be at least local_window_size"), within the model's context; 0 for full attention."""
+    config = json.loads((model_dir / "genai_config.json").read_text())
+    window = int(config["model"]["decoder"].get("sliding_window", {}).get("window_size", 0))
+    return min(window, int(config["search"].get("max_length") or window))
 
 
 def _label_scores(generator, prompt_length: int, label_ids: list[list[int]]) -> list[float]:

@@ -38,6 +38,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
     "GraniteForCausalLM",
     "OlmoForCausalLM",
     "SmolLM3ForCausalLM",

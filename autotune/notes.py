@@ -40,7 +40,8 @@ FIXES = (
                    "remove them from the search space"),
     (("could not run the model",), "this precision does not run with this execution provider here; remove it from "
                                    "`precision` in the search space"),
-    (("longer than",), "score fewer prompts (`--max-eval`) or drop the slowest precisions from the search space"),
+    (("longer than",), "score fewer prompts (`--max-eval`), give measuring more time (`--measure-timeout`) or drop "
+                       "the slowest precisions from the search space"),
 )
 
 

@@ -47,8 +47,14 @@ if TYPE_CHECKING:
 
 # MatMulNBits and GatherBlockQuantized take power-of-two blocks from 16 up.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-# Llama-style Linear names (separate q/k/v and gate/up), which the builder's quantized-checkpoint loaders map one to one.
-_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+# The decoder Linears a pre-quantized checkpoint can hold: Llama-style ones (separate q/k/v and gate/up), which the
+# builder's quantized-checkpoint loaders map one to one, and Phi-3's fused qkv_proj and gate_up_proj.
+_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.([qkvo]|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)$")
+# A fused Linear is written as its parts (rows of the fused weight, in this order): an int4 row depends on that row
+# only, so the parts ship exactly the fused weight's int4. (Written fused, the builder 0.18 loaders' split of the
+# Olive layout cuts the packed zero points at half the right row.)
+_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 _EMBED, _HEAD = "model.embed_tokens", "lm_head"
 
 
@@ -243,7 +249,7 @@ def write_prequantized(merged_dir: Path, out_dir: Path, weights: dict[str, Quant
     Raises:
         UserError: a name that is not a supported Linear layer, a shape or block size that
             does not match, a non-8 zero point on a symmetric grid, an already quantized or
-            unsupported (fused, non-Llama-style) checkpoint.
+            unsupported (neither Llama- nor Phi-3-style) checkpoint.
     """
     import torch
     from safetensors.torch import load_file, save_file
@@ -264,10 +270,10 @@ def write_prequantized(merged_dir: Path, out_dir: Path, weights: dict[str, Quant
         raise UserError(f"{merged_dir} has no lm_head.weight but its config does not tie embeddings")
 
     linears = [name[: -len(".weight")] for name in tensors if name.endswith(".weight") and _LINEAR.match(name[: -len(".weight")])]
-    unsupported = [name for name, t in tensors.items()
-                   if t.dim() == 2 and name.removesuffix(".weight") not in (*linears, _EMBED, _HEAD)]
+    unsupported = no_int4_layout({name: tuple(t.shape) for name, t in tensors.items()})
     if unsupported:
-        raise UserError(f"write_prequantized handles Llama-style checkpoints only; no int4 layout for {', '.join(unsupported[:3])}")
+        raise UserError(f"write_prequantized handles Llama- and Phi-3-style checkpoints only; no int4 layout for "
+                        f"{', '.join(unsupported[:3])}")
     unknown = sorted(set(weights) - set(linears) - {_EMBED, _HEAD})
     if unknown:
         raise UserError(f"no Linear layer named {', '.join(unknown[:3])} in {merged_dir}")
@@ -287,7 +293,7 @@ def write_prequantized(merged_dir: Path, out_dir: Path, weights: dict[str, Quant
         chosen[name] = given
 
     out = {name: t.contiguous() for name, t in tensors.items()}
-    for name, qw in chosen.items():
+    for name, qw in _unfused(chosen, config).items():
         q, scales, zeros = qw.q.cpu(), qw.scales.detach().float().cpu(), qw.zero_points.cpu()
         if tied:
             # quant_auto: q unpacked [out, in]; scales and zeros [out * blocks, 1], output-major.
@@ -313,6 +319,37 @@ def write_prequantized(merged_dir: Path, out_dir: Path, weights: dict[str, Quant
         if extra.is_file() and extra.name != "config.json" and not extra.name.endswith((".safetensors", ".safetensors.index.json", ".bin")):
             shutil.copy2(extra, out_dir / extra.name)
     return out_dir
+
+
+def no_int4_layout(shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The matrices among a checkpoint's tensors (name -> shape) that :func:`write_prequantized` has no int4
+    layout for: neither a decoder Linear it knows nor the embedding or LM head. Empty: it can write them all."""
+    known = {_EMBED, _HEAD}
+    return [name for name, shape in shapes.items()
+            if len(shape) == 2 and name.removesuffix(".weight") not in known and not _LINEAR.match(name.removesuffix(".weight"))]
+
+
+def _unfused(weights: dict[str, QuantizedWeight], config: dict) -> dict[str, QuantizedWeight]:
+    """``weights`` with each fused Linear replaced by its parts, under the parts' names (row slices)."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rows = {"self_attn.qkv_proj": (heads * head_dim, *[(config.get("num_key_value_heads") or heads) * head_dim] * 2)}
+    result = {}
+    for name, qw in weights.items():
+        prefix, _, kind = name.partition(".layers.")
+        layer, _, linear = kind.partition(".")
+        if linear not in _FUSED:
+            result[name] = qw
+            continue
+        sizes = rows.get(linear) or (qw.q.shape[0] // 2,) * 2  # gate_up_proj: gate, then up, equal halves
+        if sum(sizes) != qw.q.shape[0]:
+            raise UserError(f"{name} has {qw.q.shape[0]} rows, not the {' + '.join(map(str, sizes))} its config implies")
+        first = 0
+        for part, size in zip(_FUSED[linear], sizes):
+            cut = slice(first, first + size)
+            result[f"{prefix}.layers.{layer}.{part}"] = QuantizedWeight(qw.q[cut], qw.scales[cut], qw.zero_points[cut])
+            first += size
+    return result
 
 
 # ---------------------------------------------------------------------- calibrated int4 (GPTQ)

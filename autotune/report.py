@@ -65,6 +65,7 @@ def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: 
     settings = LatencySettings(warmup=1, sample=ws.latency.sample, rounds=ws.latency.rounds)
     prompts, answers = benchmark_sample(*ws.prompts("validation"), settings.sample)
     specs = {t.number: CandidateSpec.from_dict(t.user_attrs["spec"]) for t in members}
+    label_ids = dict(zip(ws.prompts("validation")[0], ws.label_ids("validation")))  # as the trials measured them
     for t in members:  # an earlier selection under other bounds may have pruned its folder: export it again
         if not (ws.model_dir(specs[t.number]) / "genai_config.json").is_file():
             run_candidate(ws, specs[t.number])
@@ -74,7 +75,8 @@ def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: 
         for t in members:
             spec = specs[t.number]
             timed = measure(ws.model_dir(spec), prompts, answers, ws.splits.labels, provider=spec.export.execution_provider,
-                            threads=ws.threads or 1, latency=settings, timeout_s=ws.measure_timeout_s)
+                            threads=ws.threads or 1, latency=settings, label_ids=[label_ids[p] for p in prompts],
+                            timeout_s=ws.measure_timeout_s)
             rounds[t.number].append(timed.latency)
             peaks[t.number].append((timed.peak_rss_mb, timed.gpu_memory_mb))
     result = []

@@ -33,6 +33,7 @@ quantized precisions so invalid combinations are never sampled.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -190,11 +191,12 @@ class SearchSpace:
     # ------------------------------------------------------------------ hardware
 
     def restrict(self, precisions: tuple[str, ...], qlora: bool, execution_provider: str,
-                 widths: tuple[int, ...] = ()) -> "SearchSpace":
+                 widths: tuple[int, ...] = (), drop: Sequence[tuple[str, Any, str]] = ()) -> "SearchSpace":
         """Only what the profile can run, block sizes that divide the model's ``widths`` (hidden and
-        MLP sizes: the builder quantizes along them), and learning rates that can learn within the
-        first rung (``min_lr_steps``). Raises if nothing is left of a choice; :attr:`notes` says
-        what was dropped and why."""
+        MLP sizes: the builder quantizes along them), learning rates that can learn within the
+        first rung (``min_lr_steps``), and none of the ``drop`` values, each ``(option, value, why)``
+        (what the model cannot take: :func:`autotune.capabilities.limits`). Raises if nothing is left
+        of a choice; :attr:`notes` says what was dropped and why."""
         where = self.source or "search space"
         notes = list(self.notes)
         blocks = [b for b in _values(self.block_size) if all(w % b == 0 for w in widths)]
@@ -224,6 +226,14 @@ class SearchSpace:
             changes["int4_method"] = Choice(("rtn",))
         if execution_provider != "cpu":
             changes["accuracy_level"] = Choice((0,))  # a CPU kernel setting; others use their default
+        for option, value, why in drop:
+            values = _values(changes.get(option, getattr(self, option)))
+            kept = tuple(v for v in values if v != value)
+            if not kept:
+                raise UserError(f"{where}: {option} offers only {value!r}, which this model cannot take ({why})")
+            if len(kept) < len(values):
+                changes[option] = Choice(kept)
+                notes.append(f"{option} {value} dropped: {why}")
         lr = self.learning_rate
         if self.min_lr_steps and _low(lr) * self.rungs[0] < self.min_lr_steps:
             low = self.min_lr_steps / self.rungs[0]

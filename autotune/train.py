@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from autotune import trajectory
+from autotune import tokens, trajectory
 from autotune.data import Example, Splits, render_prompt
 from autotune.errors import UserError
 from autotune.gradients import accumulate_gradients
@@ -176,17 +176,15 @@ class TrainResult:
 def load_tokenizer(base: BaseModel, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+    tokenizer = tokens.for_runtime(AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def encode_example(example: Example, tokenizer, chat_template: bool) -> tuple[list[int], list[int]]:
-    """(input ids, labels) with the prompt masked out of the loss by -100."""
-    prompt_ids = tokenizer(render_prompt(example.prompt, tokenizer, chat_template), add_special_tokens=True)["input_ids"]
-    answer_ids = tokenizer(example.label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+    """(input ids, labels) with the prompt masked out of the loss by -100 (:func:`autotune.tokens.encode`)."""
+    return tokens.encode(tokenizer, render_prompt(example.prompt, tokenizer, chat_template), example.label)
 
 
 def calibration_samples(splits: Splits, tokenizer) -> list[list[int]]:

@@ -29,12 +29,11 @@ def _isolated_cache(tmp_path_factory):
 def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """Save a random Llama (safetensors) with SmolLM2's tokenizer into ``folder``."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from autotune.models import _demo_gguf_path
+    from families import smollm2_tokenizer
 
-    gguf = _demo_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = smollm2_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -57,6 +56,23 @@ def build_tiny_model(folder: Path, *, hidden: int = 64, layers: int = 2, seed: i
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """``family_model(family, tokenizer_style=None)``: the folder of a tiny random model of that family
+    (tests/families.py), built on first use and shared by every test of the session."""
+    from families import build_family_model
+
+    built: dict[tuple[str, str | None], Path] = {}
+
+    def get(family: str, tokenizer_style: str | None = None) -> Path:
+        if (family, tokenizer_style) not in built:
+            folder = tmp_path_factory.mktemp(f"{family}-{tokenizer_style or 'smollm2'}")
+            built[family, tokenizer_style] = build_family_model(folder, family, tokenizer_style=tokenizer_style)
+        return built[family, tokenizer_style]
+
+    return get
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -156,6 +156,25 @@ def test_split_independent_of_file_order(tmp_path):
     assert (a.train, a.validation, a.test) == (b.train, b.validation, b.test)
 
 
+def test_max_eval_keeps_the_labels_balanced(tmp_path):
+    """--max-eval's prompts: as many of each label as the split allows, in the split's own order."""
+    from autotune.data import Example, balanced
+
+    rows = _rows(n_per_label=25) + [{"text": f"rare {i}", "label": "Rare"} for i in range(5)]
+    splits = load_splits(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", rows))))
+    for limit, most in ((5, 1), (8, 2), (13, 3)):  # the split holds one Rare: the other labels share the rest
+        chosen = splits.examples("validation", limit)
+        counts = Counter(e.label for e in chosen)
+        assert len(chosen) == limit and counts["Rare"] == 1 and max(counts.values()) == most
+        assert max(counts.values()) - min(n for label, n in counts.items() if label != "Rare") <= 1
+        assert chosen == [e for e in splits.validation if e in chosen]  # the split's order
+    prompts, answers = splits.prompts("validation", limit=8)
+    assert Counter(answers) == Counter(e.label for e in splits.examples("validation", 8))
+    assert splits.examples("validation") == list(splits.validation)
+    few = [Example(f"p{i}", "A") for i in range(6)] + [Example("q", "B")]  # B runs out: A fills the rest
+    assert Counter(e.label for e in balanced(few, 5)) == {"A": 4, "B": 1}
+
+
 def test_max_per_label(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", _rows(n_per_label=20))
     splits = load_splits(DataConfig(path=str(path), max_per_label=10))

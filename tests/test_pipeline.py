@@ -305,6 +305,21 @@ def test_accuracy_describe():
     assert acc.to_dict()["interval"] == pytest.approx([0.3006, 0.9544], abs=1e-4)
 
 
+def test_measuring_time_limit_follows_the_model_size_and_the_prompts(exports, splits, base, tmp_path):
+    from autotune.errors import CandidateError
+    from autotune.measure import timeout_for
+
+    small, big = exports["int4"], exports["fp32"]
+    assert timeout_for(big, 10) > timeout_for(small, 10)  # each decode step reads the whole model
+    assert timeout_for(small, 100) > timeout_for(small, 10)
+    assert timeout_for(small, 10, labels_scored=4) > timeout_for(small, 10)
+    prompts, answers = _prompts(splits)
+    with pytest.raises(CandidateError, match="measuring took longer than 0 s"):  # --measure-timeout's stop
+        measure(small, prompts[:2], answers[:2], splits.labels, latency=None, timeout_s=0.01)
+    with pytest.raises(UserError, match="--measure-timeout must be a positive number of seconds"):
+        Workspace(root=tmp_path, base=base, splits=splits, measure_timeout_s=0)
+
+
 def test_measure_bad_folder(tmp_path, splits):
     from autotune.errors import CandidateError
 

@@ -375,6 +375,40 @@ def test_prequantized_untied_model_ships_its_lm_head(tiny128, tmp_path):
     assert np.array_equal(embedding, tensors[f"{TABLE}.weight"].numpy())
 
 
+PHI3_LINEARS = [f"model.layers.{i}.{part}" for i in range(2)
+                for part in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+_PARTS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _shipped_as(shipped: dict[str, QuantizedWeight], name: str) -> QuantizedWeight:
+    """The shipped int4 of the checkpoint's Linear ``name``; a fused one (Phi-3) is its shipped parts' rows."""
+    layer, _, linear = name.partition(".layers.")[2].partition(".")
+    if linear not in _PARTS:
+        return shipped[name]
+    parts = [shipped[f"model.layers.{layer}.{part}"] for part in _PARTS[linear]]
+    return QuantizedWeight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "zero_points")))
+
+
+@pytest.mark.parametrize("grid", [Int4Grid(16, True), Int4Grid(32, False)], ids=["b16-sym", "b32-asym"])
+def test_prequantized_phi3_ships_its_fused_projections(grid, family_model, tmp_path):
+    """Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj: our int4 of each fused weight ships exactly,
+    whatever grid the export itself is asked for; the untied lm_head too, the embedding stays fp32."""
+    from safetensors.torch import load_file
+
+    phi3 = family_model("phi3")
+    fp32 = load_file(phi3 / "model.safetensors")
+    left_out = PHI3_LINEARS[2]  # a fused one the writer rounds itself, as the plain export would
+    weights = {name: _chosen(tuple(fp32[f"{name}.weight"].shape), grid, seed=i)
+               for i, name in enumerate([*PHI3_LINEARS, "lm_head"]) if name != left_out}
+    folder = write_prequantized(phi3, tmp_path / "prequantized", weights, grid)
+    shipped, graph = _shipped(_export(folder, tmp_path / "onnx", Int4Grid(64, not grid.symmetric)), _hf_config(phi3))
+    for name in [*PHI3_LINEARS, "lm_head"]:
+        expected = quantize_rtn(fp32[f"{name}.weight"], grid) if name == left_out else weights[name]
+        _assert_same(name, _shipped_as(shipped, name), expected)
+    assert np.array_equal(graph["inits"]["model.embed_tokens.weight"], fp32[f"{TABLE}.weight"].numpy())
+
+
 def test_write_prequantized_rejects_what_cannot_ship(tiny128, tmp_path):
     from safetensors.torch import load_file
 
@@ -397,11 +431,12 @@ def test_write_prequantized_rejects_what_cannot_ship(tiny128, tmp_path):
 
 # --- int4-aware training: its forward computes with exactly what the builder ships -------------------
 
-@pytest.mark.parametrize("block", [16, 32, 64])
-def test_int4_aware_training_forward_is_what_the_builder_ships(block, tiny128, splits, tmp_path):
+@pytest.mark.parametrize("family,block", [("llama", 16), ("llama", 32), ("llama", 64), ("phi3", 32)])
+def test_int4_aware_training_forward_is_what_the_builder_ships(family, block, tiny128, family_model, splits, tmp_path):
     """Train an int4-aware adapter, merge and export it the normal way, then read back the weights each
     Linear of the *training* forward computes with (its output on the identity matrix is its weight,
-    exactly) and the embedding rows it looks up: zero mismatches with the builder's int4."""
+    exactly) and the embedding rows it looks up: zero mismatches with the builder's int4. On Phi-3 too,
+    whose fused qkv_proj and gate_up_proj the builder ships as MatMuls of their own (q/k/v fused again)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -409,7 +444,9 @@ def test_int4_aware_training_forward_is_what_the_builder_ships(block, tiny128, s
     from autotune.models import resolve_model
     from autotune.train import TrainSpec, _peft_model, train_adapter
 
-    base = resolve_model(str(tiny128))
+    folder = tiny128 if family == "llama" else family_model(family)
+    linears = LINEARS if family == "llama" else PHI3_LINEARS
+    base = resolve_model(str(folder))
     spec = TrainSpec(rank=4, alpha=8.0, steps=3, batch_size=4, learning_rate=1e-2, int4_aware=True, int4_block_size=block)
     train_adapter(base, splits, spec, tmp_path / "adapter", threads=1)
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
@@ -417,21 +454,24 @@ def test_int4_aware_training_forward_is_what_the_builder_ships(block, tiny128, s
     merged = merge_adapter(base, tmp_path / "adapter", tmp_path / "merged")
     out = tmp_path / "onnx"
     export_model(merged, out, ExportSpec("int4", block_size=block), work_dir=tmp_path / "work")
-    shipped, graph = _shipped(out, _hf_config(tiny128))
+    shipped, graph = _shipped(out, _hf_config(folder))
 
     model = _peft_model(base, spec, "cpu", "float32", False, False)
     set_peft_model_state_dict(model, {k.replace(".weight", ".default.weight"): v for k, v in adapter.items()})
     model.eval()  # no dropout: the forward an export reproduces
     inner = model.base_model.model
     with torch.no_grad():
-        for name in LINEARS:
+        for name in linears:
             layer = inner.get_submodule(name)
             used = layer(torch.eye(layer.in_features)).T
-            assert int((used != shipped[name].dequantize()).sum()) == 0, name
+            assert int((used != _shipped_as(shipped, name).dequantize()).sum()) == 0, name
         table = inner.model.embed_tokens.weight
         assert torch.equal(inner.lm_head.weight, shipped["lm_head"].dequantize())
-        ids = [0, 1, 2, 3, 4, 20, 1000, 49151]
-        assert torch.equal(_embedding_rows(graph, ids), table[ids])
+        if _hf_config(folder).get("tie_word_embeddings"):
+            ids = [0, 1, 2, 3, 4, 20, 1000, 49151]
+            assert torch.equal(_embedding_rows(graph, ids), table[ids])
+        else:  # an untied embedding ships as it is (training never rounds it)
+            assert np.array_equal(graph["inits"]["model.embed_tokens.weight"], table.numpy())
 
 
 def test_int4_aware_gradients_are_straight_through_and_the_rounding_follows_each_step(tiny128):
