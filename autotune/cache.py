@@ -149,6 +149,32 @@ def sweep_partials(folder: Path, min_age_s: float = 600.0) -> int:
     return removed
 
 
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes: what it holds, wherever it lies and whenever it was written.
+
+    Hashing a model's weights takes seconds per GB, so the digest is kept in the user cache,
+    keyed on the file's resolved path and reused while its size, mtime and inode are unchanged
+    (a copied or touched file is hashed again, once).
+    """
+    path = path.resolve()
+    stat = path.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    record = cache_root() / "digests" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        known = json.loads(record.read_text())
+        if known.get("path") == str(path) and known.get("stamp") == stamp:
+            return known["sha256"]
+    except (OSError, ValueError):
+        pass  # not hashed yet, or a record half-written by an older release: hash it
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        atomic_write_text(record, json.dumps({"path": str(path), "stamp": stamp, "sha256": digest}))
+    except OSError:
+        pass  # a read-only cache costs the next run the hashing again, nothing else
+    return digest
+
+
 def folder_size(path: Path) -> int:
     """Bytes of all files below ``path``."""
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

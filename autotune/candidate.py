@@ -15,7 +15,7 @@ Workspace layout below ``root``::
 
     adapters/<train key>/        peft adapter (safetensors) + train_log.json
     models/<export key>/         onnxruntime-genai folder, loadable as is
-    measurements/<key>.json      measured figures per (model, split, settings)
+    measurements/<key>.json      measured figures per (model, split, settings, device)
     logs/<export key>.builder.log  what the genai builder printed (kept when the export fails too)
 """
 
@@ -131,10 +131,17 @@ class Workspace:
     # A model that slow to score is a failed candidate, not a hung search; None: from the model's size and the
     # number of prompts (autotune.measure.timeout_for).
     measure_timeout_s: float | None = None
+    # What measures latency and memory: the GPU's name on CUDA, else the CPU's model (a study's `device`). Part of
+    # every measurement's key: machines sharing an artifacts folder never serve each other's latencies.
+    device: str | None = None  # None: this machine's (autotune.hardware.device_name)
 
     def __post_init__(self) -> None:
         if self.measure_timeout_s is not None and not self.measure_timeout_s > 0:
             raise UserError(f"--measure-timeout must be a positive number of seconds, got {self.measure_timeout_s:g}")
+        if self.device is None:
+            from autotune.hardware import device_name
+
+            self.device = device_name(self.train_device == "cuda")
         self.root.mkdir(parents=True, exist_ok=True)
         sweep_partials(self.root)  # half-written artifacts of a killed run are never trusted
         self._prompts: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
@@ -368,7 +375,8 @@ def _measure_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, split: 
     provider = spec.export.execution_provider
     threads = ws.threads or 1
     key = content_key("measure", cache.SCHEMA_VERSION, MEASURE_VERSION, cache.library_versions(*MEASURE_LIBRARIES),
-                      ws.export_key(spec), prompts, answers, label_ids, latency, provider, threads, restrict_to_labels)
+                      ws.export_key(spec), prompts, answers, label_ids, latency, provider, threads, restrict_to_labels,
+                      ws.device)
     path = ws.root / "measurements" / f"{key}.json"
     if path.is_file():  # scored again from the stored raw answers: a changed scoring rule applies at once
         return Measurement.from_dict(json.loads(path.read_text()), answers, ws.splits.labels), True

@@ -310,10 +310,13 @@ def candidate_table(result: CandidateResult, floors: list[Baseline], split: str)
 
 def write_failure_report(out: Path, trials, why: str, bounds: Bounds) -> None:
     """A report.json that says why nothing was chosen, trial by trial (``over``: the bounds of this run it exceeds)."""
-    rows = [{"number": t.number, "state": t.state.name, "candidate": t.user_attrs.get("candidate"),
-             "values": t.values, "feasible": t.user_attrs.get("feasible"), "reason": t.user_attrs.get("fail_reason"),
-             "over": ([k.flag for k in bounds.over(trial_figures(t))]
-                      if t.state == optuna.trial.TrialState.COMPLETE else None)}
-            for t in trials if t.state != optuna.trial.TrialState.WAITING and "duplicate_of" not in t.user_attrs]
+    rows = []
+    for t in trials:
+        if t.state == optuna.trial.TrialState.WAITING or "duplicate_of" in t.user_attrs:
+            continue
+        over = [k.flag for k in bounds.over(trial_figures(t))] if t.state == optuna.trial.TrialState.COMPLETE else None
+        rows.append({"number": t.number, "state": t.state.name, "candidate": t.user_attrs.get("candidate"),
+                     "values": t.values, "feasible": None if over is None else not over,
+                     "reason": t.user_attrs.get("fail_reason"), "over": over})
     atomic_write_text(out / "report.json", json.dumps({"chosen": None, "why": why, **bounds.to_dict(), "trials": rows},
                                                       indent=1))

@@ -70,13 +70,14 @@ def _hardware(target: str, name: str | None = None):
     return info, profile
 
 
-def _workspace(args, out: Path, profile, root: Path | None = None):
+def _workspace(args, out: Path, info, profile, root: Path | None = None):
     from autotune.candidate import Workspace
     from autotune.capabilities import check_exportable
     from autotune.data import load_splits
     from autotune.export import check_export_memory
     from autotune.hardware import choose_threads
     from autotune.models import resolve_model
+    from autotune.search import hardware_identity
 
     splits = load_splits(_data_config(args))  # cheap and most likely to be wrong: check first
     base = resolve_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
@@ -94,6 +95,7 @@ def _workspace(args, out: Path, profile, root: Path | None = None):
         max_eval=args.max_eval,
         memory_headroom=profile.memory_headroom,
         measure_timeout_s=getattr(args, "measure_timeout", None),
+        device=hardware_identity(profile, info, args.threads)["device"],
     )
     ws.prompts("validation")  # renders the chat template now: a model without one is bad input, not a failed trial
     return ws
@@ -129,7 +131,7 @@ def cmd_candidate(args) -> int:
     out = output_dir(args.output)
     if args.json:  # stdout carries the JSON record only
         console.file = sys.stderr
-    ws = _workspace(args, out, profile)
+    ws = _workspace(args, out, info, profile)
     spec = CandidateSpec(train, export)
     check_candidate(ws.base, profile.train_device, spec)  # refused now rather than after training
     console.print(f"[bold]data[/] {ws.splits.summary()}   [bold]model[/] {ws.base.name} ({ws.base.architecture})   "
@@ -219,7 +221,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
         space = SearchSpace.from_dict(yaml.safe_load(space_text), where="the study's search space")
     out = report.output_dir(args.output)
     artifacts = Path(args.artifacts).expanduser() if getattr(args, "artifacts", None) else out / "cache"
-    ws = _workspace(args, out, profile, artifacts)
+    ws = _workspace(args, out, info, profile, artifacts)
     shape = model_shape(ws.base)
     cannot = limits(ws.base, profile.train_device)  # what this model cannot take: dropped, each with a note
     space = space.restrict(profile.precisions, qlora_enabled(profile, info), profile.execution_provider,
@@ -227,7 +229,8 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
                            drop=[(limit.option, limit.value, limit.reason) for limit in cannot])
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     config = {**study_config(args), "space_text": space_text}
-    attrs = {"model": ws.base.name, "data": ws.splits.summary(), "data_fingerprint": ws.splits.fingerprint,
+    attrs = {"model": ws.base.name, "model_fingerprint": ws.base.fingerprint, "data": ws.splits.summary(),
+             "data_fingerprint": ws.splits.fingerprint,
              "target": args.target, "latency_metric": settings.latency_metric,
              **settings.bounds.to_dict(), "hardware": info.to_dict(),
              "versions": card.package_versions(), "command": card.reproduce_command(argv), "config": config,
@@ -243,7 +246,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
 def _run_trials(ctx: SearchContext) -> None:
     from autotune.dashboard import TrialRecorder, artifact_dir
     from autotune.live import console, search_view
-    from autotune.search import Search, requeue_interrupted
+    from autotune.search import Search, open_storage, requeue_interrupted
 
     if not ctx.args.storage:  # one process owns a local SQLite study: RUNNING trials there are dead
         requeued = requeue_interrupted(ctx.study)
@@ -259,7 +262,9 @@ def _run_trials(ctx: SearchContext) -> None:
                   + (f"   resuming with {done_before} trial(s) done" if done_before else ""))
     s = ctx.settings
     recorder = TrialRecorder(ctx.ws, artifact_dir(ctx.out, ctx.args.artifacts), s.latency_metric, s.bounds)
-    with search_view(ctx.study, s.latency_metric, s.bounds, s.trials, s.timeout_s) as view:
+    if rewritten := recorder.judge_again(ctx.study, open_storage(ctx.storage)):
+        console.print(f"bounds {s.bounds.describe()}: the notes of {rewritten} trial(s) judged again")
+    with search_view(ctx.study, s.latency_metric, s.bounds, s.trials, s.timeout_s, s.rule) as view:
         search.run(on_stage=view.on_stage, on_trial=lambda study, t: (recorder(study, t), view.on_trial(study, t)),
                    on_finish=recorder.attach)
 

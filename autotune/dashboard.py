@@ -35,6 +35,7 @@ SHARED_ARTIFACTS = "dashboard"  # <--artifacts folder>/dashboard when workers sh
 MAX_LOG_BYTES = 200_000  # the builder log's tail beyond this is what is kept (a page per export)
 DPI = 80
 ARTIFACT_ORDER = ("loss-curve.png", "confusion.png", "builder.log", "measurement.json")
+NOTES_BOUNDS = "notes_bounds"  # study attribute: the bounds the trial notes judge by
 
 
 def artifact_dir(output: str | Path | None, shared: str | Path | None = None) -> Path:
@@ -93,21 +94,41 @@ class TrialRecorder:
         running = self._running.pop(trial.number, None)
         if running is None or not trial.state.is_finished():
             return
+        self._write_note(running, trial, study.study_name)
+
+    def _write_note(self, handle: optuna.Trial, trial: optuna.trial.FrozenTrial, study_name: str) -> None:
+        """``trial``'s note, written through ``handle`` (an :class:`optuna.Trial` of the same trial)."""
         try:
             from optuna.artifacts import get_all_artifact_meta
             from optuna_dashboard import save_note
 
-            metas = get_all_artifact_meta(running)
-            study_id = running.storage.get_study_id_from_name(study.study_name)
-            trial_id = running.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            metas = get_all_artifact_meta(handle)
+            study_id = handle.storage.get_study_id_from_name(study_name)
+            trial_id = handle.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             figures = {m.filename.removesuffix(".png").replace("-", " "): f"/artifacts/{study_id}/{trial_id}/{m.artifact_id}"
                        for m in metas if m.mimetype == "image/png"}
             names = sorted({m.filename for m in metas}, key=lambda n: ARTIFACT_ORDER.index(n) if n in ARTIFACT_ORDER else 99)
             figures = dict(sorted(figures.items(), key=lambda kv: kv[0] != "loss curve"))
             body = notes.trial_note(trial, self.latency_metric, self.bounds, figures, names)
-            save_note(running, body)
+            save_note(handle, body)
         except Exception as exc:
             _warn(f"trial {trial.number}: dashboard note not written ({exc})")
+
+    def judge_again(self, study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
+        """Rewrite the notes of the study's complete trials if they were written under other bounds than this
+        run's (a study resumed with another ``--max-*``), so each note's verdict is the one the sampler, the
+        live view and the selection reach. ``storage`` is the study's. Returns the notes rewritten."""
+        if study.user_attrs.get(NOTES_BOUNDS) == self.bounds.to_dict():
+            return 0
+        # A handle on each finished trial (optuna.Trial) to write its note through; its sampler samples nothing.
+        handles = optuna.load_study(study_name=study.study_name, storage=storage, sampler=optuna.samplers.RandomSampler())
+        study_id = storage.get_study_id_from_name(study.study_name)
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        for trial in complete:
+            handle = optuna.Trial(handles, storage.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+            self._write_note(handle, trial, study.study_name)
+        study.set_user_attr(NOTES_BOUNDS, self.bounds.to_dict())
+        return len(complete)
 
     def _files(self, attrs: dict[str, Any], params: dict[str, Any], tmp: Path) -> list[tuple[Path, str]]:
         spec = CandidateSpec.from_dict(attrs["spec"])

@@ -162,6 +162,13 @@ def _cpu_model() -> str:
     return _cpu_info().get("brand_raw") or platform.processor() or platform.machine() or "unknown CPU"
 
 
+def device_name(cuda: bool) -> str:
+    """What measures a model here: the first CUDA GPU's name on a CUDA profile, else the CPU's model (the
+    ``device`` of a study's hardware identity, :func:`autotune.search.hardware_identity`)."""
+    gpus = _probe_gpus() if cuda else ()
+    return gpus[0].name if gpus else _guard(_cpu_model, "unknown CPU")
+
+
 # The SIMD extensions that matter for int4/int8 kernels, and py-cpuinfo's spellings of them.
 _ISA_FLAGS = {
     "avx2": ("avx2",),

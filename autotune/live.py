@@ -112,10 +112,11 @@ class SearchView:
     """Live view of a running search: stage bars, recent trials, best so far, time left."""
 
     def __init__(self, study: optuna.Study, metric: str, bounds: Bounds, total: int,
-                 timeout_s: float | None) -> None:
+                 timeout_s: float | None, rule: str = "smallest-tied") -> None:
         self.study = study
         self.metric = metric
         self.bounds = bounds
+        self.rule = rule
         self.total = total
         self.timeout_s = timeout_s
         self.started = time.monotonic()
@@ -148,7 +149,7 @@ class SearchView:
         if self.timeout_s:
             left = f", {max(0, self.timeout_s - elapsed) / 60:.1f} min left of the timeout"
         header = f"[bold]trial {min(done + 1, self.total)} of {self.total}[/] ({elapsed / 60:.1f} min elapsed{left})"
-        best = best_trial(trials)
+        best = best_trial(trials, self.bounds, self.rule)  # the run's bounds and rule, as selection will judge
         best_line = "best so far: -" if best is None else (
             f"best so far: #{best.number} {best.user_attrs.get('candidate')} "
             f"acc {best.values[0]:.3f}, {self.metric} {best.values[1]:.1f} ms"
@@ -192,7 +193,7 @@ class PlainView:
     """A running search as plain lines: each stage as it starts, each trial as it ends."""
 
     def __init__(self, study: optuna.Study, metric: str, bounds: Bounds, total: int,
-                 timeout_s: float | None) -> None:
+                 timeout_s: float | None, rule: str = "smallest-tied") -> None:
         self.study = study
         self.metric = metric
         self.bounds = bounds
@@ -243,6 +244,6 @@ def stage_view() -> StageProgress | PlainStages:
 
 
 def search_view(study: optuna.Study, metric: str, bounds: Bounds, total: int,
-                timeout_s: float | None) -> SearchView | PlainView:
+                timeout_s: float | None, rule: str = "smallest-tied") -> SearchView | PlainView:
     """The live view of a search on a terminal, plain lines elsewhere."""
-    return (SearchView if INTERACTIVE else PlainView)(study, metric, bounds, total, timeout_s)
+    return (SearchView if INTERACTIVE else PlainView)(study, metric, bounds, total, timeout_s, rule)

@@ -22,12 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.errors import UserError
-from autotune.cache import atomic_dir, cache_root, content_key, library_version
+from autotune.cache import atomic_dir, cache_root, content_key, file_digest, library_version
 
 DEFAULT_MODEL = "smollm2"
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the GGUF -> safetensors conversion changes what it writes (part of the folder name).
 GGUF_CONVERSION_VERSION = 2
+# Besides the weights, the files of a model folder that shape what is trained and exported (config,
+# generation config, tokenizer, chat template, a model's own code): part of its fingerprint.
+IDENTITY_SUFFIXES = (".json", ".model", ".txt", ".tiktoken", ".jinja", ".py")
 # Architectures the onnxruntime-genai builder exports and peft's "all-linear" covers.
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -53,7 +56,9 @@ class BaseModel:
         name: what the user asked for (shown in reports).
         path: local HF folder with ``config.json``, safetensors weights and tokenizer.
         architecture: ``config.architectures[0]``.
-        fingerprint: content hash of the weights' identity, part of every cache key.
+        fingerprint: hash of the weights' and the config and tokenizer files' *content* (not their
+            dates or places), part of every cache key: a copy of the folder on another
+            machine gets the same keys, another checkpoint behind the same path other ones.
         size_bytes: bytes of weights on disk (fp32 unless the checkpoint says otherwise).
     """
 
@@ -107,11 +112,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "model"
 
 
-def _file_identity(path: Path) -> str:
-    stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-
-
 def gguf_special_tokens(gguf: Path) -> dict[str, int]:
     """The bos / eos / pad token ids a GGUF file declares (``tokenizer.ggml.*_token_id``)."""
     from gguf import GGUFReader
@@ -128,12 +128,14 @@ def gguf_special_tokens(gguf: Path) -> dict[str, int]:
 def _convert_gguf(gguf: Path, slug: str) -> Path:
     """Dequantize a GGUF checkpoint once into an fp32 safetensors folder in the cache.
 
-    The folder's name carries the transformers version and :data:`GGUF_CONVERSION_VERSION`:
-    transformers' GGUF reader has changed between releases, so a conversion made by
-    another one is made again, never reused.
+    The folder's name carries the GGUF file's content digest, the transformers version and
+    :data:`GGUF_CONVERSION_VERSION`: transformers' GGUF reader has changed between releases,
+    so a conversion made by another one is made again, never reused. The conversion writes
+    the same bytes on every machine with the same versions, so the converted model has the same
+    fingerprint everywhere (tests/test_models.py).
     """
     version = content_key(GGUF_CONVERSION_VERSION, library_version("transformers"))[:8]
-    target = cache_root() / "models" / f"{slug}-{_file_identity(gguf)}-{version}"
+    target = cache_root() / "models" / f"{slug}-{file_digest(gguf)[:12]}-{version}"
     if (target / "config.json").is_file():
         return target
     import torch
@@ -213,13 +215,18 @@ def _describe(name: str, path: Path, trust_remote_code: bool) -> BaseModel:
             f"choose a causal LM of a supported architecture ({', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    digest = hashlib.sha256((path / "config.json").read_bytes())
-    size = 0
-    for weight in weights:
-        stat = weight.stat()
-        size += stat.st_size
-        digest.update(f"{weight.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return BaseModel(name=name, path=path, architecture=architecture, fingerprint=digest.hexdigest()[:16], size_bytes=size)
+    return BaseModel(name=name, path=path, architecture=architecture, fingerprint=fingerprint(path, weights),
+                     size_bytes=sum(w.stat().st_size for w in weights))
+
+
+def fingerprint(folder: Path, weights: list[Path]) -> str:
+    """What a model folder holds, by content: each weight file's and each :data:`IDENTITY_SUFFIXES` file's
+    name and sha256 (:func:`autotune.cache.file_digest`, hashed once per file and machine)."""
+    files = set(weights) | {f for f in folder.iterdir() if f.is_file() and f.suffix in IDENTITY_SUFFIXES}
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        digest.update(f"{file.name}:{file_digest(file)}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -294,7 +294,7 @@ def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible:
             "max_memory_mb": "peak memory of the measuring process (peak RSS; GPU memory on CUDA)"}
     for kind, limit in given:
         lines.append(f"- `{kind.flag} {limit:g}`: {what[kind.key]} at most {limit:g} {kind.unit}; a trial over it is "
-                     "infeasible (its user attribute `feasible` is false and its constraint value positive).")
+                     "infeasible (its note says so, judged by this bound whatever bounds it ran under).")
     if not given:
         lines.append("- none: no `--max-latency`, `--max-size` or `--max-memory` was given, so the most accurate "
                      "front member was chosen.")

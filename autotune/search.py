@@ -4,7 +4,8 @@ Objectives: maximise validation accuracy, minimise latency (``--latency-metric``
 across validation prompts of the whole request by default, or of TTFT or per-token decode).
 The edge bounds (``--max-latency``, ``--max-size``, ``--max-memory``; :mod:`autotune.bounds`)
 are constraints the sampler knows about (``Trial.set_constraint``), so infeasible trials are
-kept, marked and steered away from.
+kept, marked and steered away from: as of the bounds in force, also the trials of a study resumed
+under other ones (:mod:`autotune.constraints`).
 
 Optuna does the sampling, the Pareto front and the storage (SQLite by default, any RDB URL
 for many workers); this module turns a trial into a candidate and its measurement into
@@ -29,6 +30,7 @@ import optuna
 from autotune.bounds import KINDS, Bounds, attrs_figures
 from autotune.cache import file_lock
 from autotune.candidate import CandidateResult, CandidateSpec, StageCallback, Workspace, run_candidate
+from autotune.constraints import BoundedSampler, feasible
 from autotune.errors import CandidateError, UserError, first_line
 from autotune.export import ExportSpec
 from autotune.footprint import footprint
@@ -79,7 +81,8 @@ class SearchSettings:
 
 def record_constraints(trial: optuna.Trial, values: Sequence[float]) -> None:
     """Optuna's constraints of a trial (measured - bound, feasible at <= 0; :data:`NO_BOUND` where none is
-    given), one per bound kind, by name: every sampler reads them from the trial (``Trial.set_constraint``)."""
+    given), one per bound kind, by name (``Trial.set_constraint``): the record of the run that measured it.
+    The sampler judges finished trials by the bounds in force (:class:`~autotune.constraints.BoundedSampler`)."""
     for kind, value in zip(KINDS, values, strict=True):
         trial.set_constraint(kind.key, value)
 
@@ -105,10 +108,11 @@ def selection_candidate(trial: optuna.trial.FrozenTrial, metric: str, latency_ms
                      else latency_ms, trial.user_attrs.get("size_mb"))
 
 
-def best_trial(trials: Iterable[optuna.trial.FrozenTrial], rule: str = "smallest-tied") -> optuna.trial.FrozenTrial | None:
-    """The complete, feasible trial the selection rule ships, as the trials measured them."""
-    ok = {t.number: t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("feasible")
-          and t.user_attrs.get("correct")}
+def best_trial(trials: Iterable[optuna.trial.FrozenTrial], bounds: Bounds,
+               rule: str = "smallest-tied") -> optuna.trial.FrozenTrial | None:
+    """The trial the selection rule ships among the complete ones within ``bounds`` (the run's), as the trials
+    measured them."""
+    ok = {t.number: t for t in trials if feasible(t, bounds) and t.user_attrs.get("correct")}
     chosen = rank([selection_candidate(t, "") for t in ok.values()], rule).chosen
     return ok[chosen.number] if chosen else None
 
@@ -243,8 +247,6 @@ class Search:
         accuracy, latency = result.measurement.accuracy.accuracy, latency_of(result, self.settings.latency_metric)
         values = self.settings.bounds.constraint_values(attrs_figures(trial.number, accuracy, latency, trial.user_attrs))
         record_constraints(trial, values)
-        trial.set_user_attr("constraint", values)
-        trial.set_user_attr("feasible", all(v <= 0 for v in values))
         return accuracy, latency
 
     def schedule(self) -> Work | None:
@@ -331,7 +333,9 @@ def counted_trials(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.
 # through the same execution provider, with the same thread count. Recorded when a study is created.
 HARDWARE_KEYS = ("profile", "execution_provider", "device", "measure_threads")
 # Settings a resumed run or a worker must share with the study (the rest it takes from the study).
-SETTINGS_KEYS = ("model", "data_fingerprint", "latency_metric")
+# model_fingerprint: the weights by content (autotune.models.fingerprint), so another checkpoint behind the
+# same path cannot join, and a copy of the model on another machine can.
+SETTINGS_KEYS = ("model", "model_fingerprint", "data_fingerprint", "latency_metric")
 
 
 def hardware_identity(profile: Any, info: Any, threads: int | None) -> dict[str, Any]:
@@ -399,8 +403,9 @@ def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[st
                     _check_settings(name, recorded, attrs)
         if recorded is not None and join:
             attrs = {k: attrs[k] for k in SETTINGS_KEYS + HARDWARE_KEYS if k in attrs}
+        sampler = BoundedSampler(make_sampler(settings), backend, settings.bounds)
         study = optuna.create_study(storage=backend, study_name=name, directions=list(DIRECTIONS),
-                                    sampler=make_sampler(settings), load_if_exists=True)
+                                    sampler=sampler, load_if_exists=True)
         study.set_metric_names(list(METRIC_NAMES))
         for key, value in attrs.items():
             study.set_user_attr(key, value)
@@ -422,6 +427,12 @@ def _recorded_attrs(storage: optuna.storages.BaseStorage, name: str) -> dict[str
 
 def _check_settings(name: str, recorded: dict[str, Any], attrs: dict[str, Any]) -> None:
     for key in SETTINGS_KEYS:
+        if key in recorded and key in attrs and recorded[key] != attrs[key] and key == "model_fingerprint":
+            raise UserError(
+                f"--model {attrs.get('model')}: its files differ from those study '{name}' was run with (content "
+                f"{recorded[key]}, here {attrs[key]}); give this machine a copy of the study's model, or use "
+                "another --output or --study for this one"
+            )
         if key in recorded and key in attrs and recorded[key] != attrs[key]:
             raise UserError(
                 f"study '{name}' was run with {key}={recorded[key]!r}, this run has {attrs[key]!r}; "

@@ -108,3 +108,41 @@ def test_changed_versions_rebuild_and_unchanged_inputs_reuse(monkeypatch, base, 
     monkeypatch.undo()  # back to the real versions: the first artifacts are still there
     assert set(run().cached) == {"train", "export", "measure"}
     assert not list(root.rglob("*.tmp-*"))
+
+
+# --------------------------------------------------------------------------- machines sharing an artifacts folder
+
+
+def test_a_latency_measured_on_one_device_is_not_served_to_another(monkeypatch, base, splits, tmp_path) -> None:
+    """Two machines of one profile and thread count share --artifacts: each measures on its own device."""
+    from autotune import candidate
+    from autotune.measure import Latency, Measurement, Request, score
+
+    measured = []
+
+    def fake_measure(model_dir, prompts, answers, labels, **_):
+        measured.append(model_dir)
+        latency = Latency(*(10.0,) * 9, len(prompts))
+        requests = tuple(Request(a, 5, 10.0, 5.0, ()) for a in answers)
+        return Measurement(score(answers, answers, labels), latency, 100.0, 1.0, 0.1, 1, "cpu", requests=requests)
+
+    monkeypatch.setattr(candidate, "measure", fake_measure)
+    base_export = CandidateSpec(None, ExportSpec(precision="int4"))
+
+    def run(device: str):
+        ws = Workspace(root=tmp_path / "shared", base=base, splits=splits, threads=1, max_eval=4, device=device)
+        (ws.model_dir(base_export)).mkdir(parents=True, exist_ok=True)  # exported already (by either machine)
+        (ws.model_dir(base_export) / "genai_config.json").write_text("{}")
+        return run_candidate(ws, base_export)
+
+    assert "measure" not in run("AMD EPYC 9R14").cached
+    assert "measure" not in run("Intel Xeon Platinum 8488C").cached  # same profile and threads, another CPU
+    assert "measure" in run("AMD EPYC 9R14").cached
+    assert len(measured) == 2
+
+
+def test_workspace_device_defaults_to_this_machines(base, splits, tmp_path) -> None:
+    from autotune.hardware import probe
+
+    ws = Workspace(root=tmp_path, base=base, splits=splits, threads=1)
+    assert ws.device == probe().cpu_model  # this machine has no CUDA GPU: its CPU measures

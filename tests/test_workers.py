@@ -272,3 +272,74 @@ def test_bad_storage_url(url: str, tmp_path, tiny_model_dir, tiny_dataset, tiny_
     assert "--storage" in assert_clean_failure(worker, 2)
     main = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, url, "s1", tmp_path / "a", tmp_path / "m", 1))
     assert "--storage" in assert_clean_failure(main, 2)
+
+
+# --------------------------------------------------------------------------- 6. two machines, one study
+
+
+def built(artifacts: Path) -> dict[str, int]:
+    """Every adapter and exported model in an artifacts folder, with the mtime (ns) of its completion file."""
+    found = {}
+    for kind, marker in (("adapters", "train_log.json"), ("models", "genai_config.json")):
+        for folder in (artifacts / kind).iterdir() if (artifacts / kind).is_dir() else ():
+            if (folder / marker).is_file():
+                found[f"{kind}/{folder.name}"] = (folder / marker).stat().st_mtime_ns
+    return found
+
+
+def test_a_second_machine_rebuilds_nothing_the_first_built(pg, tmp_path, tiny_model_dir, tiny_dataset,
+                                                             tiny_space) -> None:
+    """Machine 1 searches (its own cache root); machine 2 gets the model folder copied anew (same bytes, new
+    mtimes and inodes) and its own cache root, shares the study and the artifacts folder, selects, and runs
+    a trial the sampler proposed twice: it trains and exports nothing machine 1 built."""
+    import shutil
+
+    model, shared = tmp_path / "model", tmp_path / "shared"
+    shutil.copytree(tiny_model_dir, model)
+    one = run_cli(*search_args(model, tiny_dataset, tiny_space, pg.url, "two", shared, tmp_path / "out1", 3),
+                  "--keep-all", env={"AUTOTUNE_CACHE": str(tmp_path / "cache1")})
+    assert one.returncode == 0, one.stderr[-3000:]
+    before = built(shared)
+    assert any(k.startswith("adapters/") for k in before) and any(k.startswith("models/") for k in before)
+
+    copy = tmp_path / "model-copy"  # machine 2's copy of the model, at the path the study names
+    shutil.copytree(model, copy, copy_function=shutil.copyfile)
+    shutil.rmtree(model)
+    copy.rename(model)
+    machine_2 = {"AUTOTUNE_CACHE": str(tmp_path / "cache2")}
+    two = run_cli("select", "--storage", pg.url, "--study", "two", "--artifacts", str(shared), "-o",
+                  str(tmp_path / "out2"), "--threads", "1", env=machine_2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert built(shared) == before  # nothing retrained or re-exported, not even the base for the baselines
+
+    study = load(pg.url, "two")
+    done = next(t for t in study.trials if t.state == S.COMPLETE and t.user_attrs["role"] == "screen")
+    study.enqueue_trial(done.params, user_attrs={"role": "screen", "steps": done.user_attrs["steps"]})
+    worker = start_worker(pg.url, "two", shared, tmp_path / "out3", "--trials", "4", env=machine_2)
+    log = finish(worker, 300)
+    assert worker.returncode == 0, log[-3000:]
+    again = [t for t in load(pg.url, "two").trials if t.number > done.number and t.params == done.params
+             and t.user_attrs.get("role") == "screen"]
+    assert again and all(t.state == S.PRUNED and t.user_attrs.get("duplicate_of") == done.number for t in again), \
+        log[-3000:]  # the one enqueued here, and any the sampler proposed again
+    after = built(shared)  # the worker's fourth trial built its own candidate; nothing of machine 1's again
+    assert {k: after.get(k) for k in before} == before
+
+
+def test_a_worker_with_another_checkpoint_behind_the_same_path_refuses(pg, tmp_path, tiny_model_dir, tiny_dataset,
+                                                                         tiny_space) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    one = run_cli(*search_args(model, tiny_dataset, tiny_space, pg.url, "other-weights", tmp_path / "shared",
+                               tmp_path / "out1", 1))
+    assert one.returncode == 0, one.stderr[-3000:]
+    shutil.rmtree(model)
+    from conftest import build_tiny_model
+
+    build_tiny_model(model, seed=1)  # another checkpoint, same name and shape
+    proc = run_cli("worker", "--storage", pg.url, "--study", "other-weights", "--artifacts", str(tmp_path / "shared"),
+                   "-o", str(tmp_path / "out2"), "--threads", "1")
+    line = assert_clean_failure(proc, 2)
+    assert "its files differ" in line and str(model) in line, line
