@@ -84,9 +84,9 @@ class Figures:
 
 
 def memory_of(provider: str | None, peak_rss_mb: float | None, gpu_memory_mb: float | None) -> tuple[float | None, str]:
-    """--max-memory's figure: on CUDA the GPU memory of the measuring process when NVML measured it
-    (the model lives there), otherwise the process's peak RSS."""
-    if provider == "cuda" and gpu_memory_mb is not None:
+    """--max-memory's figure: on CUDA the GPU memory of the measuring process (the model lives there; None
+    where it could not be measured: unknown, never the host's RSS in its place), otherwise its peak RSS."""
+    if provider == "cuda":
         return gpu_memory_mb, GPU
     return peak_rss_mb, RSS
 

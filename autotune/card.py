@@ -235,8 +235,8 @@ def model_card(report: dict) -> str:
               f"| prompt length | {fmt(m['prompt_tokens_p50'], '.0f')} / {fmt(m['prompt_tokens_p90'], '.0f')} tokens |",
               f"| re-benchmarked {metric} p50 | {c['latency_ms']:.1f} ms (range {c['latency_spread_ms']:.1f}) |",
               f"| peak RSS of the measuring process | {fmt(m['peak_rss_mb'], '.0f')} MB |",
-              *([f"| GPU memory of the measuring process | {m['gpu_memory_mb']:.0f} MB |"]
-                if m.get("gpu_memory_mb") else []),
+              *([f"| GPU memory of the measuring process | {gpu_text(m.get('gpu_memory_mb'))} |"]
+                if spec["export"].get("execution_provider") == "cuda" or m.get("gpu_memory_mb") is not None else []),
               f"| size on disk | {fmt(m['size_mb'], '.0f')} MB |", "",
               "## Data", "", report["data"], "",
               "## Hardware", "", f"profile `{report['profile'].get('name')}`; " +
@@ -250,6 +250,11 @@ def model_card(report: dict) -> str:
     if report["trials"]["failed"]:
         lines += ["## Failed candidates", ""] + [f"- #{f['number']} {f['candidate']}: {f['reason']}" for f in report["trials"]["failed"]] + [""]
     return "\n".join(lines)
+
+
+def gpu_text(value: float | None) -> str:
+    """``812 MB``, or why there is no figure."""
+    return "unknown (NVML could not measure it here)" if value is None else f"{value:.0f} MB"
 
 
 def _interval_text(value: float, interval, signed: bool = False) -> str:

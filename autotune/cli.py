@@ -201,6 +201,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
 
     from autotune import card, report
     from autotune.capabilities import limits
+    from autotune.gpu_memory import check_bound
     from autotune.models import model_shape
     from autotune.profile_choice import qlora_enabled
     from autotune.search import SearchSettings, hardware_identity, open_study
@@ -212,6 +213,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
                               sampler=args.sampler, seed=secrets.randbelow(2**31) if join else args.seed,
                               siblings=not args.no_siblings, rule=args.select, **bounds.from_args(args))
     info, profile = _hardware(args.target, args.profile)
+    check_bound(settings.bounds.max_memory_mb, profile.execution_provider)
     space_text = getattr(args, "space_text", None)
     if space_text is None:
         space_path = Path(args.space) if args.space else default_space_path()

@@ -36,8 +36,8 @@ from autotune.errors import CandidateError
 # the measurement cache key. A change in normalize_answer/score needs no bump (answers are re-scored on load).
 # 3: each request also scores every label teacher-forced (label_logprobs). 4: prompts are encoded with the
 # tokenizer's special tokens (the BOS training saw), labels are scored as the ids they follow the prompt with, and a
-# sliding-window model's KV cache holds its window.
-MEASURE_VERSION = 4
+# sliding-window model's KV cache holds its window. 5: GPU memory is None when unknown (autotune.gpu_memory), never 0.
+MEASURE_VERSION = 5
 # --latency-metric -> the Latency field it optimises and bounds (--max-latency).
 LATENCY_METRICS = {"request": "request_p50_ms", "ttft": "ttft_p50_ms", "token": "token_p50_ms"}
 Z_95 = 1.959964  # two-sided 95% normal quantile
@@ -145,7 +145,7 @@ class Measurement:
     threads: int
     provider: str
     stage_seconds: dict[str, float] = field(default_factory=dict)
-    gpu_memory_mb: float | None = None  # device memory of the measuring process (CUDA, via NVML)
+    gpu_memory_mb: float | None = None  # device memory of the measuring process (CUDA; None: unknown, autotune.gpu_memory)
     requests: tuple[Request, ...] = ()  # per prompt, in prompt order: raw answer and timings
 
     def to_dict(self) -> dict:
@@ -400,7 +400,10 @@ def _child(request: dict) -> dict:
 
     import onnxruntime_genai as og
 
+    from autotune.gpu_memory import GpuMemory
+
     start = time.perf_counter()
+    gpu = GpuMemory() if request["provider"] == "cuda" else None  # the devices' memory before the model loads
     config = og.Config(request["model_dir"])
     config.clear_providers()
     if request["provider"] != "cpu":
@@ -455,7 +458,6 @@ def _child(request: dict) -> dict:
         return timing, tokens
 
     loaded = time.perf_counter()
-    gpu_peak = [_gpu_memory_mb()] if request["provider"] == "cuda" else None
     for _ in range(request["warmup"]):  # first requests pay one-off allocations; they are not timed
         run(request["prompts"][0], 0)
     warm = time.perf_counter()
@@ -464,13 +466,11 @@ def _child(request: dict) -> dict:
         timing, tokens = run(prompt, index)
         requests.append(timing)
         token_ids.append(tokens)
-    if gpu_peak is not None:
-        gpu_peak.append(_gpu_memory_mb())
     return {
         "requests": requests,
         "token_ids": token_ids,
         "peak_rss_mb": _peak_rss_mb(),
-        "gpu_memory_mb": max((g for g in gpu_peak or [] if g is not None), default=None),
+        "gpu_memory_mb": gpu.peak_mb() if gpu else None,
         "seconds": time.perf_counter() - start,
         "stage_seconds": {"load": loaded - start, "warmup": warm - loaded, "requests": time.perf_counter() - warm},
     }
@@ -508,26 +508,6 @@ def _label_scores(generator, prompt_length: int, label_ids: list[list[int]]) -> 
             generator.rewind_to(prompt_length)
         scores.append(float(total))
     return scores
-
-
-def _gpu_memory_mb() -> float | None:
-    """GPU memory this process holds now (NVML, from nvidia-ml-py); None if unavailable.
-
-    onnxruntime's CUDA arena keeps what it took, so the value after generation is the peak.
-    """
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        used = 0
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == os.getpid() and proc.usedGpuMemory:
-                    used += proc.usedGpuMemory
-        return used / 2**20
-    except Exception:  # no NVML, no driver, no permission: the figure is simply absent
-        return None
 
 
 def _peak_rss_mb() -> float:

@@ -125,10 +125,13 @@ def _ms(attrs: Mapping[str, Any], key: str, spread: str | None) -> str | None:
 
 def measured_rows(attrs: Mapping[str, Any]) -> list[list[str]]:
     rows = [[label, text] for key, label, spread in LATENCY_ROWS if (text := _ms(attrs, key, spread))]
+    cuda = ((attrs.get("spec") or {}).get("export") or {}).get("execution_provider") == "cuda"
     for key, label, unit in (("tokens_per_s", "tokens/s", ""), ("peak_rss_mb", "peak RSS of the measuring process", " MB"),
                              ("gpu_memory_mb", "GPU memory", " MB"), ("size_mb", "size on disk", " MB")):
         if attrs.get(key) is not None:
             rows.append([label, f"{attrs[key]:.0f}{unit}"])
+        elif key == "gpu_memory_mb" and cuda and "size_mb" in attrs:  # a CUDA model, measured: NVML could not say
+            rows.append([label, "unknown"])
     if attrs.get("final_loss") is not None:
         rows.append(["final training loss (mean of the last 10 steps)", f"{attrs['final_loss']:.3f}"])
     return rows

@@ -86,7 +86,7 @@ def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: 
         rss = max(r for r, _ in peaks[t.number])
         memory, source = memory_of(spec.export.execution_provider, rss, max(gpu, default=None))
         measured = trial_figures(t)
-        if source != measured.memory_source:  # e.g. NVML answered for the trial, not now: the trial's figure
+        if memory is None:  # e.g. NVML answered for the trial, not now: the trial's figure
             memory, source = measured.memory_mb, measured.memory_source
         judged = dataclasses.replace(measured, latency_ms=statistics.median(values), memory_mb=memory,
                                      memory_source=source)
@@ -197,7 +197,7 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
         + "".join(f"  baseline: {b.name}: {b.accuracy.describe()}\n" for b in floors)
         + f"  {metric} p50 {chosen.latency_ms:.1f} ms (re-benchmarked)   request p50/p90 "
         f"{chosen.latency['request_p50_ms']:.1f} / {chosen.latency['request_p90_ms']:.1f} ms   size {chosen.size_mb:.0f} MB"
-        f"   {chosen.memory_source} {fmt(chosen.memory_mb, '.0f')} MB\n"
+        f"   {chosen.memory_source} {fmt(chosen.memory_mb, '.0f', 'unknown')}{' MB' * (chosen.memory_mb is not None)}\n"
         + "".join(f"  bound {binding_text(o.to_dict(), mark='')}\n" for o in judged)
         + f"  wrote {out / 'best'} (load with og.Model), report.json, MODEL_CARD.md, pareto.csv, pareto.png\n"
         f"  compare candidates: autotune dashboard {out}" + (" --storage URL" if shared_storage else ""))
