@@ -68,13 +68,20 @@ class FrontMember:
 
 @dataclass(frozen=True)
 class Baseline:
-    """What the task scores without fine-tuning, on the same prompts as the chosen model."""
+    """What the task scores without fine-tuning, on the same prompts as the chosen model (``accuracy`` None:
+    it could not be run, ``failed`` says why)."""
 
     name: str
     detail: str
-    accuracy: Accuracy
+    accuracy: Accuracy | None
+    failed: str = ""
+
+    def describe(self) -> str:
+        return f"failed ({self.failed})" if self.accuracy is None else self.accuracy.describe()
 
     def to_dict(self) -> dict:
+        if self.accuracy is None:
+            return {"name": self.name, "detail": self.detail, "accuracy": None, "failed": self.failed}
         return {"name": self.name, "detail": self.detail, **self.accuracy.to_dict()}
 
 
@@ -100,8 +107,10 @@ def reproduce_command(argv: list[str]) -> str:
 
 def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[FrontMember], chosen: FrontMember,
                   test: CandidateResult, floors: list[Baseline], hardware: dict, profile: dict, metric: str,
-                  bounds: Bounds, judged: list[Outcome], argv: list[str], ranking: Ranking) -> dict:
-    """Write best/, report.json, MODEL_CARD.md, pareto.csv and pareto.png; return the report."""
+                  bounds: Bounds, judged: list[Outcome], argv: list[str], ranking: Ranking,
+                  dropped: dict[int, str] | None = None) -> dict:
+    """Write best/, report.json, MODEL_CARD.md, pareto.csv and pareto.png; return the report. ``dropped``:
+    the candidates left out of the selection because they failed when run again, and why."""
     with atomic_dir(out / "best") as tmp:
         shutil.copytree(ws.model_dir(chosen.spec), tmp, dirs_exist_ok=True)
     trials = study.get_trials(deepcopy=False)
@@ -128,6 +137,7 @@ def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[Fro
         **bounds.to_dict(),
         "bounds": [o.to_dict() for o in judged],
         "pareto": [_member_dict(m) for m in front],
+        "dropped": [{"trial": n, "reason": why} for n, why in (dropped or {}).items()],
         "trials": {"complete": len([t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]), "failed": failed},
         "model": ws.base.name,
         "data": ws.splits.summary(),
@@ -225,7 +235,8 @@ def model_card(report: dict) -> str:
               "| model | accuracy |", "| --- | --- |",
               f"| this model, test split | {_accuracy_text(c['test'])} |",
               f"| this model, validation split | {_accuracy_text(val)} |"]
-    lines += [f"| baseline: {b['name']} ({b['detail']}), test split | {_accuracy_text(b)} |" for b in c["baselines"]]
+    lines += [f"| baseline: {b['name']} ({b['detail']}), test split | "
+              f"{'failed: ' + b['failed'] if b.get('failed') else _accuracy_text(b)} |" for b in c["baselines"]]
     lines += ["", "## Latency and size", "",
               "Per request (tokenize, prefill, generation to the stop, decode), p50 / p90 across the validation prompts.", "",
               "| metric | value |", "| --- | --- |",
@@ -307,14 +318,15 @@ def candidate_table(result: CandidateResult, floors: list[Baseline], split: str)
         ("size on disk", f"{m.size_mb:.0f} MB"),
         ("final train loss", fmt(result.train.final_loss if result.train else None)),
         ("model folder", str(result.model_dir)),
-    ] + [(f"baseline: {b.name}", b.accuracy.describe()) for b in floors]
+    ] + [(f"baseline: {b.name}", b.describe()) for b in floors]
     for name, value in rows:
         table.add_row(name, value)
     return table
 
 
-def write_failure_report(out: Path, trials, why: str, bounds: Bounds) -> None:
-    """A report.json that says why nothing was chosen, trial by trial (``over``: the bounds of this run it exceeds)."""
+def write_failure_report(out: Path, trials, why: str, bounds: Bounds, dropped: dict[int, str] | None = None) -> None:
+    """A report.json that says why nothing was chosen, trial by trial (``over``: the bounds of this run it exceeds;
+    ``reason``: why it failed, or why the selection dropped it)."""
     rows = []
     for t in trials:
         if t.state == optuna.trial.TrialState.WAITING or "duplicate_of" in t.user_attrs:
@@ -322,6 +334,6 @@ def write_failure_report(out: Path, trials, why: str, bounds: Bounds) -> None:
         over = [k.flag for k in bounds.over(trial_figures(t))] if t.state == optuna.trial.TrialState.COMPLETE else None
         rows.append({"number": t.number, "state": t.state.name, "candidate": t.user_attrs.get("candidate"),
                      "values": t.values, "feasible": None if over is None else not over,
-                     "reason": t.user_attrs.get("fail_reason"), "over": over})
+                     "reason": (dropped or {}).get(t.number, t.user_attrs.get("fail_reason")), "over": over})
     atomic_write_text(out / "report.json", json.dumps({"chosen": None, "why": why, **bounds.to_dict(), "trials": rows},
                                                       indent=1))

@@ -213,6 +213,9 @@ def _baseline_name(key: str) -> str:
 
 
 def _baseline_row(name: str, value: Any, n: int | None) -> list[str]:
+    if value is None or (isinstance(value, Mapping) and value.get("accuracy") is None):
+        reason = value.get("failed") if isinstance(value, Mapping) else None
+        return [_baseline_name(name), f"failed{f' ({reason})' if reason else ''}"]
     if not isinstance(value, Mapping):
         return [_baseline_name(name), accuracy_text(value, n)]
     text = accuracy_text(value["accuracy"], value.get("n", n), value.get("invalid"))
@@ -232,7 +235,8 @@ def baselines(report: Mapping[str, Any]) -> list[list[str]]:
             if key.endswith("_test_accuracy") and key != "test_accuracy" and isinstance(value, (int, float))]
     for found in (report.get("baselines"), chosen.get("baselines")):
         items = [(b["name"], b) for b in found] if isinstance(found, list) else (found or {}).items()
-        rows += [_baseline_row(name, value, n) for name, value in items if isinstance(value, (Mapping, int, float))]
+        rows += [_baseline_row(name, value, n) for name, value in items if value is None
+                 or isinstance(value, (Mapping, int, float))]
     return rows
 
 

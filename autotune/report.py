@@ -24,7 +24,7 @@ from autotune.cache import file_lock
 from autotune.candidate import CandidateSpec, Workspace, run_candidate
 from autotune.card import LATENCY_FIELDS, Baseline, FrontMember, final_table, write_failure_report, write_outputs
 from autotune.dashboard import write_study_note
-from autotune.errors import UserError
+from autotune.errors import CandidateError, UserError, check_interrupted
 from autotune.export import ExportSpec
 from autotune.live import console, fmt, trial_table
 from autotune.measure import Latency, LatencySettings, measure, score
@@ -57,30 +57,52 @@ def benchmark_sample(prompts: list[str], answers: list[str], size: int) -> tuple
     return [prompts[i] for i in order], [answers[i] for i in order]
 
 
-def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: str, bounds: Bounds) -> list[FrontMember]:
+def drop(trial: optuna.trial.FrozenTrial, why: str, exc: CandidateError, dropped: dict[int, str]) -> None:
+    """Leave a candidate that failed out of the selection, with one line saying which and why (a Ctrl-C
+    that stopped its measuring child stops the selection instead)."""
+    check_interrupted()
+    dropped[trial.number] = f"{why}: {exc}"
+    console.print(f"[yellow]dropped #{trial.number} {trial.user_attrs.get('candidate', '?')} from the selection: "
+                  f"{why} ({exc})[/]", soft_wrap=True)
+
+
+def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: str, bounds: Bounds,
+                dropped: dict[int, str] | None = None) -> list[FrontMember]:
     """Time the front members' requests again on a fixed sample of validation prompts, interleaved
     round by round, so slow drifts of the machine (heat, other load) hit every member alike; the
     median of the rounds counts, so one loaded moment does not decide. Memory is a peak: the
-    highest of the rounds counts; size on disk is the trial's (it does not change)."""
+    highest of the rounds counts; size on disk is the trial's (it does not change). A member whose
+    export or measuring fails (a timeout, out of memory) is left out and named in ``dropped``."""
+    dropped = {} if dropped is None else dropped
     settings = LatencySettings(warmup=1, sample=ws.latency.sample, rounds=ws.latency.rounds)
     prompts, answers = benchmark_sample(*ws.prompts("validation"), settings.sample)
     specs = {t.number: CandidateSpec.from_dict(t.user_attrs["spec"]) for t in members}
     label_ids = dict(zip(ws.prompts("validation")[0], ws.label_ids("validation")))  # as the trials measured them
     for t in members:  # an earlier selection under other bounds may have pruned its folder: export it again
         if not (ws.model_dir(specs[t.number]) / "genai_config.json").is_file():
-            run_candidate(ws, specs[t.number])
+            try:
+                run_candidate(ws, specs[t.number])
+            except CandidateError as exc:
+                drop(t, "exporting it again failed", exc, dropped)
+    members = [t for t in members if t.number not in dropped]
     rounds: dict[int, list[Latency]] = {t.number: [] for t in members}
     peaks: dict[int, list[tuple[float, float | None]]] = {t.number: [] for t in members}
     for _ in range(settings.rounds):
         for t in members:
             spec = specs[t.number]
-            timed = measure(ws.model_dir(spec), prompts, answers, ws.splits.labels, provider=spec.export.execution_provider,
-                            threads=ws.threads or 1, latency=settings, label_ids=[label_ids[p] for p in prompts],
-                            timeout_s=ws.measure_timeout_s)
+            if t.number in dropped:
+                continue
+            try:
+                timed = measure(ws.model_dir(spec), prompts, answers, ws.splits.labels,
+                                provider=spec.export.execution_provider, threads=ws.threads or 1, latency=settings,
+                                label_ids=[label_ids[p] for p in prompts], timeout_s=ws.measure_timeout_s)
+            except CandidateError as exc:
+                drop(t, "its re-benchmark failed", exc, dropped)
+                continue
             rounds[t.number].append(timed.latency)
             peaks[t.number].append((timed.peak_rss_mb, timed.gpu_memory_mb))
     result = []
-    for t in members:
+    for t in (t for t in members if t.number not in dropped):
         spec, values = specs[t.number], [lat.metric(metric) for lat in rounds[t.number]]
         gpu = [g for _, g in peaks[t.number] if g is not None]
         rss = max(r for r, _ in peaks[t.number])
@@ -100,17 +122,22 @@ def rebenchmark(ws: Workspace, members: list[optuna.trial.FrozenTrial], metric: 
     return result
 
 
-def choose(ws: Workspace, pool: list[optuna.trial.FrozenTrial], metric: str, bounds: Bounds,
-           rule: str) -> tuple[list[FrontMember], FrontMember | None, Ranking]:
+def choose(ws: Workspace, pool: list[optuna.trial.FrozenTrial], metric: str, bounds: Bounds, rule: str,
+           benched: dict[int, FrontMember] | None = None,
+           dropped: dict[int, str] | None = None) -> tuple[list[FrontMember], FrontMember | None, Ranking]:
     """Apply the selection rule to ``pool``, re-benchmarking as it goes: the Pareto front and the rule's
     first :data:`REBENCHMARK_FIRST` candidates, again until the rule's first choice has been
     re-benchmarked and still meets the bounds (a re-benchmark only ever measures latency and memory
     again, so it can only drop a candidate). Returns the re-benchmarked members, each compared with the
-    most accurate candidate, the choice (None if nothing is left) and the final ranking."""
+    most accurate candidate, the choice (None if nothing is left) and the final ranking.
+
+    ``benched`` (number -> member) and ``dropped`` (number -> why: it failed when run again) carry what is
+    known from an earlier call, so choosing again after the choice failed re-benchmarks only what is new."""
     by_number = {t.number: t for t in pool}
-    benched: dict[int, FrontMember] = {}
+    benched = {} if benched is None else benched
+    dropped = {} if dropped is None else dropped
     while True:
-        alive = [t for t in pool if t.number not in benched or benched[t.number].feasible]
+        alive = [t for t in pool if t.number not in dropped and (t.number not in benched or benched[t.number].feasible)]
         ranking = rank([selection_candidate(t, metric, benched[t.number].latency_ms if t.number in benched else None)
                         for t in alive], rule)
         if ranking.chosen is None or ranking.chosen.number in benched:
@@ -119,8 +146,9 @@ def choose(ws: Workspace, pool: list[optuna.trial.FrozenTrial], metric: str, bou
                 if t.number not in benched]
         todo = list({t.number: t for t in todo}.values())
         console.print(f"re-benchmarking {len(todo)} candidate(s), interleaved ...")
-        benched.update((m.trial.number, m) for m in rebenchmark(ws, todo, metric, bounds))
-    members = [dataclasses.replace(m, paired=ranking.paired.get(number)) for number, m in benched.items()]
+        benched.update((m.trial.number, m) for m in rebenchmark(ws, todo, metric, bounds, dropped))
+    members = [dataclasses.replace(m, paired=ranking.paired.get(number)) for number, m in benched.items()
+               if number not in dropped]
     chosen = next((m for m in members if ranking.chosen and m.trial.number == ranking.chosen.number), None)
     return members, chosen, ranking
 
@@ -133,15 +161,20 @@ def baselines(ws: Workspace, export: ExportSpec, split: str, on_stage=None) -> l
     counts = Counter(e.label for e in ws.splits.train)
     majority = max(ws.splits.labels, key=counts.__getitem__)
     base = CandidateSpec(None, export)
-    told, restricted = (run_candidate(ws, base, split=split, with_latency=False, on_stage=on_stage,
-                                      prompt_style="instruction", restrict_to_labels=restrict).measurement.accuracy
-                        for restrict in (False, True))
-    return [
-        Baseline("majority class", f"always {majority}, the most frequent label in train",
-                 score([majority] * len(answers), answers, ws.splits.labels)),
-        Baseline("base, labels named in an instruction", base.describe(), told),
-        Baseline("base, answer restricted to the labels", f"{base.describe()}, highest-scoring label", restricted),
-    ]
+    floors = [Baseline("majority class", f"always {majority}, the most frequent label in train",
+                       score([majority] * len(answers), answers, ws.splits.labels))]
+    for name, detail, restrict in (("base, labels named in an instruction", base.describe(), False),
+                                   ("base, answer restricted to the labels", f"{base.describe()}, highest-scoring label",
+                                    True)):
+        try:
+            floors.append(Baseline(name, detail, run_candidate(
+                ws, base, split=split, with_latency=False, on_stage=on_stage, prompt_style="instruction",
+                restrict_to_labels=restrict).measurement.accuracy))
+        except CandidateError as exc:  # reported as failed; the choice and the other baselines stand
+            check_interrupted()
+            console.print(f"[yellow]baseline {name} failed: {exc}[/]", soft_wrap=True)
+            floors.append(Baseline(name, detail, None, failed=str(exc)))
+    return floors
 
 
 def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSettings, out: Path, *, hardware: dict,
@@ -164,20 +197,34 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
         why, kinds = unmet(bounds, [trial_figures(t) for t in complete], metric)
         write_failure_report(out, trials, why, bounds)
         raise UserError(f"{why}; {fix_for(kinds)}", exit_code=3)
-    front, chosen, ranking = choose(ws, pool, metric, bounds, settings.rule)
+    benched: dict[int, FrontMember] = {}
+    dropped: dict[int, str] = {}  # members that failed when run again (a timeout, out of memory): left out
+    while True:
+        front, chosen, ranking = choose(ws, pool, metric, bounds, settings.rule, benched, dropped)
+        if chosen is None:
+            break
+        console.print("scoring the chosen model and the baselines on the held-out test split ...")
+        try:
+            test = run_candidate(ws, chosen.spec, split="test", with_latency=False)
+            break
+        except CandidateError as exc:
+            drop(chosen.trial, "its test run failed", exc, dropped)
     out_console.print(final_table(front, chosen, metric, bounds, settings.rule))
+    if chosen is None and all(t.number in dropped for t in pool):
+        write_failure_report(out, trials, "every feasible candidate failed when run again", bounds, dropped)
+        raise UserError(f"every feasible candidate failed when run again in the selection ("
+                        f"{'; '.join(f'#{n}: {why}' for n, why in dropped.items())}); reasons are in "
+                        f"{out / 'report.json'}", exit_code=1)
     if chosen is None:  # only latency and memory are measured again
         why, _ = unmet(bounds, [m.figures for m in front], metric)
         write_failure_report(out, trials, f"re-benchmarked, {why}", bounds)
         raise UserError(f"re-benchmarked, {why} (the first measurements were optimistic); "
                         "raise the bound a little", exit_code=3)
-    console.print("scoring the chosen model and the baselines on the held-out test split ...")
-    test = run_candidate(ws, chosen.spec, split="test", with_latency=False)
     floors = baselines(ws, chosen.spec.export, "test")
     # Finished trials are immutable in Optuna; the choice is recorded on the study.
     study.set_user_attr("chosen_trial", chosen.trial.number)
     study.set_user_attr("chosen_test_accuracy", test.measurement.accuracy.accuracy)
-    study.set_user_attr("chosen_baselines", {b.name: b.accuracy.accuracy for b in floors})
+    study.set_user_attr("chosen_baselines", {b.name: b.accuracy.accuracy if b.accuracy else None for b in floors})
     # A bound binds when the rule, on the trials' own figures and without bounds, ranks above the choice a
     # candidate that this bound excluded.
     unbounded = rank([selection_candidate(t, metric) for t in complete if t.user_attrs.get("correct")], settings.rule)
@@ -185,7 +232,7 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
     judged = outcomes(bounds, chosen.trial.number, [trial_figures(t) for t in complete if t.number in position],
                       [m.figures for m in front], key=lambda f: (position[f.number],), metric=metric)
     result = write_outputs(out, ws, study, front, chosen, test, floors, hardware, profile, metric, bounds, judged, argv,
-                           ranking)
+                           ranking, dropped)
     write_study_note(study, result, storage)  # the dashboard's view of the same result
     if not keep_all:
         prune(ws, study, [m.trial for m in front], keep_specs=[CandidateSpec(None, chosen.spec.export)])
@@ -194,7 +241,7 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
         f"[bold green]chosen[/] #{chosen.trial.number} {c['candidate']}\n"
         f"  rule: {RULES[settings.rule]}\n"
         f"  test accuracy [bold]{test.measurement.accuracy.describe()}[/]\n"
-        + "".join(f"  baseline: {b.name}: {b.accuracy.describe()}\n" for b in floors)
+        + "".join(f"  baseline: {b.name}: {b.describe()}\n" for b in floors)
         + f"  {metric} p50 {chosen.latency_ms:.1f} ms (re-benchmarked)   request p50/p90 "
         f"{chosen.latency['request_p50_ms']:.1f} / {chosen.latency['request_p90_ms']:.1f} ms   size {chosen.size_mb:.0f} MB"
         f"   {chosen.memory_source} {fmt(chosen.memory_mb, '.0f', 'unknown')}{' MB' * (chosen.memory_mb is not None)}\n"
