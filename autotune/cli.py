@@ -192,9 +192,10 @@ class SearchContext:
     ws: object
     storage: str
     study: object
+    claim: object = None  # the output folder's lock (search and select hold it; workers share theirs)
 
 
-def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
+def _prepare_search(args, argv: list[str], join: bool = False, claim: bool = True) -> SearchContext:
     import secrets
 
     import yaml
@@ -222,6 +223,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
     else:
         space = SearchSpace.from_dict(yaml.safe_load(space_text), where="the study's search space")
     out = report.output_dir(args.output)
+    held = report.claim_output(out) if claim else None  # before the study is touched
     artifacts = Path(args.artifacts).expanduser() if getattr(args, "artifacts", None) else out / "cache"
     ws = _workspace(args, out, info, profile, artifacts)
     shape = model_shape(ws.base)
@@ -242,7 +244,7 @@ def _prepare_search(args, argv: list[str], join: bool = False) -> SearchContext:
                        per_hardware=getattr(args, "per_profile", False), join=join)
     ws.threads = study.user_attrs["measure_threads"]  # the study's, when --threads was not given
     args.study = study.study_name  # STUDY@HARDWARE under --per-profile
-    return SearchContext(args, argv, settings, info, profile, space, out, ws, storage, study)
+    return SearchContext(args, argv, settings, info, profile, space, out, ws, storage, study, held)
 
 
 def _run_trials(ctx: SearchContext) -> None:
@@ -250,7 +252,7 @@ def _run_trials(ctx: SearchContext) -> None:
     from autotune.live import console, search_view
     from autotune.search import Search, open_storage, requeue_interrupted
 
-    if not ctx.args.storage:  # one process owns a local SQLite study: RUNNING trials there are dead
+    if not ctx.args.storage:  # a local study, and this process holds its folder: RUNNING trials there are dead
         requeued = requeue_interrupted(ctx.study)
         if requeued:
             console.print(f"resuming: {requeued} interrupted trial(s) queued again")
@@ -318,7 +320,7 @@ def _args_from_study(args) -> argparse.Namespace:
 def cmd_worker(args) -> int:
     from autotune.live import console
 
-    ctx = _prepare_search(_args_from_study(args), [], join=True)
+    ctx = _prepare_search(_args_from_study(args), [], join=True, claim=False)
     if ctx.args.study != args.study:
         console.print(f"this machine's hardware differs from study '{args.study}''s; joining the per-hardware "
                       f"study {ctx.args.study}")

@@ -20,7 +20,7 @@ import optuna
 from rich.console import Console
 
 from autotune.bounds import Bounds, binding_text, fix_for, memory_of, outcomes, trial_figures, unmet
-from autotune.cache import file_lock
+from autotune.cache import atomic_write_text, file_lock
 from autotune.candidate import CandidateSpec, Workspace, run_candidate
 from autotune.card import LATENCY_FIELDS, Baseline, FrontMember, final_table, write_failure_report, write_outputs
 from autotune.dashboard import write_study_note
@@ -264,6 +264,32 @@ def output_dir(path: str) -> Path:
     except OSError as exc:
         raise UserError(f"--output {out} is not writable ({exc.strerror}); choose another folder") from exc
     return out
+
+
+OWNER = ".autotune-owner"  # who holds an output folder (the lock beside it is what holds it)
+
+
+def claim_output(out: Path):
+    """Hold ``out`` for this process: a second search or selection on the same folder refuses in one line
+    instead of trampling this one's study and ``best/``. The lock is the OS's and goes with the process,
+    however it ends (kill -9 included). Returns it: keep a reference for as long as the folder is used."""
+    import datetime
+    import os
+    import socket
+
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out / ".autotune.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        owner = out / OWNER
+        holder = owner.read_text().strip() if owner.is_file() else "another autotune process"
+        raise UserError(f"--output {out} is in use by {holder}; wait for it to finish or choose another --output "
+                        "(more processes on one study: --storage URL and `autotune worker`)") from None
+    started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    atomic_write_text(out / OWNER, f"autotune (pid {os.getpid()} on {socket.gethostname()}, since {started})")
+    return lock
 
 
 def prune(ws: Workspace, study: optuna.Study, keep: list[optuna.trial.FrozenTrial], keep_specs=()) -> int:

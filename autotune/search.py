@@ -319,10 +319,12 @@ def counted_trials(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.
     """Trials that count towards ``--trials``: complete ones, and failures that stay failed.
 
     Not counted: trials interrupted by Ctrl-C (a rerun retries them) and trials of a worker that
-    died (its heartbeat stopped; ``RetryFailedTrialCallback`` queued a retry that lists it in
+    died (its heartbeat stopped; ``RetryHeartbeatStaleTrialCallback`` queued a retry that lists it in
     its ``retry_history``).
     """
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
     return [t for t in trials
             if t.state == optuna.trial.TrialState.COMPLETE
             or (t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED
@@ -441,6 +443,7 @@ def _check_settings(name: str, recorded: dict[str, Any], attrs: dict[str, Any]) 
 
 
 HEARTBEAT_S = 10  # env AUTOTUNE_HEARTBEAT_S overrides
+MAX_RETRY = 2  # a trial whose process died is run again at most this often
 GRACE_S = 30  # env AUTOTUNE_GRACE_S overrides: a trial whose worker is silent this long is failed and retried
 
 
@@ -458,15 +461,12 @@ def _seconds_from_env(name: str, default: int) -> int:
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """Optuna's RDB storage for ``url``.
-
-    Shared (non-SQLite) storages get heartbeats: a worker that dies mid-trial stops
-    beating, and after the grace period any worker marks its trial failed and
-    ``RetryFailedTrialCallback`` queues the same parameters again.
+    """Optuna's RDB storage for ``url``, with heartbeats (SQLite too): a process that dies mid-trial stops
+    beating, and after the grace period any process on the study marks its trial failed
+    (``fail_stale_trials``, before each trial) and ``RetryHeartbeatStaleTrialCallback`` queues it again. A trial
+    whose process still beats is never failed by another.
     """
-    if url.startswith("sqlite"):
-        return optuna.storages.RDBStorage(url)
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     url = _with_driver(url)
     heartbeat = _seconds_from_env("AUTOTUNE_HEARTBEAT_S", HEARTBEAT_S)
@@ -476,7 +476,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     try:
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=heartbeat, grace_period=grace,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
             # A host that drops packets would otherwise hang until the OS gives up.
             engine_kwargs={"connect_args": {"connect_timeout": 10}} if url.startswith("postgres") else None,
         )
@@ -499,25 +499,35 @@ def _with_driver(url: str) -> str:
     raise UserError("--storage: PostgreSQL needs a driver: pip install psycopg2-binary (or autotune[postgres])")
 
 
-def requeue_interrupted(study: optuna.Study) -> int:
-    """Retry what a stopped run did not finish (single-process storages only).
+# What the scheduler fixes when it enqueues a trial (autotune.schedule.Work.attrs): a retry keeps them.
+SCHEDULED_ATTRS = ("role", "steps", "trajectory", "from_trial", "export_index", "start")
 
-    Trials left RUNNING by a killed process are marked failed; those and trials failed
-    by Ctrl-C get their parameters enqueued again, unless a later trial has them.
+
+def requeue_interrupted(study: optuna.Study) -> int:
+    """Retry what a stopped run of a local study did not finish; call it holding the output folder
+    (:func:`autotune.report.claim_output`), which proves no other process runs this study's trials.
+
+    A trial left RUNNING is then a killed process's: it is failed and queued again as Optuna's
+    heartbeat would have done once its grace period passed (``RetryHeartbeatStaleTrialCallback``), only
+    without the wait. A trial failed by Ctrl-C is queued again with what the scheduler fixed for it,
+    unless a later trial has its parameters. Returns how many trials were queued again.
     """
-    storage = study._storage  # Optuna exposes state changes of other trials only here
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        storage.set_trial_user_attr(trial._trial_id, "fail_reason", INTERRUPTED)
-        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-    trials = study.get_trials(deepcopy=False)
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     count = 0
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        retry(study, study.get_trials(deepcopy=False)[trial.number])
+        count += 1
+    trials = study.get_trials(deepcopy=False)
+    requeued = {t.user_attrs.get("retry_of") for t in trials}
     for trial in trials:
         if trial.state != optuna.trial.TrialState.FAIL or trial.user_attrs.get("fail_reason") != INTERRUPTED:
             continue
-        retried = any(t.number > trial.number and t.params == trial.params for t in trials)
-        waiting = any(t.state == optuna.trial.TrialState.WAITING and t.system_attrs.get("fixed_params") == trial.params
-                      for t in trials)
-        if not retried and not waiting and trial.params:
-            study.enqueue_trial(trial.params)
+        retried = trial.number in requeued or any(t.number > trial.number and t.params == trial.params for t in trials)
+        if not retried and trial.params:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **{
+                k: trial.user_attrs[k] for k in SCHEDULED_ATTRS if k in trial.user_attrs}})
             count += 1
     return count

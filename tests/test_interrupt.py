@@ -301,11 +301,39 @@ def test_kill_9_then_rerun_loses_nothing(point: str, tmp_path: Path, tiny_model_
     figures = assert_resumed_without_loss(out, before, adapters_before, rerun)
     if running:  # the trial the kill cut short was retried, not lost
         assert "interrupted trial(s) queued again" in rerun.stderr + rerun.stdout
-        retried = [t for t in load_trials(out) if t.number in running]
-        assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("fail_reason") == INTERRUPTED
-                   for t in retried)
+        trials = load_trials(out)
+        again = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+        assert all(trials[n].state == optuna.trial.TrialState.FAIL and n in again for n in running)
     FIGURES[f"kill -9 {point}"] = {**figures, "partials_at_kill": len(left), "running_at_kill": len(running),
                                    "survived": True}
+
+
+# --------------------------------------------------------------------------- a second run on the same folder
+
+
+def test_a_second_run_on_the_same_folder_leaves_the_first_alone(tmp_path: Path, tiny_model_dir, tiny_dataset,
+                                                                slow_space) -> None:
+    """While a search trains, the same command again refuses in one line; the first's trial stays RUNNING and
+    the first goes on to finish its trials."""
+    out = tmp_path / "out"
+    command = search_command(tiny_model_dir, tiny_dataset, slow_space, out, trials=2)
+    first = start(command, tmp_path / "first")
+    try:
+        wait_for(first, lambda: _training(out, first), 300, "the first run training", tmp_path / "first")
+        running = [t.number for t in load_trials(out) if t.state == optuna.trial.TrialState.RUNNING]
+        second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert last_line(second.stderr).startswith(f"error: --output {out} is in use by autotune (pid {first.pid} ")
+        trials = load_trials(out)
+        assert running and all(trials[n].state == optuna.trial.TrialState.RUNNING for n in running), \
+            [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+        first.wait(timeout=600)
+    finally:
+        if first.poll() is None:
+            stop_group(first, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 0, _tail(tmp_path / "first")
+    assert all(load_trials(out)[n].state == optuna.trial.TrialState.COMPLETE for n in running)
 
 
 # --------------------------------------------------------------------------- Ctrl-C
