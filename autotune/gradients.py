@@ -15,8 +15,11 @@ from autotune.packing import consecutive_parts, packed_inputs
 
 
 def accumulate_gradients(model, batch: Sequence[tuple[list[int], list[int]]], pad_id: int, device: str, packed: bool,
-                         pass_tokens: int = 0, groups: int = 1) -> float:
-    """Forward and backward of one step's batch; returns its mean answer-token loss.
+                         pass_tokens: int = 0, groups: int = 1, loss_scale=None) -> float:
+    """Forward and backward of one step's batch; returns its mean answer-token loss (unscaled).
+
+    ``loss_scale`` (a tensor, from :func:`autotune.train.loss_scaler`) multiplies the loss before the
+    backward pass, and so every gradient: fp16 training unscales them before the optimizer step.
 
     The batch is cut into ``groups`` consecutive groups of examples of about equal tokens, and each
     group runs in consecutive parts of at most ``pass_tokens`` computed tokens (0: in one pass; an
@@ -50,7 +53,8 @@ def accumulate_gradients(model, batch: Sequence[tuple[list[int], list[int]]], pa
                 loss = _packed_loss(model, part, device) if packed else _padded_loss(model, part, pad_id, device)
                 share = sum(scored[first:last]) / total
                 # Inside the layout: a checkpointed layer's recompute draws the same masks.
-                part_grads = torch.autograd.grad(loss * share, params, allow_unused=True)
+                scaled = loss * share if loss_scale is None else loss * share * loss_scale
+                part_grads = torch.autograd.grad(scaled, params, allow_unused=True)
             grads = part_grads if grads is None else [_add(a, b) for a, b in zip(grads, part_grads)]
             loss_sum += loss.item() * share
         return loss_sum, grads

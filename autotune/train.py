@@ -30,8 +30,8 @@ from autotune.quantize import Int4Grid
 # autotune.packing) changes the adapters it trains: it is part of every adapter's cache key. 3: each packed
 # example attends on its own, in fp32 on the CPU. 4: int4-aware adapters get their straight-through gradients
 # from one LoRA pass, and a step's gradients are summed group by group (the same gradients, summed in another
-# order).
-CODE_VERSION = 4
+# order). 5: fp16 training scales its loss (dynamic, torch.amp.GradScaler).
+CODE_VERSION = 5
 METHODS = ("lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
 # wsd (warmup-stable-decay): a run of N steps is a run of M < N steps up to M's decay, so a longer run
@@ -70,6 +70,10 @@ class TrainSpec:
     gradient, summed in order (:func:`~autotune.gradients.accumulate_gradients`): on a CPU with
     two or more threads the groups run at once; ``pass_tokens`` bounds the tokens of each forward
     pass within a group.
+    Training against fp16 frozen weights (the ``cuda`` profile: GPUs without bf16) scales the loss, so
+    that small gradients do not underflow fp16 on their way back (:func:`loss_scaler`): by
+    ``loss_scale`` at first, halved when a step's gradients overflow (that step is skipped), doubled
+    after ``loss_scale_growth`` steps without. bf16 and fp32 have fp32's range and are not scaled.
     """
 
     method: str = "lora"
@@ -95,6 +99,8 @@ class TrainSpec:
     gradient_checkpointing: str = "auto"
     int4_aware: bool = False
     int4_block_size: int = 32
+    loss_scale: float = 2.0**16
+    loss_scale_growth: int = 2000
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -123,6 +129,8 @@ class TrainSpec:
             raise UserError("weight decay and max grad norm must be >= 0, min lr ratio in [0, 1] and warm-up fraction in [0, 1)")
         if self.warmup_steps < 0 or not 0 < self.decay_fraction <= 1:
             raise UserError("warm-up steps must be >= 0 and the decay fraction in (0, 1]")
+        if not self.loss_scale >= 1 or self.loss_scale_growth < 1:
+            raise UserError("the loss scale must be >= 1 and its growth interval at least 1 step")
 
     def int4_grid(self) -> Int4Grid | None:
         """The export grid this adapter is trained against, or None for plain training."""
@@ -249,6 +257,16 @@ def _peft_model(base: BaseModel, spec: TrainSpec, device: str, dtype: str, trust
 
 
 
+def loss_scaler(spec: TrainSpec, device: str, dtype: str):
+    """A ``torch.amp.GradScaler`` for training against fp16 weights, None for bf16 and fp32 (fp32's range:
+    nothing underflows that fp32 keeps)."""
+    if dtype != "float16":
+        return None
+    import torch
+
+    return torch.amp.GradScaler(device, init_scale=spec.loss_scale, growth_interval=spec.loss_scale_growth)
+
+
 def _batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
     """Shuffled epochs, cut into ``steps`` batches (an epoch boundary may fall mid-batch)."""
     rng = random.Random(seed)
@@ -313,23 +331,34 @@ def train_adapter(
     # A model with its own code may not build its mask from packed position ids; padding gives the same loss.
     packed = spec.batching == "packed" and not trust_remote_code
     order = _batches(len(encoded), spec.batch_size, spec.steps, spec.seed)
-    first, losses = trajectory.load(resume_from, model, optimizer) if resume_from else (0, [])
+    scaler = loss_scaler(spec, device, dtype)
+    first, losses = trajectory.load(resume_from, model, optimizer, scaler) if resume_from else (0, [])
+    skipped = 0
     start = time.perf_counter()
     for step in range(first, spec.steps):
         for group in optimizer.param_groups:  # what LambdaLR(optimizer, spec.lr_factor) sets, from any step
             group["lr"] = spec.learning_rate * spec.lr_factor(step)
+        scale = scaler.scale(torch.ones((), device=device)) if scaler else None  # this step's loss scale
         loss = accumulate_gradients(model, [encoded[i] for i in order[step]], tokenizer.pad_token_id, device, packed,
-                                    spec.pass_tokens, spec.step_groups)
+                                    spec.pass_tokens, spec.step_groups, scale)
         if not math.isfinite(loss):
             raise UserError(f"training diverged (loss {loss}) at step {step}; lower the learning rate")
+        if scaler:
+            scaler.unscale_(optimizer)  # the gradients' true size, for clipping; an overflow is noted
         if spec.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-        optimizer.step()
+        if scaler:
+            before = scaler.get_scale()
+            scaler.step(optimizer)  # skipped if the scaled gradients overflowed fp16
+            scaler.update()
+            skipped += scaler.get_scale() < before
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss)
         trim_heap()  # packed lengths vary per step; without this glibc's heap grows ~0.3 GB by fragmentation
         if checkpoint_to is not None and step + 1 == spec.stable_steps < spec.steps:
-            trajectory.save(checkpoint_to, model, optimizer, step + 1, losses)
+            trajectory.save(checkpoint_to, model, optimizer, step + 1, losses, scaler)
         if on_step is not None:
             on_step(step + 1, losses[-1])
     seconds = time.perf_counter() - start
@@ -342,7 +371,8 @@ def train_adapter(
                          resumed_at_step=first)
     (out_dir / "train_log.json").write_text(json.dumps(
         {"spec": asdict(spec), "losses": losses, "seconds": seconds, "threads": threads, "checkpointing": checkpointing,
-         "resumed_at_step": first}, indent=1))
+         "resumed_at_step": first, "loss_scale": scaler.get_scale() if scaler else None,
+         "overflow_steps_skipped": skipped if scaler else None}, indent=1))
     return result
 
 def read_train_log(adapter_dir: Path) -> TrainResult:

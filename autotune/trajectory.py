@@ -11,7 +11,8 @@ promising ones (:mod:`autotune.schedule`).
 
 A checkpoint is a folder: the trainable (LoRA) weights, the optimizer state and torch's
 random state (each step draws its dropout seed from it) in one safetensors file, and the
-step, the losses so far and the optimizer's settings in JSON.
+step, the losses so far, the optimizer's settings and (fp16 training) the loss scaler's state
+in JSON.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def latest(trajectory: Path, at_most: int) -> Path | None:
     return step_dir(trajectory, max(steps)) if steps else None
 
 
-def save(folder: Path, model, optimizer, step: int, losses: list[float]) -> None:
+def save(folder: Path, model, optimizer, step: int, losses: list[float], scaler=None) -> None:
     """Write the trainable weights and the optimizer state after ``step`` steps into ``folder``."""
     import torch
     from safetensors.torch import save_file
@@ -54,11 +55,12 @@ def save(folder: Path, model, optimizer, step: int, losses: list[float]) -> None
     # Whole or not at all, and never swept from under the writer (cache.sweep_partials takes the lock).
     with file_lock(folder), atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / CHECKPOINT))
-        (tmp / STATE).write_text(json.dumps({"step": step, "losses": losses, "param_groups": state["param_groups"]}))
+        (tmp / STATE).write_text(json.dumps({"step": step, "losses": losses, "param_groups": state["param_groups"],
+                                             "scaler": scaler.state_dict() if scaler else None}))
 
 
-def load(folder: Path, model, optimizer) -> tuple[int, list[float]]:
-    """Restore what :func:`save` wrote into ``model`` and ``optimizer``; return (step, losses)."""
+def load(folder: Path, model, optimizer, scaler=None) -> tuple[int, list[float]]:
+    """Restore what :func:`save` wrote into ``model``, ``optimizer`` and ``scaler``; return (step, losses)."""
     import torch
     from safetensors.torch import load_file
 
@@ -75,4 +77,6 @@ def load(folder: Path, model, optimizer) -> tuple[int, list[float]]:
             state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng/torch"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     return meta["step"], list(meta["losses"])

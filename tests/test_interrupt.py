@@ -313,7 +313,7 @@ def test_kill_9_then_rerun_loses_nothing(point: str, tmp_path: Path, tiny_model_
 
 def test_a_second_run_on_the_same_folder_leaves_the_first_alone(tmp_path: Path, tiny_model_dir, tiny_dataset,
                                                                 slow_space) -> None:
-    """While a search trains, the same command again refuses in one line; the first's trial stays RUNNING and
+    """While a search trains, the same command again refuses in one line; the first's trial is not failed and
     the first goes on to finish its trials."""
     out = tmp_path / "out"
     command = search_command(tiny_model_dir, tiny_dataset, slow_space, out, trials=2)
@@ -324,9 +324,9 @@ def test_a_second_run_on_the_same_folder_leaves_the_first_alone(tmp_path: Path, 
         second = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
         assert last_line(second.stderr).startswith(f"error: --output {out} is in use by autotune (pid {first.pid} ")
-        trials = load_trials(out)
-        assert running and all(trials[n].state == optuna.trial.TrialState.RUNNING for n in running), \
-            [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+        trials = load_trials(out)  # still running, or finished since: not failed by the second run
+        assert running and all(trials[n].state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE)
+                               for n in running), [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
         first.wait(timeout=600)
     finally:
         if first.poll() is None:

@@ -186,7 +186,7 @@ def test_padded_batching_trains(base, splits, tmp_path):
 @pytest.mark.parametrize("change", [
     {"optimizer": "sgd"}, {"weight_decay": 0.01}, {"max_grad_norm": 0.5}, {"lr_schedule": "linear"},
     {"min_lr_ratio": 0.0}, {"warmup_fraction": 0.2}, {"batching": "padded"}, {"pass_tokens": 64}, {"gradient_checkpointing": "on"},
-    {"warmup_steps": 3}, {"decay_fraction": 0.3},
+    {"warmup_steps": 3}, {"decay_fraction": 0.3}, {"loss_scale": 2.0**12}, {"loss_scale_growth": 100},
 ])
 def test_changing_a_training_constant_misses_the_adapter_cache(base, splits, tmp_path, change):
     ws = Workspace(root=tmp_path, base=base, splits=splits)
@@ -213,27 +213,97 @@ def test_wsd_runs_share_their_stable_part():
     assert short.lr_factor(24) < 1.0
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_a_longer_run_continues_a_shorter_ones_checkpoint_to_the_same_adapter(base, splits, tmp_path, method):
+@pytest.mark.parametrize("method, dtype", [("lora", "float32"), ("qlora", "float32"), ("lora", "float16")])
+def test_a_longer_run_continues_a_shorter_ones_checkpoint_to_the_same_adapter(base, splits, tmp_path, method, dtype):
     """The adapter of 10 steps continued from the 5-step run's stable checkpoint is the fresh 10-step adapter,
-    bit for bit (weights, and the losses of every step)."""
+    bit for bit (weights, and the losses of every step). In fp16 the loss scale starts high enough that the
+    first steps overflow: the checkpoint carries the scale those steps lowered."""
     import torch
     from safetensors.torch import load_file
 
     from autotune import trajectory
 
     short = TrainSpec(method=method, rank=4, alpha=8.0, steps=5, batch_size=4, learning_rate=1e-3, warmup_steps=2,
-                      dropout=0.1)
+                      dropout=0.1, loss_scale=2.0**20)
     long = replace(short, steps=10)
     saved = trajectory.step_dir(tmp_path / "trajectory", short.stable_steps)
-    train_adapter(base, splits, short, tmp_path / "short", threads=1, checkpoint_to=saved)
+    train_adapter(base, splits, short, tmp_path / "short", threads=1, checkpoint_to=saved, dtype=dtype)
     assert trajectory.latest(tmp_path / "trajectory", long.stable_steps) == saved
-    continued = train_adapter(base, splits, long, tmp_path / "continued", threads=1, resume_from=saved)
-    fresh = train_adapter(base, splits, long, tmp_path / "fresh", threads=1)
+    continued = train_adapter(base, splits, long, tmp_path / "continued", threads=1, resume_from=saved, dtype=dtype)
+    fresh = train_adapter(base, splits, long, tmp_path / "fresh", threads=1, dtype=dtype)
+    if dtype == "float16":
+        assert json.loads((tmp_path / "short" / "train_log.json").read_text())["overflow_steps_skipped"] > 0
     assert continued.losses == fresh.losses and len(fresh.losses) == 10
     a, b = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("continued", "fresh"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "continued" / "train_log.json").read_text())["resumed_at_step"] == 4
+
+
+# --------------------------------------------------------------------------- fp16: loss scaling
+
+
+def test_only_fp16_training_scales_its_loss():
+    import torch
+
+    from autotune.train import loss_scaler
+
+    spec = TrainSpec(loss_scale=2.0**12, loss_scale_growth=500)
+    scaler = loss_scaler(spec, "cpu", "float16")
+    assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() == 2.0**12
+    assert scaler.get_growth_interval() == 500
+    assert loss_scaler(spec, "cpu", "bfloat16") is None and loss_scaler(spec, "cpu", "float32") is None
+
+
+def test_scaled_fp16_gradients_keep_what_unscaled_ones_flush_to_zero(tiny_model_dir, splits, tmp_path):
+    """A model whose gradients are small (~1e-6: its tied embeddings and head scaled down 1000x, as a confident
+    model's late in training): one step's LoRA gradients against fp16 weights, unscaled, lose a sixth of their
+    entries to zero and differ from fp32's by 2%; scaled by 2^16 as training does, none and 0.2% (measured here).
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from autotune.models import resolve_model
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "small-gradients")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v * 1e-3 if "embed" in k else v for k, v in weights.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    small = resolve_model(str(folder))
+    tokenizer = load_tokenizer(small)
+    batch = [encode_example(e, tokenizer, False) for e in splits.train[:4]]
+    spec = TrainSpec(rank=4, alpha=8.0, dropout=0.0)
+
+    def gradients(dtype: str, scale: float | None):
+        torch.manual_seed(0)
+        model = _peft_model(small, spec, "cpu", dtype, False, False)
+        with torch.no_grad():  # non-zero B, the same in every model, so that A gets gradients too
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+        accumulate_gradients(model, batch, tokenizer.pad_token_id, "cpu", True, 0, 1,
+                             None if scale is None else torch.tensor(scale))
+        return torch.cat([p.grad.flatten().float() / (scale or 1.0) for p in model.parameters() if p.requires_grad])
+
+    fp32 = gradients("float32", None)
+    assert fp32.abs().median() < 1e-5 and (fp32 == 0).float().mean() == 0
+    for scale, zeros, error in ((None, (0.05, 1.0), (0.01, 1.0)), (2.0**16, (0.0, 0.0), (0.0, 0.005))):
+        fp16 = gradients("float16", scale)
+        assert zeros[0] <= (fp16 == 0).float().mean() <= zeros[1], scale
+        assert error[0] <= (fp16 - fp32).norm() / fp32.norm() <= error[1], scale
+
+
+def test_a_step_whose_scaled_gradients_overflow_is_skipped_and_the_scale_halves(base, splits, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    spec = TrainSpec(rank=4, alpha=8.0, steps=3, batch_size=4, learning_rate=1e-3, loss_scale=2.0**40)
+    train_adapter(base, splits, spec, tmp_path / "adapter", threads=1, dtype="float16")
+    log = json.loads((tmp_path / "adapter" / "train_log.json").read_text())
+    assert log["overflow_steps_skipped"] == 3 and log["loss_scale"] == 2.0**37
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.count_nonzero(w) == 0 for k, w in weights.items() if "lora_B" in k)  # no step was applied
 
 
 def test_model_shape_counts_parameters_from_the_config(base, tmp_path):
