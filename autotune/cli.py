@@ -77,7 +77,7 @@ def _workspace(args, out: Path, info, profile, root: Path | None = None):
     from autotune.export import check_export_memory
     from autotune.hardware import choose_threads
     from autotune.models import resolve_model
-    from autotune.search import hardware_identity
+    from autotune.study import hardware_identity
 
     splits = load_splits(_data_config(args))  # cheap and most likely to be wrong: check first
     base = resolve_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
@@ -205,8 +205,9 @@ def _prepare_search(args, argv: list[str], join: bool = False, claim: bool = Tru
     from autotune.gpu_memory import check_bound
     from autotune.models import model_shape
     from autotune.profile_choice import qlora_enabled
-    from autotune.search import SearchSettings, hardware_identity, open_study
+    from autotune.search import SearchSettings
     from autotune.space import SearchSpace, default_space_path
+    from autotune.study import hardware_identity, open_study
 
     # A worker samples with its own seed: with the study's, all workers would propose the same
     # candidates at the same moments, and all but one of those trials would be duplicates.
@@ -250,7 +251,8 @@ def _prepare_search(args, argv: list[str], join: bool = False, claim: bool = Tru
 def _run_trials(ctx: SearchContext) -> None:
     from autotune.dashboard import TrialRecorder, artifact_dir
     from autotune.live import console, search_view
-    from autotune.search import Search, open_storage, requeue_interrupted
+    from autotune.search import Search
+    from autotune.study import open_storage, requeue_interrupted
 
     if not ctx.args.storage:  # a local study, and this process holds its folder: RUNNING trials there are dead
         requeued = requeue_interrupted(ctx.study)
@@ -275,7 +277,7 @@ def _run_trials(ctx: SearchContext) -> None:
 
 def _select(ctx: SearchContext) -> int:
     from autotune.report import select_and_write
-    from autotune.search import open_storage
+    from autotune.study import open_storage
 
     return select_and_write(ctx.study, ctx.ws, ctx.settings, ctx.out, hardware=ctx.info.to_dict(),
                             profile=ctx.profile.to_dict(), argv=ctx.argv, keep_all=ctx.args.keep_all,
@@ -293,7 +295,7 @@ def _args_from_study(args) -> argparse.Namespace:
     import optuna
 
     from autotune.errors import first_line
-    from autotune.search import open_storage
+    from autotune.study import open_storage
 
     try:
         summaries = optuna.study.get_all_study_summaries(open_storage(args.storage), include_best_trial=False)

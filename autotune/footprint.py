@@ -62,7 +62,7 @@ def footprint(ws: Workspace, export: ExportSpec, with_memory: bool) -> Footprint
         return Footprint(size)
     prompts, answers = ws.prompts("validation")
     key = content_key("footprint", cache.SCHEMA_VERSION, MEASURE_VERSION, cache.library_versions(*MEASURE_LIBRARIES),
-                      ws.export_key(spec), ws.threads or 1)
+                      ws.export_key(spec), ws.threads or 1, ws.device)  # memory is the device's: in the key
     path = ws.root / "footprints" / f"{key}.json"
     if not path.is_file():
         measured = measure(model_dir, prompts[:MEMORY_PROMPTS], answers[:MEMORY_PROMPTS], ws.splits.labels,

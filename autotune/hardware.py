@@ -164,7 +164,7 @@ def _cpu_model() -> str:
 
 def device_name(cuda: bool) -> str:
     """What measures a model here: the first CUDA GPU's name on a CUDA profile, else the CPU's model (the
-    ``device`` of a study's hardware identity, :func:`autotune.search.hardware_identity`)."""
+    ``device`` of a study's hardware identity, :func:`autotune.study.hardware_identity`)."""
     gpus = _probe_gpus() if cuda else ()
     return gpus[0].name if gpus else _guard(_cpu_model, "unknown CPU")
 

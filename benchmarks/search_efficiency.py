@@ -86,7 +86,8 @@ def replay(ws, space, table: dict, sampler: str, seed: int, budget: int) -> tupl
     measured, replayed seconds until then, evaluations in all)."""
     from autotune.candidate import CandidateResult
     from autotune.errors import CandidateError
-    from autotune.search import Search, SearchSettings, open_study
+    from autotune.search import Search, SearchSettings
+    from autotune.study import open_study
 
     def evaluate(ws, spec, on_stage=None, **_):
         row = table.get(ws.export_key(spec))

@@ -22,7 +22,8 @@ from autotune.dashboard import TrialRecorder
 from autotune.data import DataConfig, load_splits
 from autotune.live import SearchView
 from autotune.report import feasible_pool
-from autotune.search import Search, SearchSettings, best_trial, open_storage, open_study, selection_candidate
+from autotune.search import Search, SearchSettings, best_trial, selection_candidate
+from autotune.study import open_storage, open_study
 from autotune.selection import rank
 from autotune.space import SearchSpace
 from conftest import LABELS, write_jsonl

@@ -180,7 +180,8 @@ def test_weights_are_hashed_once_per_file(model_copy, monkeypatch):
 
 
 def test_a_study_refuses_a_model_whose_files_differ(tmp_path):
-    from autotune.search import SearchSettings, open_study
+    from autotune.search import SearchSettings
+    from autotune.study import open_study
 
     url = f"sqlite:///{tmp_path / 'study.db'}"
     settings = SearchSettings()

@@ -18,7 +18,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from autotune.errors import UserError
 from autotune.report import claim_output
-from autotune.search import INTERRUPTED, SearchSettings, counted_trials, open_storage, open_study, requeue_interrupted
+from autotune.search import INTERRUPTED, SearchSettings, counted_trials
+from autotune.study import open_storage, open_study, requeue_interrupted
 from conftest import run_cli
 
 S = optuna.trial.TrialState
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_no_private_optuna_attributes() -> None:
-    for module in ("search", "dashboard", "report", "constraints", "cli"):
+    for module in ("search", "study", "dashboard", "report", "constraints", "cli"):
         text = (ROOT / "autotune" / f"{module}.py").read_text()
         assert not re.search(r"\._(storage|trial_id|study_id)\b", text), module
 

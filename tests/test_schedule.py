@@ -15,7 +15,8 @@ import pytest
 from autotune.candidate import CandidateResult, Workspace
 from autotune.data import DataConfig, load_splits
 from autotune.measure import Latency, Measurement, Request, score
-from autotune.search import Search, SearchSettings, open_study
+from autotune.search import Search, SearchSettings
+from autotune.study import open_study
 from autotune.space import SearchSpace
 from conftest import LABELS, write_jsonl
 

@@ -16,7 +16,8 @@ import pytest
 
 from autotune.errors import UserError
 from autotune.hardware import GpuInfo, HardwareInfo
-from autotune.search import SearchSettings, hardware_identity, open_study, per_hardware_name
+from autotune.search import SearchSettings
+from autotune.study import hardware_identity, open_study, per_hardware_name
 from conftest import run_cli
 
 SETTINGS = SearchSettings(trials=2)

@@ -227,7 +227,7 @@ def test_worker_refuses_another_profile_unless_per_profile(s1: SharedRun) -> Non
     proc = run_cli("worker", "--storage", url, "--study", "s3", "--per-profile", "--trials", "1",
                    "--artifacts", str(tmp / "shared3"), "-o", str(tmp / "out3"), "--threads", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    from autotune.search import HARDWARE_KEYS, per_hardware_name
+    from autotune.study import HARDWARE_KEYS, per_hardware_name
 
     name = per_hardware_name("s3", {k: load(url, "s1").user_attrs[k] for k in HARDWARE_KEYS})  # this machine's
     assert name.startswith(f"s3@{here}-1t-") and name in proc.stdout + proc.stderr
