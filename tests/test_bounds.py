@@ -82,8 +82,9 @@ def test_memory_is_peak_rss_on_cpu_and_gpu_memory_on_cuda() -> None:
     assert (cpu.memory_mb, cpu.memory_source) == (300.0, "peak RSS")
     cuda = trial_figures(_trial(2, 0.5, 10.0, 20.0, rss=300.0, provider="cuda", gpu=900.0))
     assert (cuda.memory_mb, cuda.memory_source) == (900.0, "GPU memory")
-    unmeasured = trial_figures(_trial(3, 0.5, 10.0, 20.0, rss=300.0, provider="cuda"))  # NVML unavailable
-    assert (unmeasured.memory_mb, unmeasured.memory_source) == (300.0, "peak RSS")
+    unmeasured = trial_figures(_trial(3, 0.5, 10.0, 20.0, rss=300.0, provider="cuda"))  # NVML could not say
+    assert (unmeasured.memory_mb, unmeasured.memory_source) == (None, "GPU memory")  # unknown, not the host's RSS
+    assert not Bounds(max_memory_mb=10_000.0).meets(unmeasured)
     assert Bounds(max_memory_mb=500.0).constraint_values(cpu)[2] == pytest.approx(-200.0)
     assert Bounds(max_memory_mb=500.0).constraint_values(cuda)[2] == pytest.approx(400.0)
 

@@ -254,23 +254,30 @@ def test_only_fp16_training_scales_its_loss():
     assert loss_scaler(spec, "cpu", "bfloat16") is None and loss_scaler(spec, "cpu", "float32") is None
 
 
-def test_scaled_fp16_gradients_keep_what_unscaled_ones_flush_to_zero(tiny_model_dir, splits, tmp_path):
-    """A model whose gradients are small (~1e-6: its tied embeddings and head scaled down 1000x, as a confident
-    model's late in training): one step's LoRA gradients against fp16 weights, unscaled, lose a sixth of their
-    entries to zero and differ from fp32's by 2%; scaled by 2^16 as training does, none and 0.2% (measured here).
-    """
+@pytest.fixture(scope="module")
+def small_gradients(tiny_model_dir, tmp_path_factory):
+    """The tiny model with its tied embeddings and head scaled down 1000x: its gradients are ~1e-6, as a confident
+    model's are late in training."""
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     from autotune.models import resolve_model
 
-    folder = shutil.copytree(tiny_model_dir, tmp_path / "small-gradients")
+    folder = shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("small") / "small-gradients")
     weights = load_file(folder / "model.safetensors")
     save_file({k: v * 1e-3 if "embed" in k else v for k, v in weights.items()}, folder / "model.safetensors",
               metadata={"format": "pt"})
-    small = resolve_model(str(folder))
+    return resolve_model(str(folder))
+
+
+def test_scaled_fp16_gradients_keep_what_unscaled_ones_flush_to_zero(small_gradients, splits):
+    """One step's LoRA gradients against fp16 weights on the small-gradient model, unscaled, lose a sixth of
+    their entries to zero and differ from fp32's by 2%; scaled by 2^16 as training does, none and 0.2%
+    (measured here)."""
+    import torch
+
+    small = small_gradients
     tokenizer = load_tokenizer(small)
     batch = [encode_example(e, tokenizer, False) for e in splits.train[:4]]
     spec = TrainSpec(rank=4, alpha=8.0, dropout=0.0)
@@ -292,6 +299,20 @@ def test_scaled_fp16_gradients_keep_what_unscaled_ones_flush_to_zero(tiny_model_
         fp16 = gradients("float16", scale)
         assert zeros[0] <= (fp16 == 0).float().mean() <= zeros[1], scale
         assert error[0] <= (fp16 - fp32).norm() / fp32.norm() <= error[1], scale
+
+
+def test_an_fp16_training_step_moves_every_weight_an_fp32_step_moves(small_gradients, splits, tmp_path):
+    """One optimizer step on the small-gradient model: in fp32 every LoRA B entry moves; against fp16 weights
+    too, because the loss is scaled (unscaled, the entries whose gradients fp16 flushed to zero stay put)."""
+    import torch
+    from safetensors.torch import load_file
+
+    spec = TrainSpec(rank=4, alpha=8.0, steps=1, batch_size=4, dropout=0.0, learning_rate=1e-3, warmup_steps=0)
+    for dtype in ("float32", "float16"):
+        train_adapter(small_gradients, splits, spec, tmp_path / dtype, threads=1, dtype=dtype)
+        weights = load_file(str(tmp_path / dtype / "adapter_model.safetensors"))
+        b = torch.cat([w.flatten() for k, w in weights.items() if "lora_B" in k])  # zero before the step
+        assert b.numel() > 0 and torch.count_nonzero(b) == b.numel(), (dtype, (b == 0).float().mean())
 
 
 def test_a_step_whose_scaled_gradients_overflow_is_skipped_and_the_scale_halves(base, splits, tmp_path):
