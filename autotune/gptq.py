@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from autotune.checkpoint import Checkpoint, empty_model, loaded, module_names
 from autotune.quantize import Int4Grid, QuantizedWeight, _grid_of, _reciprocal
-from autotune.train import trim_heap
+from autotune.memory import trim_heap
 
 if TYPE_CHECKING:
     from collections.abc import Callable
