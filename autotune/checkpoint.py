@@ -48,11 +48,12 @@ class Checkpoint:
         return name in self._files
 
     def groups(self) -> list[list[str]]:
-        """The tensor names by decoder layer (``...layers.<i>.``), in file order; everything else is one group."""
+        """The tensor names by decoder layer (``...layers.<i>.``), in file order; every other tensor (the
+        embedding, the final norm, an untied head) is a group of its own."""
         groups: dict[str, list[str]] = {}
         for name in self._files:
             match = _LAYER.match(name)
-            groups.setdefault(match.group(1) if match else "", []).append(name)
+            groups.setdefault(match.group(1) if match else name, []).append(name)
         return list(groups.values())
 
     def read(self, names: Iterable[str], dtype: "torch.dtype | None" = None, device="cpu") -> dict[str, "torch.Tensor"]:

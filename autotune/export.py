@@ -13,13 +13,14 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.errors import CandidateError, UserError
-from autotune.models import BaseModel, model_shape
+from autotune.models import BaseModel
 from autotune.quantize import BLOCK_SIZES
-from autotune.memory import RUNTIME_BYTES, free_memory, release_memory
+from autotune.memory import calibrate_need, export_need, free_memory, merge_need, release_memory
 
 # Bump when a change to this module or to autotune.quantize changes the models it exports: it is part of every
 # export's cache key. 3: GPTQ calibrates on packed samples and rounds Linears sharing an input as one matrix.
@@ -238,25 +239,33 @@ def prequantize(hf_dir: Path, out_dir: Path, spec: ExportSpec, samples: list[lis
     return write_prequantized(hf_dir, out_dir, weights, grid)
 
 
-def export_memory_need(base: BaseModel) -> int:
-    """Bytes the merge and the builder hold at their peak: the runtime plus the fp32 model once.
+def export_stage_needs(base: BaseModel, spec: ExportSpec, lengths: Sequence[int] = (), merged: bool = True) -> dict[str, int]:
+    """Bytes each stage after training holds at its peak (:mod:`autotune.memory`), for ``spec`` with calibration
+    samples of ``lengths`` tokens: ``merge`` (when there is an adapter), ``calibrate`` (a pre-quantized int4) and
+    ``export`` (the builder)."""
+    needs = {"merge": merge_need(base)} if merged else {}
+    if spec.prequantized:
+        needs["calibrate"] = calibrate_need(base, spec, lengths)
+    needs["export"] = export_need(base, spec)
+    return needs
 
-    Both read the full-precision model (QLoRA adapters too are merged into the fp32 base); the
-    builder quantizes it layer by layer, so its output adds about a quarter on top.
-    """
-    return int(RUNTIME_BYTES + model_shape(base).parameters * 4 * 1.25)
 
+def check_export_memory(base: BaseModel, headroom: float, needs: dict[str, int] | None = None) -> None:
+    """Refuse a model whose merge and export cannot fit in free RAM, before that work starts.
 
-def check_export_memory(base: BaseModel, headroom: float) -> None:
-    """Refuse a model whose merge and export cannot fit in free RAM, before any work starts.
+    ``needs`` are the stages' predicted peaks (:func:`export_stage_needs`); without them, what the
+    cheapest export of ``base`` needs (an int4 whose weights autotune writes: merge, then the builder).
 
     Raises:
         CandidateError: with the memory needed and free (exit code 2 from the CLI).
     """
-    need, (free, _) = export_memory_need(base), free_memory("cpu")
+    if needs is None:
+        needs = export_stage_needs(base, ExportSpec("int4", symmetric=False))
+    stage, need = max(needs.items(), key=lambda item: item[1])
+    free, _ = free_memory("cpu")
     if need > free * headroom:
         raise CandidateError(
-            f"not enough free RAM to merge and export {base.name}: about {need / 2**30:.1f} GiB needed, "
+            f"not enough free RAM to {stage} {base.name}: about {need / 2**30:.1f} GiB needed, "
             f"{free / 2**30:.1f} GiB free ({headroom:.0%} usable); close other programs or choose a smaller --model"
         )
 

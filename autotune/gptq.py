@@ -136,11 +136,13 @@ def _calibrate_layer(layer, inputs: list, grid: Int4Grid, damping: float, fp32_w
 
     linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     seen: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_hook(functools.partial(_record_input, seen, name)) for name, m in linears.items()]
+    handles = [m.register_forward_pre_hook(functools.partial(_record_input, seen, name, len(linears)))
+               for name, m in linears.items()]
     groups, hessians, count = None, [], 0
     try:
         for args, kwargs in inputs:
-            layer(*args, **kwargs)
+            with contextlib.suppress(_Captured):
+                layer(*args, **kwargs)
             if groups is None:  # Linears handed the very same tensor share their input
                 groups = _shared_inputs(seen, list(linears))
                 hessians = [torch.zeros(linears[g[0]].in_features, linears[g[0]].in_features, device=seen[g[0]].device)
@@ -185,8 +187,12 @@ def _on_cpu(weight: QuantizedWeight) -> QuantizedWeight:
         weight.q.cpu(), weight.scales.cpu(), weight.zero_points.cpu())
 
 
-def _record_input(seen: dict, name: str, module, args, output) -> None:
+def _record_input(seen: dict, name: str, linears: int, module, args) -> None:
+    """A Linear's forward pre-hook: keep its input, and once all ``linears`` of the layer have theirs, stop
+    the forward (a calibration pass needs the inputs only: the last Linear's product is never computed)."""
     seen[name] = args[0]
+    if len(seen) == linears:
+        raise _Captured
 
 
 def _shared_inputs(seen: dict, names: list[str]) -> list[list[str]]:
@@ -230,7 +236,7 @@ def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid,
     codes = torch.empty(in_features, out_features, dtype=torch.uint8, device=wt.device)
     block_codes = torch.empty(block, out_features, device=wt.device)
     scales = torch.zeros(in_features // block, out_features, device=wt.device)
-    zeros = torch.zeros(in_features // block, out_features, device=wt.device)
+    zeros = torch.zeros(in_features // block, out_features, dtype=torch.uint8, device=wt.device)
     for start in range(0, in_features, block):
         end = start + block
         w1, hinv1 = wt[start:end], hinv[start:end, start:end]
@@ -252,11 +258,11 @@ def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid,
             w1[i + 1:].addr_(hinv1[i, i + 1:], error, alpha=-1)
         codes[start:end] = block_codes
         wt[end:].addmm_(hinv[start:end, end:].T, errors, alpha=-1)
-    return QuantizedWeight(codes.T, scales.T.contiguous(), zeros.T.to(torch.uint8))
+    return QuantizedWeight(codes.T.contiguous(), scales.T.contiguous(), zeros.T.contiguous())
 
 
 class _Captured(Exception):
-    """Raised by the hook that records the first decoder layer's inputs: the rest of the forward is not needed."""
+    """Raised by a hook that has recorded what it was for: the rest of the forward is not needed."""
 
 
 def _layer_inputs(model, samples: list[list[int]], tokens_per_pass: int = 0, device=None) -> list[tuple[tuple, dict]]:

@@ -550,7 +550,7 @@ def test_gptq_calibrates_on_packed_samples_as_on_one_sample_per_forward(tiny128,
 
     from autotune.models import resolve_model
     from autotune.packing import packed_attention_in
-    from autotune.gptq import _layer_inputs, _record_input, _run_layer, _shared_inputs
+    from autotune.gptq import _Captured, _layer_inputs, _record_input, _run_layer, _shared_inputs
     from autotune.train import calibration_samples, load_tokenizer
 
     samples = calibration_samples(splits, load_tokenizer(resolve_model(str(tiny128))))[:9]
@@ -568,9 +568,10 @@ def test_gptq_calibrates_on_packed_samples_as_on_one_sample_per_forward(tiny128,
         layer = model.model.layers[0]
         linears = [name for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
         seen = {}
-        handles = [layer.get_submodule(name).register_forward_hook(functools.partial(_record_input, seen, name))
-                   for name in linears]
-        layer(*chunks[0][0], **chunks[0][1])
+        handles = [layer.get_submodule(name).register_forward_pre_hook(
+            functools.partial(_record_input, seen, name, len(linears))) for name in linears]
+        with contextlib.suppress(_Captured):
+            layer(*chunks[0][0], **chunks[0][1])
         for handle in handles:
             handle.remove()
     assert _shared_inputs(seen, linears) == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
