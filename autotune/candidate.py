@@ -316,6 +316,21 @@ def _build(ws: Workspace, spec: CandidateSpec, notify: StageCallback):
     return model_dir, train_result, seconds, cached, peaks
 
 
+def check_candidate_memory(ws: Workspace, spec: CandidateSpec) -> None:
+    """Refuse a candidate whose training or whose merge and export cannot fit in free memory, before any of
+    it runs (each stage checks again when it starts, against the memory free then).
+
+    Raises:
+        CandidateError: the stage that does not fit, with the memory needed and free.
+    """
+    if spec.train is not None:
+        check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom,
+                     tokens_per_step(ws.splits, spec.train))
+    samples = ws.calibration_samples() if spec.export.calibration == "gptq" else []
+    check_export_memory(ws.base, ws.memory_headroom, export_stage_needs(ws.base, spec.export, [len(ids) for ids in samples],
+                                                                         merged=spec.train is not None))
+
+
 def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: Path, notify, peaks: dict):
     """(result, seconds): seconds is None on a cache hit, 0.0 when the export makes training moot."""
     if (adapter / "train_log.json").is_file():

@@ -22,9 +22,10 @@ from autotune.models import BaseModel
 from autotune.quantize import BLOCK_SIZES
 from autotune.memory import calibrate_need, export_need, free_memory, merge_need, release_memory
 
-# Bump when a change to this module or to autotune.quantize changes the models it exports: it is part of every
-# export's cache key. 3: GPTQ calibrates on packed samples and rounds Linears sharing an input as one matrix.
-CODE_VERSION = 3
+# Bump when a change to this module, autotune.quantize or autotune.gptq changes the models it exports: it is part of
+# every export's cache key. 3: GPTQ calibrates on packed samples and rounds Linears sharing an input as one matrix.
+# 4: GPTQ's inverse Hessian factor from one Cholesky factorisation, its errors spread in lazy batches of 128 columns.
+CODE_VERSION = 4
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 INT4_ALGOS = ("default", "rtn", "k_quant")
 # int8_layers -> the builder's matmul_mixed_precision selectors kept at int8 in an int4 model.
