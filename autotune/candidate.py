@@ -327,8 +327,9 @@ def check_candidate_memory(ws: Workspace, spec: CandidateSpec) -> None:
         check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom,
                      tokens_per_step(ws.splits, spec.train))
     samples = ws.calibration_samples() if spec.export.calibration == "gptq" else []
-    check_export_memory(ws.base, ws.memory_headroom, export_stage_needs(ws.base, spec.export, [len(ids) for ids in samples],
-                                                                         merged=spec.train is not None))
+    lengths = [len(ids) for ids in samples]
+    check_export_memory(ws.base, ws.memory_headroom,
+                        export_stage_needs(ws.base, spec.export, lengths, spec.train and spec.train.rank))
 
 
 def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: Path, notify, peaks: dict):
@@ -366,7 +367,7 @@ def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, 
     check_free_disk(model_dir.parent, ws.base, spec.export, merged=spec.train is not None)
     gptq = spec.export.calibration == "gptq"
     samples = ws.calibration_samples() if gptq else []
-    needs = export_stage_needs(ws.base, spec.export, [len(ids) for ids in samples], merged=spec.train is not None)
+    needs = export_stage_needs(ws.base, spec.export, [len(ids) for ids in samples], spec.train and spec.train.rank)
     check_export_memory(ws.base, ws.memory_headroom, needs)
     device, dtype = ws.calibration_device()
     # Named <model>.tmp-merge-*: a partial of this model, under its lock (held here), so the next start's

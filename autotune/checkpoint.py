@@ -91,6 +91,7 @@ def write_checkpoint(out_dir: Path, groups: Iterable[dict[str, "torch.Tensor"]])
         save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, shard))
         total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del group, tensors  # before the next group is made
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX).write_text(json.dumps(index, indent=1))
     return out_dir

@@ -177,6 +177,7 @@ def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_re
                     a, b = (t.to(device) for t in pair)
                     weight += (b @ a) * scaling  # peft's get_delta_weight, then its in-place add
             yield tensors
+            del tensors  # written: free it before the next group is read
 
     write_checkpoint(out_dir, merged_layers())
     config.dtype = "float32"  # what the weights now are, whatever the base stored
@@ -240,11 +241,11 @@ def prequantize(hf_dir: Path, out_dir: Path, spec: ExportSpec, samples: list[lis
     return write_prequantized(hf_dir, out_dir, weights, grid)
 
 
-def export_stage_needs(base: BaseModel, spec: ExportSpec, lengths: Sequence[int] = (), merged: bool = True) -> dict[str, int]:
-    """Bytes each stage after training holds at its peak (:mod:`autotune.memory`), for ``spec`` with calibration
-    samples of ``lengths`` tokens: ``merge`` (when there is an adapter), ``calibrate`` (a pre-quantized int4) and
-    ``export`` (the builder)."""
-    needs = {"merge": merge_need(base)} if merged else {}
+def export_stage_needs(base: BaseModel, spec: ExportSpec, lengths: Sequence[int] = (), rank: int | None = 16) -> dict[str, int]:
+    """Bytes each stage after training adds at its peak (:mod:`autotune.memory`), for ``spec`` with calibration
+    samples of ``lengths`` tokens: ``merge`` (of an adapter of ``rank``; None: no adapter), ``calibrate`` (a
+    pre-quantized int4) and ``export`` (the builder)."""
+    needs = {"merge": merge_need(base, rank)} if rank is not None else {}
     if spec.prequantized:
         needs["calibrate"] = calibrate_need(base, spec, lengths)
     needs["export"] = export_need(base, spec)

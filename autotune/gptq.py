@@ -123,11 +123,12 @@ def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: floa
             for args, kwargs in inputs:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 x = model.model.norm(hidden).reshape(-1, head.in_features).float()
-                hessian.addmm_(x.T, x)
+                _add_gram(hessian, x)
                 count += x.shape[0]
         del inputs
+        hessian = _symmetric(hessian).div_(max(1, count))
         result["lm_head"] = _on_cpu(gptq_weight(_head_weight(model, checkpoint, names, device, fp32_weight),
-                                                hessian / max(1, count), grid, damping))
+                                                hessian, grid, damping))
     return result
 
 
@@ -151,23 +152,36 @@ def _calibrate_layer(layer, inputs: list, grid: Int4Grid, damping: float, fp32_w
                             for g in groups]
             for group, hessian in zip(groups, hessians):
                 x = seen[group[0]].reshape(-1, hessian.shape[0]).float()
-                hessian.addmm_(x.T, x)
+                _add_gram(hessian, x)
             count += x.shape[0]
             seen.clear()
     finally:
         for handle in handles:
             handle.remove()
     result = {}
-    for group, hessian in zip(groups, hessians):
+    while groups:  # each group's Hessian is freed once it is used
+        group, hessian = groups.pop(0), _symmetric(hessians.pop(0)).div_(max(1, count))
         stacked = torch.cat([fp32_weight(linears[name]) for name in group])
         rows = torch.tensor([linears[name].out_features for name in group]).cumsum(0).tolist()
-        weight = gptq_weight(stacked, hessian / max(1, count), grid, damping)
-        del stacked
+        weight = gptq_weight(stacked, hessian, grid, damping)
+        del stacked, hessian
         for name, first, last in zip(group, [0, *rows], rows):
             part = QuantizedWeight(weight.q[first:last], weight.scales[first:last], weight.zero_points[first:last])
             linears[name].weight.copy_(part.dequantize().to(linears[name].weight.dtype))
             result[name] = _on_cpu(part)
     return result
+
+
+def _add_gram(hessian: "torch.Tensor", x: "torch.Tensor", rows: int = 256) -> None:
+    """``hessian += x^T x`` on and above the diagonal only (half the products of the whole square), in bands of
+    ``rows`` rows; :func:`_symmetric` fills the rest once the sum is done."""
+    for first in range(0, hessian.shape[0], rows):
+        hessian[first:first + rows, first:].addmm_(x[:, first:first + rows].T, x[:, first:])
+
+
+def _symmetric(upper: "torch.Tensor") -> "torch.Tensor":
+    """The symmetric matrix whose upper triangle is ``upper``'s, in place (its lower triangle must be zero)."""
+    return upper.add_(upper.triu(1).T)
 
 
 def _head_weight(model, checkpoint: Checkpoint | None, names: dict, device, fp32_weight) -> "torch.Tensor":

@@ -179,32 +179,34 @@ def _status_bytes(field: str) -> int | None:
     return None
 
 
-# What each stage after training holds at its peak, from the model's config. The merge and GPTQ are ours and
-# are counted tensor by tensor; the builder and onnxruntime-genai are libraries, so their bytes per parameter
-# are measured (builder 0.18, onnxruntime-genai 0.18: SmolLM2-135M and a 126M model of hidden 960, 2026-12-03),
-# apart for the decoder layers and the embedding table, whose handling differs.
-_BUILDER_BYTES = {  # (per decoder-layer parameter, per embedding parameter) the builder holds above its runtime
-    "int4-prequantized": (2.55, 9.8),
-    "int4": (10.2, 10.2),
-    "int8": (11.5, 13.5),
-    "fp32": (5.2, 8.3),
-    "fp16": (5.2, 8.3),
-    "bf16": (5.2, 8.3),
+# What each stage after training adds at its peak, from the model's config. The merge and GPTQ are ours and are
+# counted tensor by tensor; the builder and onnxruntime-genai are libraries, so their bytes are measured: per
+# parameter of the decoder layers and of the embedding table, whose handling differs (builder 0.18 and
+# onnxruntime-genai 0.18, 2026-12-03; int4 from a pre-quantized checkpoint fitted on SmolLM2-135M and random
+# 360M and 1B models of its family, the others on SmolLM2-135M and a 126M model of hidden 960).
+_BUILDER_BYTES = {  # (per decoder-layer parameter, per embedding parameter) the builder adds
+    "int4-prequantized": (1.57, 16.6),
+    "int4": (9.6, 14.8),
+    "int8": (10.3, 20.5),
+    "fp32": (5.4, 8.7),
+    "fp16": (5.4, 8.7),
+    "bf16": (5.4, 8.7),
 }
 _BUILDER_IMPORTS = 64 * 2**20  # onnx, onnx-ir and the builder, imported by the first export of a process
 _TOKENIZER_BYTES = 1200  # per vocabulary entry, a fast tokenizer loaded (SmolLM2's: ~59 MB measured)
-_MEASURE_RUNTIME = 150 * 2**20  # the measuring child: onnxruntime-genai, the tokenizer, the prompts
-_MEASURE_BYTES = {"int4": 1.0, "int8": 0.7, "fp16": 1.4, "bf16": 1.4, "fp32": 1.4}  # per byte of weights on disk
+_MERGE_FIXED = 64 * 2**20  # the merge's config handling (transformers' AutoConfig and GenerationConfig)
+_MEASURE_RUNTIME = 95 * 2**20  # the measuring child without a model: onnxruntime-genai, tokenizer, prompts
+_MEASURE_BYTES = {"int4": 1.55, "int8": 0.9}  # of the exported weights' bytes on disk; 1.5 for the float ones
 
 
 def _layer_parameters(shape: ModelShape) -> int:
     return shape.attention + 3 * shape.hidden * shape.intermediate
 
 
-def merge_need(base: BaseModel) -> int:
+def merge_need(base: BaseModel, rank: int = 16) -> int:
     """The merge's peak: one decoder layer or the embedding table in fp32 at a time (read in the checkpoint's
-    dtype, one tensor of it beside its fp32 copy), plus ``B @ A`` and its scaled copy for one Linear, and the
-    tokenizer it saves beside the weights."""
+    dtype, one tensor of it beside its fp32 copy) plus ``B @ A`` and its scaled copy for one Linear; the
+    adapter of ``rank``; the tokenizer it saves beside the weights."""
     shape = model_shape(base)
     stored = base.size_bytes / max(1, shape.parameters)  # bytes a parameter on disk
     if not shape.layers:  # a config without the usual fields: the whole model at once
@@ -213,7 +215,19 @@ def merge_need(base: BaseModel) -> int:
     converting = stored < 3.5  # a bf16/fp16 checkpoint is read, then widened tensor by tensor
     layer = _layer_parameters(shape) * 4 + (linear * stored if converting else 0) + 2 * linear * 4
     table = shape.vocab * shape.hidden * (4 + (stored if converting else 0))
-    return int(max(layer, table) + shape.vocab * _TOKENIZER_BYTES)
+    adapter = rank * shape.layers * (6 * shape.hidden + 3 * shape.intermediate) * 4
+    return int(max(layer, table) + adapter + shape.vocab * _TOKENIZER_BYTES + _MERGE_FIXED)
+
+
+def _gptq_bytes(rows: int, columns: int) -> int:
+    """:func:`autotune.gptq.gptq_weight` of a ``[rows, columns]`` weight: while the inverse is factored, the
+    weight and four ``[columns, columns]`` matrices (the Hessian, its copy, reversed, factor); in the column
+    loop, the weight, its transposed copy, its codes twice (as bytes), a lazy batch of errors, and two of them."""
+    from autotune.gptq import LAZY_COLUMNS  # here: autotune.gptq imports this module
+
+    inverse = 4 * rows * columns + 16 * columns * columns
+    loop = 10 * rows * columns + 8 * columns * columns + 4 * LAZY_COLUMNS * rows
+    return max(inverse, loop)
 
 
 def calibrate_need(base: BaseModel, spec: ExportSpec, lengths: Sequence[int]) -> int:
@@ -221,9 +235,9 @@ def calibrate_need(base: BaseModel, spec: ExportSpec, lengths: Sequence[int]) ->
     ``lengths`` tokens (none: the builder's own rounding, written as is), then the checkpoint written.
 
     GPTQ keeps every finished layer's int4 weights (a byte per code, an fp32 scale and a byte zero point per
-    block); besides, the peak is either a layer (its weights, the Hessians of its four inputs, the hidden states
-    in and out, one packed pass's activations, and GPTQ of its largest matrix: a transposed copy, its codes,
-    and two ``[in, in]`` inverses) or the LM head (the table, a transposed copy, its codes twice, the inverse).
+    block). Besides them, the peak is a layer (its fp32 weights, the hidden states in and out, the Hessians
+    of its four inputs, and then either one packed pass's activations or GPTQ of its largest matrix) or the
+    LM head (the final hidden states and GPTQ of the table).
     """
     shape = model_shape(base)
     h, i, v = shape.hidden, shape.intermediate, shape.vocab
@@ -234,10 +248,10 @@ def calibrate_need(base: BaseModel, spec: ExportSpec, lengths: Sequence[int]) ->
         return int(shape.parameters * (per_code + 4 / max(1, shape.layers)))
     tokens = sum(lengths[: spec.calibration_samples])
     per_pass = min(tokens, max(spec.calibration_tokens_per_pass, max(lengths, default=0)))
-    gptq = max(2 * i * h * 10 + 8 * h * h, i * h * 10 + 8 * i * i)  # gate/up stacked, or down: 10 bytes a weight
-    layer = (_layer_parameters(shape) * 4 + 4 * (3 * h * h + i * i) + 2 * tokens * h * 4
-             + per_pass * (8 * h + 4 * i) * 4 + gptq)
-    head = tokens * h * 4 + v * h * 10 + 12 * h * h
+    activations = per_pass * (8 * h + 4 * i) * 4
+    gptq = max(_gptq_bytes(2 * i, h), _gptq_bytes(h, i))  # gate and up stacked, or down
+    layer = _layer_parameters(shape) * 4 + 2 * tokens * h * 4 + 4 * (3 * h * h + i * i) + max(activations, gptq)
+    head = tokens * h * 4 + _gptq_bytes(v, h)
     written = v * h * (per_code if shape.tied else 4 + 0.5)  # an untied table stays fp32; Olive packs two codes a byte
     return int(layers + max(layer, head, written))
 
@@ -252,7 +266,7 @@ def export_need(base: BaseModel, spec: ExportSpec) -> int:
 
 
 def measure_need(model_dir: Path, precision: str) -> int:
-    """The measuring child's peak: its runtime and the exported weights (their bytes on disk, scaled by how
-    onnxruntime holds them at ``precision``)."""
+    """The measuring child's peak, a process of its own: its runtime and the exported weights (their bytes on
+    disk, times how much of them onnxruntime holds at ``precision``, measured)."""
     weights = sum(f.stat().st_size for f in Path(model_dir).iterdir() if f.suffix in (".onnx", ".data"))
-    return int(_MEASURE_RUNTIME + weights * _MEASURE_BYTES.get(precision, 1.4))
+    return int(_MEASURE_RUNTIME + weights * _MEASURE_BYTES.get(precision, 1.5))
