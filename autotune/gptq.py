@@ -283,7 +283,7 @@ def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid,
 def _inverse_factor(h: "torch.Tensor") -> "torch.Tensor":
     """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``): with ``J`` the reversal of the order,
     ``J L^-1 J`` for ``L`` the Cholesky factor of ``J H J`` (a triangular factor with a positive diagonal is
-    unique), in about half the time of inverting ``H`` and factoring the inverse (5632 x 5632: 4.1 s, 7.1 s)."""
+    unique), in half the time of inverting ``H`` and factoring the inverse (5632 x 5632: 2.4 s of CPU, 4.7 s)."""
     import torch
 
     return _lower_inverse(torch.linalg.cholesky(h.flip(0, 1))).flip(0, 1)
@@ -291,17 +291,18 @@ def _inverse_factor(h: "torch.Tensor") -> "torch.Tensor":
 
 def _lower_inverse(lower: "torch.Tensor") -> "torch.Tensor":
     """The inverse of a lower-triangular matrix, by halves: ``[[A, 0], [B, C]]^-1`` is
-    ``[[A^-1, 0], [-C^-1 B A^-1, C^-1]]`` (less work than a triangular solve against the identity)."""
+    ``[[A^-1, 0], [-C^-1 B A^-1, C^-1]]``, its corner two triangular solves (LAPACK's trtri, which torch does
+    not expose, does the same work: 5632 x 5632 in 1.1 s, against 3.5 s solving against the identity)."""
     import torch
 
     n = lower.shape[0]
-    if n <= 512:
+    if n <= 256:
         return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False)
     k = n // 2
-    first, second = _lower_inverse(lower[:k, :k]), _lower_inverse(lower[k:, k:])
     inverse = torch.zeros_like(lower)
-    inverse[:k, :k], inverse[k:, k:] = first, second
-    inverse[k:, :k] = torch.linalg.solve_triangular(lower[k:, k:], lower[k:, :k] @ first, upper=False).neg_()
+    inverse[:k, :k], inverse[k:, k:] = _lower_inverse(lower[:k, :k]), _lower_inverse(lower[k:, k:])
+    right = torch.linalg.solve_triangular(lower[:k, :k], lower[k:, :k], upper=False, left=False)  # B A^-1
+    inverse[k:, :k] = torch.linalg.solve_triangular(lower[k:, k:], right, upper=False).neg_()
     return inverse
 
 
