@@ -34,9 +34,10 @@ from autotune import cache, export, tokens, train, trajectory
 from autotune.cache import atomic_dir, atomic_write_text, content_key, file_lock, sweep_partials
 from autotune.data import Splits, instruction_prompt
 from autotune.errors import CandidateError, UserError, check_interrupted, first_line
-from autotune.export import ExportSpec, check_export_memory, check_free_disk, export_model, merge_adapter, prequantize
+from autotune.export import (ExportSpec, check_export_memory, check_free_disk, export_model, export_stage_needs,
+                             merge_adapter, prequantize)
 from autotune.measure import MEASURE_VERSION, LatencySettings, Measurement, measure
-from autotune.memory import check_memory, tokens_per_step
+from autotune.memory import StageMemory, check_memory, measure_need, memory_need, stage_peak, tokens_per_step
 from autotune.models import BaseModel
 from autotune.train import TrainResult, TrainSpec, read_train_log, train_adapter
 
@@ -100,6 +101,7 @@ class CandidateResult:
     train: TrainResult | None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     cached: tuple[str, ...] = ()  # stages skipped because their artifact already existed
+    stage_memory: dict[str, StageMemory] = field(default_factory=dict)  # each stage run now: predicted and measured peak
 
     def to_dict(self) -> dict:
         return {
@@ -110,6 +112,7 @@ class CandidateResult:
             "final_loss": self.train.final_loss if self.train else None,
             "stage_seconds": self.stage_seconds,
             "cached": list(self.cached),
+            "stage_memory": {stage: memory.to_dict() for stage, memory in self.stage_memory.items()},
         }
 
 
@@ -168,7 +171,14 @@ class Workspace:
         source = self.train_key(spec.train) if spec.train else f"base:{self.base.fingerprint}"
         # tokens: a calibrated export is fitted to tokenized training examples.
         code = (cache.SCHEMA_VERSION, export.CODE_VERSION, tokens.CODE_VERSION, cache.library_versions(*EXPORT_LIBRARIES))
-        return content_key("model", code, source, spec.export.normalized())
+        # GPTQ's forwards run where training does, in its dtype on a GPU: its weights depend on that.
+        calibrated_on = self.calibration_device() if spec.export.calibration != "none" else None
+        return content_key("model", code, source, spec.export.normalized(), calibrated_on)
+
+    def calibration_device(self) -> tuple[str, str]:
+        """(device, dtype) of the merge and GPTQ's forwards: the training device, in its dtype on a GPU (the
+        rounding itself is fp32 everywhere); fp32 on the CPU, where bf16 would only save the copy of a layer."""
+        return (self.train_device, self.train_dtype if self.train_device == "cuda" else "float32")
 
     def adapter_dir(self, spec: TrainSpec) -> Path:
         return self.root / "adapters" / self.train_key(spec)
@@ -239,7 +249,7 @@ def run_candidate(
     """
     with _candidate_errors():
         notify = _notifier(on_stage)
-        model_dir, train_result, seconds, cached = _build(ws, spec, notify)
+        model_dir, train_result, seconds, cached, peaks = _build(ws, spec, notify)
         notify("measure", 0.0, f"accuracy on {split}" + (" + latency" if with_latency else ""))
         measurement, was_cached = _measure_cached(ws, spec, model_dir, split, with_latency, prompt_style,
                                                   restrict_to_labels)
@@ -247,8 +257,11 @@ def run_candidate(
             cached.append("measure")
         else:
             seconds.update(measurement.stage_seconds)
+            # Its own process, after the export (so the weights' size on disk is known).
+            peaks["measure"] = StageMemory(measure_need(model_dir, spec.export.precision),
+                                           int(measurement.peak_rss_mb * 2**20))
         notify("measure", 1.0, "done")
-        return CandidateResult(spec, model_dir, measurement, train_result, seconds, tuple(cached))
+        return CandidateResult(spec, model_dir, measurement, train_result, seconds, tuple(cached), peaks)
 
 
 def build(ws: Workspace, spec: CandidateSpec, on_stage: StageCallback | None = None) -> Path:
@@ -288,34 +301,52 @@ def _notifier(on_stage: StageCallback | None) -> StageCallback:
 
 
 def _build(ws: Workspace, spec: CandidateSpec, notify: StageCallback):
-    """Train (or reuse) the adapter and export (or reuse) the model: (folder, train result, seconds, cached)."""
+    """Train (or reuse) the adapter and export (or reuse) the model: (folder, train result, seconds, cached,
+    each stage's memory)."""
     seconds: dict[str, float] = {}
+    peaks: dict[str, StageMemory] = {}
     cached: list[str] = []
     model_dir = ws.model_dir(spec)
     train_result = None
     if spec.train is not None:
         adapter = ws.adapter_dir(spec.train)
         with file_lock(adapter):  # another worker may be training the same adapter right now
-            train_result, trained_s = _train_cached(ws, spec, adapter, model_dir, notify)
+            train_result, trained_s = _train_cached(ws, spec, adapter, model_dir, notify, peaks)
         if trained_s is None:
             cached.append("train")
         elif trained_s:
             seconds["train"] = trained_s
     with file_lock(model_dir):
-        exported = _export_cached(ws, spec, model_dir, notify, seconds)
+        exported = _export_cached(ws, spec, model_dir, notify, seconds, peaks)
     if not exported:
         cached.append("export")
-    return model_dir, train_result, seconds, cached
+    return model_dir, train_result, seconds, cached, peaks
 
 
-def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: Path, notify):
+def check_candidate_memory(ws: Workspace, spec: CandidateSpec) -> None:
+    """Refuse a candidate whose training or whose merge and export cannot fit in free memory, before any of
+    it runs (each stage checks again when it starts, against the memory free then).
+
+    Raises:
+        CandidateError: the stage that does not fit, with the memory needed and free.
+    """
+    if spec.train is not None:
+        check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom,
+                     tokens_per_step(ws.splits, spec.train))
+    samples = ws.calibration_samples() if spec.export.calibration == "gptq" else []
+    lengths = [len(ids) for ids in samples]
+    check_export_memory(ws.base, ws.memory_headroom,
+                        export_stage_needs(ws.base, spec.export, lengths, spec.train and spec.train.rank))
+
+
+def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: Path, notify, peaks: dict):
     """(result, seconds): seconds is None on a cache hit, 0.0 when the export makes training moot."""
     if (adapter / "train_log.json").is_file():
         return read_train_log(adapter), None
     if (model_dir / "genai_config.json").is_file():
         return None, 0.0
-    checkpointing = check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom,
-                                 tokens_per_step(ws.splits, spec.train))
+    tokens = tokens_per_step(ws.splits, spec.train)
+    checkpointing = check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom, tokens)
     # A shorter run of this adapter saved its state where its decay began: continue from the latest one.
     runs = ws.trajectory_dir(spec.train)
     resume = trajectory.latest(runs, spec.train.stable_steps)
@@ -324,7 +355,8 @@ def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: 
            + (" (gradient checkpointing: memory is short)" if checkpointing else ""))
     start = time.perf_counter()
     save = trajectory.step_dir(runs, spec.train.stable_steps)
-    with atomic_dir(adapter) as tmp:
+    need = memory_need(ws.base, spec.train, ws.train_dtype, tokens, checkpointing)
+    with atomic_dir(adapter) as tmp, stage_peak(peaks, "train", need, ws.train_device):
         train_adapter(
             ws.base, ws.splits, spec.train, tmp,
             device=ws.train_device, dtype=ws.train_dtype, threads=ws.train_threads,
@@ -335,12 +367,16 @@ def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: 
     return read_train_log(adapter), time.perf_counter() - start
 
 
-def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, seconds: dict) -> bool:
+def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, seconds: dict, peaks: dict) -> bool:
     """Merge and export unless the folder exists; True if it was built now."""
     if (model_dir / "genai_config.json").is_file():
         return False
     check_free_disk(model_dir.parent, ws.base, spec.export, merged=spec.train is not None)
-    check_export_memory(ws.base, ws.memory_headroom)
+    gptq = spec.export.calibration == "gptq"
+    samples = ws.calibration_samples() if gptq else []
+    needs = export_stage_needs(ws.base, spec.export, [len(ids) for ids in samples], spec.train and spec.train.rank)
+    check_export_memory(ws.base, ws.memory_headroom, needs)
+    device, dtype = ws.calibration_device()
     # Named <model>.tmp-merge-*: a partial of this model, under its lock (held here), so the next start's
     # sweep removes a killed run's merged copy but never a live worker's.
     with tempfile.TemporaryDirectory(prefix=f"{model_dir.name}.tmp-merge-", dir=model_dir.parent) as work:
@@ -348,20 +384,21 @@ def _export_cached(ws: Workspace, spec: CandidateSpec, model_dir: Path, notify, 
         if spec.train is not None:
             notify("merge", 0.0, "merging adapter into the base")
             start = time.perf_counter()
-            source = merge_adapter(ws.base, ws.adapter_dir(spec.train), Path(work) / "merged",
-                                   trust_remote_code=ws.trust_remote_code)
+            with stage_peak(peaks, "merge", needs["merge"]):
+                source = merge_adapter(ws.base, ws.adapter_dir(spec.train), Path(work) / "merged",
+                                       trust_remote_code=ws.trust_remote_code, device=device)
             seconds["merge"] = time.perf_counter() - start
         if spec.export.prequantized:
-            gptq = spec.export.calibration == "gptq"
             notify("calibrate", 0.0, f"GPTQ on {spec.export.calibration_samples} training examples" if gptq
                    else "rounding to the int4 grid")
             start = time.perf_counter()
-            source = prequantize(source, Path(work) / "prequantized", spec.export, ws.calibration_samples() if gptq else [],
-                                 trust_remote_code=ws.trust_remote_code,
-                                 on_layer=lambda i, n: notify("calibrate", i / n, f"layer {i} of {n}"))
+            with stage_peak(peaks, "calibrate", needs["calibrate"]):
+                source = prequantize(source, Path(work) / "prequantized", spec.export, samples,
+                                     trust_remote_code=ws.trust_remote_code, device=device, dtype=dtype,
+                                     on_layer=lambda i, n: notify("calibrate", i / n, f"layer {i} of {n}"))
             seconds["calibrate"] = time.perf_counter() - start
         notify("export", 0.0, f"onnxruntime-genai builder, {spec.export.label()}")
-        with atomic_dir(model_dir) as tmp:
+        with atomic_dir(model_dir) as tmp, stage_peak(peaks, "export", needs["export"]):
             seconds["export"] = export_model(source, tmp, spec.export, work_dir=Path(work) / "builder",
                                              trust_remote_code=ws.trust_remote_code, log_path=ws.builder_log(spec))
     return True

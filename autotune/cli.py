@@ -105,7 +105,7 @@ def _workspace(args, out: Path, info, profile, root: Path | None = None):
 
 
 def cmd_candidate(args) -> int:
-    from autotune.candidate import CandidateSpec, run_candidate
+    from autotune.candidate import CandidateSpec, check_candidate_memory, run_candidate
     from autotune.capabilities import check_candidate
     from autotune.export import ExportSpec
     from autotune.live import console, stage_view
@@ -134,6 +134,7 @@ def cmd_candidate(args) -> int:
     ws = _workspace(args, out, info, profile)
     spec = CandidateSpec(train, export)
     check_candidate(ws.base, profile.train_device, spec)  # refused now rather than after training
+    check_candidate_memory(ws, spec)  # training and every export stage, before any of them runs
     console.print(f"[bold]data[/] {ws.splits.summary()}   [bold]model[/] {ws.base.name} ({ws.base.architecture})   "
                   f"[bold]profile[/] {profile.name}, {ws.threads} thread(s)")
     floors = []

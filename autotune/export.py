@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from autotune.errors import CandidateError, UserError
-from autotune.models import BaseModel, model_shape
+from autotune.models import BaseModel
 from autotune.quantize import BLOCK_SIZES
-from autotune.memory import RUNTIME_BYTES, free_memory, release_memory
+from autotune.memory import calibrate_need, export_need, free_memory, merge_need, release_memory
 
-# Bump when a change to this module or to autotune.quantize changes the models it exports: it is part of every
-# export's cache key. 3: GPTQ calibrates on packed samples and rounds Linears sharing an input as one matrix.
-CODE_VERSION = 3
+# Bump when a change to this module, autotune.quantize or autotune.gptq changes the models it exports: it is part of
+# every export's cache key. 3: GPTQ calibrates on packed samples and rounds Linears sharing an input as one matrix.
+# 4: GPTQ's inverse Hessian factor from one Cholesky factorisation, its errors spread in lazy batches of 128 columns.
+CODE_VERSION = 4
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 INT4_ALGOS = ("default", "rtn", "k_quant")
 # int8_layers -> the builder's matmul_mixed_precision selectors kept at int8 in an int4 model.
@@ -135,83 +138,141 @@ class ExportSpec:
         return " ".join([f"{self.precision} b{self.block_size} a{self.accuracy_level}", *extras])
 
 
-def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_remote_code: bool = False) -> Path:
-    """Fold a LoRA/QLoRA adapter into the full-precision base and save it as safetensors.
+def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_remote_code: bool = False,
+                  device: str = "cpu") -> Path:
+    """Fold a LoRA/QLoRA adapter into the full-precision base and save it as safetensors, one decoder layer at a time.
 
-    QLoRA adapters are merged into the fp32 base too, never into the 4-bit model:
-    merging there re-quantizes, and the builder cannot read the result.
+    Each Linear the adapter wraps becomes ``W + (B @ A) * scaling`` in fp32, the operations of
+    peft's ``merge_and_unload`` in its order (bit for bit the same weights), computed on ``device``.
+    Only one layer of the base is in memory at once, so the merge never holds two copies of the model.
+    QLoRA adapters are merged into the fp32 base too, never into the 4-bit model: merging there
+    re-quantizes, and the builder cannot read the result.
+
+    Raises:
+        UserError: an adapter autotune did not train (DoRA, biases, saved modules, per-module ranks), or
+            one whose modules are not in the base checkpoint.
     """
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(
-        base.path, dtype=torch.float32, trust_remote_code=trust_remote_code,
-        use_safetensors=any(base.path.glob("*.safetensors")),
-    )
-    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    del model, merged
-    release_memory()  # the builder reads the saved copy; this one must not stay resident beside it
+    from autotune.checkpoint import Checkpoint, write_checkpoint
+
+    scaling, pairs = _lora_pairs(adapter_dir, load_file(adapter_dir / "adapter_model.safetensors"))
+    config = AutoConfig.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+    checkpoint = Checkpoint(base.path)
+    # A tied head is the embedding: save_pretrained writes the table once, and so does this.
+    skip = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    unknown = sorted(f"{name}.weight" for name in pairs if f"{name}.weight" not in checkpoint)
+    if unknown:
+        raise UserError(f"the adapter in {adapter_dir} wraps {', '.join(unknown[:3])}, which {base.path} does not have; "
+                        f"merge it into the base it was trained on")
+
+    def merged_layers():
+        for group in checkpoint.groups():
+            tensors = checkpoint.read([name for name in group if name not in skip], torch.float32, device)
+            for name, weight in tensors.items():
+                pair = pairs.get(name.removesuffix(".weight"))
+                if pair is not None:
+                    a, b = (t.to(device) for t in pair)
+                    weight += (b @ a) * scaling  # peft's get_delta_weight, then its in-place add
+            yield tensors
+            del tensors  # written: free it before the next group is read
+
+    write_checkpoint(out_dir, merged_layers())
+    config.dtype = "float32"  # what the weights now are, whatever the base stored
+    config.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
     if (base.path / "generation_config.json").is_file():
         shutil.copy2(base.path / "generation_config.json", out_dir / "generation_config.json")
+    else:  # what save_pretrained writes for a model loaded without one (the builder reads its special tokens)
+        GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+    release_memory()
     return out_dir
 
 
+# What a plain LoRA adapter's config may say; anything else changes the merge (DoRA, biases, saved modules, ...).
+_PLAIN_LORA = {"peft_type": "LORA", "use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+               "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None,
+               "trainable_token_indices": None, "target_parameters": None}
+
+
+def _lora_pairs(adapter_dir: Path, tensors: dict) -> tuple[float, dict]:
+    """(scaling, {module name: (A, B)}) of a plain peft LoRA adapter (names as in the base model's state dict)."""
+    import math
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    odd = [key for key, plain in _PLAIN_LORA.items()
+           if config.get(key, plain) != plain and (config.get(key) or plain)]  # None, {} and [] say "none" alike
+    if odd:
+        raise UserError(f"{adapter_dir} is not a plain LoRA adapter ({', '.join(odd)}); merge it with peft's merge_and_unload")
+    pairs: dict[str, list] = {}
+    for name, tensor in tensors.items():
+        module, _, part = name.removeprefix("base_model.model.").rpartition(".lora_")
+        if part not in ("A.weight", "B.weight"):
+            raise UserError(f"{adapter_dir} is not a plain LoRA adapter ({name}); merge it with peft's merge_and_unload")
+        pairs.setdefault(module, [None, None])["AB".index(part[0])] = tensor.float()
+    rank = config["r"]
+    scaling = config["lora_alpha"] / (math.sqrt(rank) if config.get("use_rslora") else rank)  # peft's update_layer
+    return scaling, {module: tuple(pair) for module, pair in pairs.items()}
+
+
 def prequantize(hf_dir: Path, out_dir: Path, spec: ExportSpec, samples: list[list[int]] = (), *,
-               trust_remote_code: bool = False, on_layer=None) -> Path:
+                trust_remote_code: bool = False, on_layer=None, device: str = "cpu", dtype: str = "float32") -> Path:
     """Write the int4 weights of ``hf_dir`` ourselves, as a pre-quantized checkpoint in ``out_dir``
     that the builder exports unchanged (see :mod:`autotune.quantize`).
 
-    With ``calibration`` ``gptq`` the weights are chosen by GPTQ on ``samples``; otherwise they are
-    the builder's own rounding (:func:`~autotune.quantize.quantize_rtn`, bit-exact), which is how an
-    asymmetric int4 of a tied model keeps one shared int4 table.
+    With ``calibration`` ``gptq`` the weights are chosen by GPTQ on ``samples``, reading the model one
+    decoder layer at a time (:func:`~autotune.gptq.gptq_checkpoint`; its forwards on ``device`` in
+    ``dtype``); otherwise they are the builder's own rounding (:func:`~autotune.quantize.quantize_rtn`,
+    bit-exact), which is how an asymmetric int4 of a tied model keeps one shared int4 table.
     """
-    from autotune.quantize import Int4Grid, gptq_quantize, write_prequantized
+    from autotune.quantize import Int4Grid, write_prequantized
 
     grid = Int4Grid(spec.block_size, spec.symmetric)
     weights = {}
     if spec.calibration == "gptq":
-        import torch
-        from transformers import AutoModelForCausalLM
+        from autotune.gptq import gptq_checkpoint
 
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True)
-        model.eval()
-        weights = gptq_quantize(model, list(samples[: spec.calibration_samples]), grid, spec.calibration_damping, on_layer,
-                                spec.calibration_tokens_per_pass)
-        del model
+        weights = gptq_checkpoint(hf_dir, list(samples[: spec.calibration_samples]), grid, spec.calibration_damping,
+                                  on_layer, spec.calibration_tokens_per_pass, device=device, dtype=dtype,
+                                  trust_remote_code=trust_remote_code)
         release_memory()
     return write_prequantized(hf_dir, out_dir, weights, grid)
 
 
-def export_memory_need(base: BaseModel) -> int:
-    """Bytes the merge and the builder hold at their peak: the runtime plus the fp32 model once.
+def export_stage_needs(base: BaseModel, spec: ExportSpec, lengths: Sequence[int] = (), rank: int | None = 16) -> dict[str, int]:
+    """Bytes each stage after training adds at its peak (:mod:`autotune.memory`), for ``spec`` with calibration
+    samples of ``lengths`` tokens: ``merge`` (of an adapter of ``rank``; None: no adapter), ``calibrate`` (a
+    pre-quantized int4) and ``export`` (the builder)."""
+    needs = {"merge": merge_need(base, rank)} if rank is not None else {}
+    if spec.prequantized:
+        needs["calibrate"] = calibrate_need(base, spec, lengths)
+    needs["export"] = export_need(base, spec)
+    return needs
 
-    Both read the full-precision model (QLoRA adapters too are merged into the fp32 base); the
-    builder quantizes it layer by layer, so its output adds about a quarter on top.
-    """
-    return int(RUNTIME_BYTES + model_shape(base).parameters * 4 * 1.25)
 
+def check_export_memory(base: BaseModel, headroom: float, needs: dict[str, int] | None = None) -> None:
+    """Refuse a model whose merge and export cannot fit in free RAM, before that work starts.
 
-def check_export_memory(base: BaseModel, headroom: float) -> None:
-    """Refuse a model whose merge and export cannot fit in free RAM, before any work starts.
+    ``needs`` are the stages' predicted peaks (:func:`export_stage_needs`); without them, what the
+    cheapest export of ``base`` needs (an int4 whose weights autotune writes: merge, then the builder).
 
     Raises:
         CandidateError: with the memory needed and free (exit code 2 from the CLI).
     """
-    need, (free, _) = export_memory_need(base), free_memory("cpu")
+    if needs is None:
+        needs = export_stage_needs(base, ExportSpec("int4", symmetric=False))
+    stage, need = max(needs.items(), key=lambda item: item[1])
+    free, _ = free_memory("cpu")
     if need > free * headroom:
         raise CandidateError(
-            f"not enough free RAM to merge and export {base.name}: about {need / 2**30:.1f} GiB needed, "
+            f"not enough free RAM to {stage} {base.name}: about {need / 2**30:.1f} GiB needed, "
             f"{free / 2**30:.1f} GiB free ({headroom:.0%} usable); close other programs or choose a smaller --model"
         )
 
 
 def _checkpoint_bytes_per_param(base: BaseModel) -> float:
-    import json
-
     try:
         config = json.loads((base.path / "config.json").read_text())
     except (OSError, ValueError):

@@ -239,6 +239,8 @@ class ModelShape:
     intermediate: int
     layers: int
     vocab: int
+    tied: bool = False  # the LM head is the input embedding's table
+    attention: int = 0  # parameters of one layer's attention projections (its MLP has 3 x hidden x intermediate)
 
 
 def model_shape(base: BaseModel) -> ModelShape:
@@ -263,5 +265,7 @@ def model_shape(base: BaseModel) -> ModelShape:
     kv = (config.get("num_key_value_heads") or heads) * head_dim
     attention = 2 * hidden * heads * head_dim + 2 * hidden * kv
     mlp = 3 * hidden * intermediate  # gated MLP (Llama, Qwen, Phi-3, Mistral, Gemma)
-    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", False) else 2)
-    return ModelShape(layers * (attention + mlp) + embeddings, embeddings, hidden, intermediate, layers, vocab)
+    tied = bool(config.get("tie_word_embeddings", False))
+    embeddings = vocab * hidden * (1 if tied else 2)
+    return ModelShape(layers * (attention + mlp) + embeddings, embeddings, hidden, intermediate, layers, vocab, tied,
+                      attention)

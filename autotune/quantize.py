@@ -20,7 +20,7 @@ none is stored), so the embedding rows and the Linear weights the model runs on 
 
 :func:`quantize_rtn` reproduces that bit for bit, :func:`fake_quantize` is its training-time
 twin, and :func:`write_prequantized` writes a checkpoint whose int4 weights (chosen by us:
-calibrated, learned) the builder exports unchanged.
+calibrated by :mod:`autotune.gptq`, learned) the builder exports unchanged.
 
 onnxruntime-genai 0.18: the plain *asymmetric* int4 export of a tied model quantizes the lm_head
 but wires the embedding's GatherBlockQuantized to the fp32 table, and the model does not load.
@@ -29,7 +29,6 @@ The pre-quantized route below exports asymmetric tied models that load.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import re
@@ -41,8 +40,6 @@ from typing import TYPE_CHECKING
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     import torch
 
 # MatMulNBits and GatherBlockQuantized take power-of-two blocks from 16 up.
@@ -350,200 +347,3 @@ def _unfused(weights: dict[str, QuantizedWeight], config: dict) -> dict[str, Qua
             result[f"{prefix}.layers.{layer}.{part}"] = QuantizedWeight(qw.q[cut], qw.scales[cut], qw.zero_points[cut])
             first += size
     return result
-
-
-# ---------------------------------------------------------------------- calibrated int4 (GPTQ)
-
-
-def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: float = 0.01,
-                  on_layer: "Callable[[int, int], None] | None" = None,
-                  tokens_per_pass: int = 2048) -> dict[str, QuantizedWeight]:
-    """Int4 weights for every Linear of the decoder layers and the LM head, chosen by GPTQ on ``samples``.
-
-    GPTQ (Frantar et al., 2022) rounds a weight matrix one input column at a time and moves
-    each column's rounding error onto the columns not yet rounded, weighted by the inverse
-    Hessian ``H = X^T X`` of the layer's inputs, so the layer's *outputs* on the calibration
-    inputs change as little as possible. Layers are done in order, each calibrated on the
-    outputs of the layers before it *as quantized*, so later layers correct earlier errors.
-    Scales and zero points follow the export's grid (:func:`quantize_rtn` per block, taken
-    when the block's first column is reached), so the result ships as plain ``MatMulNBits``.
-
-    Linears that read the same input (q/k/v, gate/up) share one Hessian and are rounded as one
-    stacked matrix (GPTQ treats rows independently, so this is the same algorithm, run once).
-    The samples run packed, up to ``tokens_per_pass`` tokens per forward, each attending only
-    within itself (:func:`~autotune.packing.packed_attention`; one sample per forward for
-    models without ``sdpa`` attention).
-
-    The LM head is calibrated too, on the final hidden states: on SmolLM2 (tied, so its int4
-    table is also the embedding's) it is most of what int4 costs. Measured on one demo adapter
-    (136 test prompts): int8 0.691, rtn int4 0.529, GPTQ of the layers only 0.559, with the
-    head 0.669.
-
-    Args:
-        model: a causal LM (Llama/Qwen2 layout: ``model.model.layers``, ``model.model.norm``), full precision.
-        samples: token ids of the calibration sequences (the task's own training examples).
-        grid: block size and symmetry of the int4 export.
-        damping: added to the Hessian's diagonal, as a fraction of its mean (numerical stability).
-        on_layer: called with (layer index, layer count) as each layer is done.
-        tokens_per_pass: most tokens in one packed forward (bounds the activations held at once).
-
-    Returns:
-        ``{module name: QuantizedWeight}``, names as in the model's state dict (without ``.weight``).
-    """
-    import torch
-
-    from autotune.packing import packed_attention_in
-
-    layers = model.model.layers
-    prefix = next(name for name, module in model.named_modules() if module is layers) + "."
-    result: dict[str, QuantizedWeight] = {}
-    with torch.no_grad(), packed_attention_in(model) as packed:
-        inputs = _layer_inputs(model, samples, tokens_per_pass if packed else 0)
-        for index, layer in enumerate(layers):
-            linears = {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-            seen: dict[str, torch.Tensor] = {}
-            handles = [m.register_forward_hook(functools.partial(_record_input, seen, name)) for name, m in linears.items()]
-            groups, hessians, count = None, [], 0
-            for args, kwargs in inputs:
-                layer(*args, **kwargs)
-                if groups is None:  # Linears handed the very same tensor share their input
-                    groups = _shared_inputs(seen, list(linears))
-                    hessians = [torch.zeros(linears[g[0]].in_features, linears[g[0]].in_features) for g in groups]
-                for group, hessian in zip(groups, hessians):
-                    x = seen[group[0]].reshape(-1, hessian.shape[0]).float().cpu()
-                    hessian.addmm_(x.T, x)
-                count += x.shape[0]
-                seen.clear()
-            for handle in handles:
-                handle.remove()
-            for group, hessian in zip(groups, hessians):
-                stacked = torch.cat([linears[name].weight.detach().float().cpu() for name in group])
-                rows = torch.tensor([linears[name].out_features for name in group]).cumsum(0).tolist()
-                weight = gptq_weight(stacked, hessian / max(1, count), grid, damping)
-                for name, first, last in zip(group, [0, *rows], rows):
-                    part = QuantizedWeight(weight.q[first:last], weight.scales[first:last], weight.zero_points[first:last])
-                    result[f"{prefix}{index}.{name}"] = part
-                    linears[name].weight.copy_(part.dequantize().to(linears[name].weight.dtype))
-            del hessians
-            inputs = [_run_layer(layer, args, kwargs) for args, kwargs in inputs]  # what the next layer sees
-            if on_layer is not None:
-                on_layer(index + 1, len(layers))
-        # The LM head reads the final norm of the last layer's output (in a tied model its table is the
-        # embedding too: the rows the embedding looks up are then GPTQ's, not the nearest rounding).
-        lm_head = model.get_output_embeddings()
-        hessian = torch.zeros(lm_head.in_features, lm_head.in_features)
-        count = 0
-        for args, kwargs in inputs:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            x = model.model.norm(hidden).reshape(-1, lm_head.in_features).float().cpu()
-            hessian.addmm_(x.T, x)
-            count += x.shape[0]
-        result["lm_head"] = gptq_weight(lm_head.weight.detach().float().cpu(), hessian / max(1, count), grid, damping)
-    return result
-
-
-def _record_input(seen: dict, name: str, module, args, output) -> None:
-    seen[name] = args[0]
-
-
-def _shared_inputs(seen: dict, names: list[str]) -> list[list[str]]:
-    """``names`` grouped by the input tensor their Linears were called on, in the layer's order."""
-    groups: list[list[str]] = []
-    for name in names:
-        match = next((g for g in groups if seen[g[0]] is seen[name]), None)
-        if match is None:
-            groups.append([name])
-        else:
-            match.append(name)
-    return groups
-
-
-def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid, damping: float = 0.01) -> QuantizedWeight:
-    """GPTQ of one ``[out, in]`` weight given its input Hessian ``[in, in]`` (the reference algorithm, with
-    each block's scale taken from its columns as already updated).
-
-    Errors spread lazily, one int4 block at a time: within a block column by column, then onto
-    all later columns in one matrix product (the reference's lazy batch, with the block as its
-    width). The weight is worked on transposed, so that each column is contiguous. A code rounds
-    ``floor(w / scale + zero + 0.5)``: a value a hair under a half may take the upper code, which is
-    as valid a code, and its error is carried on like any other.
-    """
-    import torch
-
-    w = weight.clone()
-    h = hessian.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += damping * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
-    # The upper Cholesky factor of H^-1: row i holds how column i's error spreads over the columns after it.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    out_features, in_features = w.shape
-    block = grid.block_size
-    wt = w.T.contiguous()  # [in, out]: one row per column of the weight
-    codes = torch.zeros_like(wt)
-    scales = torch.zeros(in_features // block, out_features)
-    zeros = torch.zeros(in_features // block, out_features)
-    for start in range(0, in_features, block):
-        end = start + block
-        w1, hinv1 = wt[start:end], hinv[start:end, start:end]
-        scale, zero = _grid_of(w1.T.unsqueeze(1), grid)  # the block's grid, from its columns as updated so far
-        scale, zero = scale[:, 0], zero[:, 0]
-        scales[start // block], zeros[start // block] = scale, zero
-        reciprocal = _reciprocal(scale)
-        half_up = zero + 0.5
-        errors = torch.empty_like(w1)
-        inverse_diagonal = (1 / torch.diag(hinv1)).tolist()
-        for i in range(block):  # few ops per column, written in place: at 576 rows each op is mostly overhead
-            column, error = w1[i], errors[i]
-            q = torch.mul(column, reciprocal, out=codes[start + i])
-            q.add_(half_up).floor_().clamp_(0.0, 15.0)
-            torch.sub(q, zero, out=error)
-            error.mul_(scale)
-            torch.sub(column, error, out=error)  # the column minus what ships for it
-            error.mul_(inverse_diagonal[i])
-            w1[i + 1:].addr_(hinv1[i, i + 1:], error, alpha=-1)
-        wt[end:].addmm_(hinv[start:end, end:].T, errors, alpha=-1)
-    return QuantizedWeight(codes.T.to(torch.uint8), scales.T.contiguous(), zeros.T.to(torch.uint8))
-
-
-class _Captured(Exception):
-    """Raised by the hook that records the first decoder layer's inputs: the rest of the forward is not needed."""
-
-
-def _layer_inputs(model, samples: list[list[int]], tokens_per_pass: int = 0) -> list[tuple[tuple, dict]]:
-    """The (args, kwargs) the first decoder layer receives (hidden states, rotary embeddings, masks:
-    whatever this architecture passes), with no padding: consecutive samples packed into one row of
-    up to ``tokens_per_pass`` tokens, each with its own positions and ``cu_seq_lens_q`` (for
-    :func:`~autotune.packing.packed_attention`), or one sample per call when ``tokens_per_pass`` is 0."""
-    import torch
-
-    captured: list[tuple[tuple, dict]] = []
-
-    def hook(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Captured
-
-    from autotune.packing import consecutive_parts, packed_inputs
-
-    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            if tokens_per_pass:
-                calls = [packed_inputs(samples[first:last], device)
-                         for first, last in consecutive_parts([len(ids) for ids in samples], True, tokens_per_pass)]
-            else:
-                calls = [{"input_ids": torch.tensor([ids], device=device)} for ids in samples]
-            for inputs in calls:
-                with contextlib.suppress(_Captured):
-                    model(**inputs, use_cache=False)
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_layer(layer, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    output = layer(*args, **kwargs)
-    hidden = output[0] if isinstance(output, tuple) else output
-    return (hidden, *args[1:]), kwargs

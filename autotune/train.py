@@ -223,6 +223,11 @@ def load_base_for_training(base: BaseModel, spec: TrainSpec, device: str, dtype:
         model = AutoModelForCausalLM.from_pretrained(base.path, device_map={"": device}, **kwargs)
         # Gradient checkpointing trades time for memory; small models do not need it.
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if kwargs["use_safetensors"]:
+        from autotune.checkpoint import load_model
+
+        # One layer read at a time: from_pretrained holds the whole fp32 file beside a bf16 copy while it converts.
+        return load_model(base.path, torch_dtype, device, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
     return model.to(device)
 

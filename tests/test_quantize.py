@@ -513,7 +513,7 @@ def test_int4_aware_gradients_are_straight_through_and_the_rounding_follows_each
 
 def test_gptq_lowers_the_output_error_of_rtn_on_its_calibration_inputs():
     """GPTQ's point: on the inputs it was calibrated on, the layer's outputs move less than under plain rounding."""
-    from autotune.quantize import gptq_weight
+    from autotune.gptq import gptq_weight
 
     torch.manual_seed(0)
     x = torch.randn(512, 64) @ torch.randn(64, 64)  # correlated inputs, as real activations are
@@ -531,7 +531,7 @@ def test_gptq_lowers_the_output_error_of_rtn_on_its_calibration_inputs():
 
 def test_gptq_rounds_linears_sharing_an_input_as_one_matrix():
     """GPTQ treats rows on their own: q/k/v (or gate/up) stacked give each one's own result, bit for bit."""
-    from autotune.quantize import gptq_weight
+    from autotune.gptq import gptq_weight
 
     torch.manual_seed(0)
     x = torch.randn(512, 64) @ torch.randn(64, 64)
@@ -550,7 +550,7 @@ def test_gptq_calibrates_on_packed_samples_as_on_one_sample_per_forward(tiny128,
 
     from autotune.models import resolve_model
     from autotune.packing import packed_attention_in
-    from autotune.quantize import _layer_inputs, _record_input, _run_layer, _shared_inputs
+    from autotune.gptq import _Captured, _layer_inputs, _record_input, _run_layer, _shared_inputs
     from autotune.train import calibration_samples, load_tokenizer
 
     samples = calibration_samples(splits, load_tokenizer(resolve_model(str(tiny128))))[:9]
@@ -568,9 +568,10 @@ def test_gptq_calibrates_on_packed_samples_as_on_one_sample_per_forward(tiny128,
         layer = model.model.layers[0]
         linears = [name for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
         seen = {}
-        handles = [layer.get_submodule(name).register_forward_hook(functools.partial(_record_input, seen, name))
-                   for name in linears]
-        layer(*chunks[0][0], **chunks[0][1])
+        handles = [layer.get_submodule(name).register_forward_pre_hook(
+            functools.partial(_record_input, seen, name, len(linears))) for name in linears]
+        with contextlib.suppress(_Captured):
+            layer(*chunks[0][0], **chunks[0][1])
         for handle in handles:
             handle.remove()
     assert _shared_inputs(seen, linears) == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -584,7 +585,7 @@ def test_gptq_export_ships_the_calibrated_weights(tiny128, splits, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from autotune.export import ExportSpec, export_model, prequantize
-    from autotune.quantize import gptq_quantize
+    from autotune.gptq import gptq_quantize
     from autotune.train import calibration_samples, load_tokenizer
     from autotune.models import resolve_model
 

@@ -1,0 +1,70 @@
+"""The merge, one decoder layer at a time: peft's merge_and_unload bit for bit, with a layer of the model in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from autotune.errors import UserError
+from autotune.models import resolve_model
+
+
+def _adapter(base_dir: Path, out: Path, target_modules="all-linear", **lora) -> Path:
+    """A saved peft adapter with random (non-zero) A and B, as training leaves them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, task_type="CAUSAL_LM", **lora))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.05)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("lora", [{}, {"use_rslora": True}], ids=["plain", "rslora"])
+def test_merge_is_peft_merge_and_unload_bit_for_bit(tiny_model_dir, tmp_path, lora):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from autotune.checkpoint import Checkpoint
+    from autotune.export import merge_adapter
+
+    adapter = _adapter(tiny_model_dir, tmp_path / "adapter", **lora)
+    merged = merge_adapter(resolve_model(str(tiny_model_dir)), adapter, tmp_path / "merged")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    expected = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+    expected.pop("lm_head.weight")  # tied: the embedding's table, written once
+    checkpoint = Checkpoint(merged)
+    assert len(checkpoint.groups()) == 4  # the embedding, the final norm and one shard per decoder layer
+    got, before = checkpoint.read(checkpoint.names), Checkpoint(tiny_model_dir).read(expected)
+    assert sorted(got) == sorted(expected)
+    moved = 0
+    for name, tensor in expected.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], tensor), name
+        moved += not torch.equal(tensor, before[name])
+    assert moved == 14  # every Linear of both layers took its adapter
+    # transformers loads the sharded folder as the model (the builder loads it the same way)
+    reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert torch.equal(reloaded.lm_head.weight, expected["model.embed_tokens.weight"])
+    assert (merged / "tokenizer.json").is_file()
+
+
+def test_merge_refuses_adapters_it_cannot_merge_exactly(tiny_model_dir, tmp_path):
+    from autotune.export import merge_adapter
+
+    base = resolve_model(str(tiny_model_dir))
+    dora = _adapter(tiny_model_dir, tmp_path / "dora", use_dora=True)
+    with pytest.raises(UserError, match="not a plain LoRA adapter .*use_dora"):
+        merge_adapter(base, dora, tmp_path / "merged")
+    other = _adapter(tiny_model_dir, tmp_path / "other")
+    config = other / "adapter_config.json"
+    config.write_text(config.read_text().replace('"modules_to_save": null', '"modules_to_save": ["lm_head"]'))
+    with pytest.raises(UserError, match="modules_to_save"):
+        merge_adapter(base, other, tmp_path / "merged2")
