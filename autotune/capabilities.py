@@ -25,9 +25,6 @@ from autotune.models import BaseModel
 if TYPE_CHECKING:
     from autotune.candidate import CandidateSpec
 
-# bitsandbytes' CPU 4-bit kernels need every quantized matrix's widths divisible by this (a width of 344 failed:
-# "N must be divisible by block_n").
-BNB_CPU_WIDTH = 64
 # Known reasons behind a builder failure, by architecture, for a clearer line than the builder's own error.
 KNOWN_EXPORT_FAILURES = {
     "Gemma3ForCausalLM": "the builder reads Gemma 3's RoPE settings in transformers 4's flat form (rope_type at the "
@@ -56,8 +53,8 @@ def weight_shapes(base: BaseModel) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def limits(base: BaseModel, train_device: str = "cpu") -> tuple[Limit, ...]:
-    """The search options ``base`` cannot take on ``train_device``, each with why."""
+def limits(base: BaseModel) -> tuple[Limit, ...]:
+    """The search options ``base`` cannot take, each with why."""
     from autotune.quantize import no_int4_layout
 
     shapes = weight_shapes(base)
@@ -69,26 +66,19 @@ def limits(base: BaseModel, train_device: str = "cpu") -> tuple[Limit, ...]:
     elif shapes and not ({"model.norm.weight"} <= set(shapes) and any(n.startswith("model.layers.") for n in shapes)):
         found.append(Limit("int4_method", "gptq", f"GPTQ walks model.layers and model.norm, which {base.architecture} "
                                                   "does not have"))
-    if train_device == "cpu":
-        odd = sorted({w for name, shape in shapes.items() if name.startswith("model.layers.") and len(shape) == 2
-                      for w in shape if w % BNB_CPU_WIDTH})
-        if odd:
-            found.append(Limit("method", "qlora", f"bitsandbytes' CPU 4-bit needs widths divisible by {BNB_CPU_WIDTH}; "
-                                                  f"this model has {', '.join(map(str, odd[:3]))}"))
     return tuple(found)
 
 
-def check_candidate(base: BaseModel, train_device: str, spec: CandidateSpec) -> None:
+def check_candidate(base: BaseModel, spec: CandidateSpec) -> None:
     """Refuse one candidate that asks for what ``base`` cannot take (:func:`limits`), before any work.
 
     Raises:
         UserError: naming the option and why.
     """
-    asked = {"method": spec.train.method if spec.train else "lora", "int4_method": spec.int4_method,
-             "symmetric": spec.export.symmetric if spec.export.precision == "int4" else True}
-    for limit in limits(base, train_device):
-        if asked[limit.option] == limit.value and (limit.option == "method" or spec.export.precision == "int4"):
-            flag = {"symmetric": "--asymmetric", "method": "--method qlora", "int4_method": "--int4-method gptq"}
+    asked = {"int4_method": spec.int4_method, "symmetric": spec.export.symmetric if spec.export.precision == "int4" else True}
+    for limit in limits(base):
+        if asked[limit.option] == limit.value and spec.export.precision == "int4":
+            flag = {"symmetric": "--asymmetric", "int4_method": "--int4-method gptq"}
             raise UserError(f"this model cannot take {flag[limit.option]}: {limit.reason}")
 
 

@@ -133,7 +133,7 @@ def cmd_candidate(args) -> int:
         console.file = sys.stderr
     ws = _workspace(args, out, info, profile)
     spec = CandidateSpec(train, export)
-    check_candidate(ws.base, profile.train_device, spec)  # refused now rather than after training
+    check_candidate(ws.base, spec)  # refused now rather than after training
     check_candidate_memory(ws, spec)  # training and every export stage, before any of them runs
     console.print(f"[bold]data[/] {ws.splits.summary()}   [bold]model[/] {ws.base.name} ({ws.base.architecture})   "
                   f"[bold]profile[/] {profile.name}, {ws.threads} thread(s)")
@@ -229,7 +229,7 @@ def _prepare_search(args, argv: list[str], join: bool = False, claim: bool = Tru
     artifacts = Path(args.artifacts).expanduser() if getattr(args, "artifacts", None) else out / "cache"
     ws = _workspace(args, out, info, profile, artifacts)
     shape = model_shape(ws.base)
-    cannot = limits(ws.base, profile.train_device)  # what this model cannot take: dropped, each with a note
+    cannot = limits(ws.base)  # what this model cannot take: dropped, each with a note
     space = space.restrict(profile.precisions, qlora_enabled(profile, info), profile.execution_provider,
                            widths=(shape.hidden, shape.intermediate),
                            drop=[(limit.option, limit.value, limit.reason) for limit in cannot])
