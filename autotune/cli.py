@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if interrupted():  # e.g. the measuring child died of the same Ctrl-C
             return _interrupted_exit()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line, whatever a library wrote
         return exc.exit_code
     except KeyboardInterrupt:
         return _interrupted_exit()

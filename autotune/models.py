@@ -170,9 +170,17 @@ def _convert_gguf(gguf: Path, slug: str) -> Path:
     return target
 
 
+# A fast tokenizer, or the sentencepiece / BPE / tiktoken file one is converted from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer.tiktoken")
+
+
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
     if not (folder / "config.json").is_file():
         raise UserError(f"--model {folder}: no config.json; pass a Hugging Face model folder")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # checked here: without one, the builder's probe fails later with a misleading multi-line error
+        raise UserError(f"--model {folder}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); copy the model's "
+                        "tokenizer files into the folder")
     if any(folder.glob("*.safetensors")):
         return
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):

@@ -145,11 +145,14 @@ def test_what_a_model_cannot_take_leaves_the_space(tmp_path, tiny_dataset):
 
     from families import smollm2_tokenizer
 
-    vocab = len(smollm2_tokenizer())
+    tokenizer = smollm2_tokenizer()
+    vocab = len(tokenizer)
     sizes = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
     torch.manual_seed(0)
     PhiForCausalLM(PhiConfig(intermediate_size=128, **sizes)).save_pretrained(tmp_path / "phi2")
     LlamaForCausalLM(LlamaConfig(intermediate_size=96, **sizes)).save_pretrained(tmp_path / "odd")
+    for name in ("phi2", "odd"):
+        tokenizer.save_pretrained(tmp_path / name)
     phi2, odd = (resolve_model(str(tmp_path / name)) for name in ("phi2", "odd"))
     check_exportable(phi2)  # the builder takes Phi-2: only the options are dropped, not the model
     assert {(limit.option, limit.value) for limit in limits(phi2)} == {("int4_method", "gptq"), ("symmetric", False)}

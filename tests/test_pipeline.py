@@ -136,8 +136,10 @@ def test_qlora_trains_merges_exports(base, splits, tmp_path):
     merged = merge_adapter(base, tmp_path / "adapter", tmp_path / "merged")
     config = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in config
-    with safe_open(str(merged / "model.safetensors"), "pt") as weights:
-        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+    dtypes = set()
+    for shard in merged.glob("*.safetensors"):  # written one layer group at a time
+        with safe_open(str(shard), "pt") as weights:
+            dtypes |= {weights.get_slice(name).get_dtype() for name in weights.keys()}
     assert dtypes == {"F32"}
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]

@@ -16,9 +16,10 @@ from autotune.models import BaseModel, model_shape
 from autotune.packing import PACKED_ATTENTION, consecutive_parts, keep_mask, packed_attention
 from autotune.train import TrainSpec, _peft_model, encode_example, load_tokenizer, train_adapter
 from conftest import LABELS, write_jsonl
+from families import smollm2_tokenizer
 
 # Phi-3-mini-4k-instruct's config.json (3.8B parameters): sizes only, no weights.
-PHI3_MINI = {"architectures": ["Phi3ForCausalLM"], "hidden_size": 3072, "intermediate_size": 8192,
+PHI3_MINI = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064,
              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
 
@@ -363,6 +364,7 @@ def test_a_model_too_large_is_refused_before_any_work(tmp_path, monkeypatch, cap
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(PHI3_MINI))
     save_file({}, str(folder / "model.safetensors"))  # a stand-in: no weight is read before the refusal
+    smollm2_tokenizer().save_pretrained(folder)
     _fake_free(monkeypatch, 16 * 2**30)
     code = cli.main(["candidate", "--model", str(folder), "--data", str(small_dataset), "--target", "cpu",
                      "--threads", "1", "-o", str(tmp_path / "out")])
