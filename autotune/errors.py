@@ -8,6 +8,7 @@ and exits with :attr:`UserError.exit_code`; no traceback.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 
 _interrupted = threading.Event()
@@ -52,7 +53,17 @@ def handle_interrupts() -> None:
         _interrupted.set()
         raise KeyboardInterrupt
 
+    default_hook = sys.unraisablehook
+
+    def quiet_when_swallowed(unraisable) -> None:
+        # A KeyboardInterrupt raised inside a finalizer (a weakref callback, __del__) cannot propagate; Python
+        # would print it as "Exception ignored ... Traceback". It is remembered and raised again instead.
+        if issubclass(unraisable.exc_type, KeyboardInterrupt) and _interrupted.is_set():
+            return
+        default_hook(unraisable)
+
     signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = quiet_when_swallowed
 
 
 def interrupted() -> bool:

@@ -193,18 +193,19 @@ def test_notes_state_each_bound_and_which_binds() -> None:
 @pytest.mark.slow
 def test_max_size_excludes_the_larger_precision_and_binds(tmp_path: Path, tiny_search: Path, tiny_model_dir,
                                                           tiny_dataset, tiny_space) -> None:
-    """Resume the finished tiny search with a --max-size just under the size of the model the most-accurate
-    rule chose: the same trials, a smaller model chosen, and size reported as the bound that binds. (The tiny
-    model's candidates are all tied at chance, so the default rule ships the smallest and no size bound binds.)"""
+    """Resume the finished tiny search with a --max-size just under the size of the trial the most-accurate
+    rule ranks first on the trials' own figures: the same trials, a smaller model chosen, and size reported as
+    the bound that binds, naming that trial. (The tiny model's candidates are all tied at chance, so the default
+    rule ships the smallest and no size bound binds. A bound binds on the trials' own figures; the selection's
+    re-benchmark may reorder near-equal latencies, so the test takes its top trial from those figures.)"""
     out = tmp_path / "out"
     shutil.copytree(tiny_search, out)
-    unbounded = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--select", "most-accurate"))
-    assert unbounded.returncode == 0, unbounded.stderr[-3000:]
-    first = json.loads((out / "report.json").read_text())["chosen"]
     trials = {t.number: t for t in complete(load_study(out))}
+    top = min(trials.values(), key=lambda t: (-t.values[0], t.values[1], t.user_attrs["size_mb"]))
+    first = {"trial": top.number, "size_mb": top.user_attrs["size_mb"]}
     smallest = min(t.user_attrs["size_mb"] for t in trials.values())
     if first["size_mb"] <= smallest:  # the fastest is the smallest here: no size bound can bind while leaving one
-        pytest.skip(f"the unbounded choice #{first['trial']} is already the smallest ({smallest:.1f} MB)")
+        pytest.skip(f"the top trial #{first['trial']} is already the smallest ({smallest:.1f} MB)")
     limit = (first["size_mb"] + max(s for s in (t.user_attrs["size_mb"] for t in trials.values())
                                     if s < first["size_mb"])) / 2
     proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--select", "most-accurate",

@@ -117,7 +117,7 @@ def measuring(proc: subprocess.Popen) -> bool:
         return False
     for child in children:
         try:
-            if "autotune.measure" in child.cmdline():
+            if "autotune.generate" in child.cmdline():
                 return True
         except psutil.Error:
             continue
@@ -432,8 +432,8 @@ def test_every_candidate_failing_exits_1_with_reasons(tmp_path: Path, tiny_model
         assert row["state"] == "FAIL", row
         assert row["reason"] and "tanh activation" in row["reason"], row
         assert row["candidate"], row
-    labels = {p for row in report["trials"] for p in ("int4", "fp32") if f" {p}" in row["candidate"]}
-    assert {"int4", "fp32"} <= labels, labels  # both precisions were tried, and both failed
+    # Each adapter is screened at one precision; one that never measured gets no other export.
+    assert all(any(f" {p}" in row["candidate"] for p in ("int4", "fp32")) for row in report["trials"]), report
     trials = load_trials(out)
     assert all(t.state == optuna.trial.TrialState.FAIL and "tanh" in t.user_attrs.get("fail_reason", "")
                for t in trials), [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]

@@ -118,12 +118,13 @@ class SharedRun:
 
 @pytest.fixture(scope="module")
 def s1(pg, tmp_path_factory, tiny_model_dir, tiny_dataset, tiny_space) -> SharedRun:
-    """Study s1: a coordinator runs 2 trials (creating the study), then two workers bring it to 8."""
+    """Study s1: a coordinator runs 2 trials (creating the study), then two workers bring it to 7 (all the tiny
+    space holds: 4 adapters screened, the best one's 3 other exports)."""
     tmp = tmp_path_factory.mktemp("workers")
     shared = tmp / "shared"
     proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, pg.url, "s1", shared, tmp / "out0", 2))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    workers = [start_worker(pg.url, "s1", shared, tmp / f"out{i}", "--trials", "8") for i in (1, 2)]
+    workers = [start_worker(pg.url, "s1", shared, tmp / f"out{i}", "--trials", "7") for i in (1, 2)]
     logs = [finish(w, 420) for w in workers]
     return SharedRun(pg.url, shared, workers, logs, tmp)
 
@@ -136,7 +137,7 @@ def test_two_workers_share_the_study(s1: SharedRun) -> None:
         assert w.returncode == 0, log[-3000:]
     trials = load(s1.url, "s1").get_trials(deepcopy=False)
     done = [t for t in trials if t.state == S.COMPLETE]
-    assert len(done) >= 8
+    assert len(done) == 7
 
     # No candidate evaluated twice.
     keys = [t.user_attrs["model_key"] for t in done]
