@@ -91,8 +91,9 @@ class Accuracy:
         return format_accuracy(self.accuracy, self.n, self.interval)
 
     def to_dict(self) -> dict:
-        """The figures without the per-prompt predictions, plus the interval."""
-        record = {k: v for k, v in asdict(self).items() if k not in ("predictions", "marks")}
+        """The figures without the per-prompt predictions, plus the interval; the marks stay, so two models
+        scored on the same prompts can be compared paired from their records."""
+        record = {k: v for k, v in asdict(self).items() if k != "predictions"}
         record["interval"] = list(self.interval)
         return record
 

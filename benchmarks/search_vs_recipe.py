@@ -111,6 +111,19 @@ def run_recipe(root: Path, dataset: str, seed: int, steps: int, threads: int, pr
             "tests": {n: a.to_dict() for n, a in tests.items()}}
 
 
+def _paired(search: dict, recipe: dict) -> str:
+    """search - recipe on the same test prompts, with its paired 95% interval (Bonett-Price)."""
+    from autotune.selection import paired_interval
+
+    a, b = search["test"].get("marks", ""), recipe["test"].get("marks", "")
+    if not a or len(a) != len(b):
+        return "n/a"
+    worse = sum(x == "0" and y == "1" for x, y in zip(a, b))
+    better = sum(x == "1" and y == "0" for x, y in zip(a, b))
+    low, high = paired_interval(worse, better, len(a))
+    return f"{(better - worse) / len(a):+.3f} [{low:+.2f}, {high:+.2f}]"
+
+
 def _acc(record: dict) -> str:
     t = record["test"]
     return f"{t['accuracy']:.3f} [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}]"
@@ -150,8 +163,9 @@ def main() -> None:
             done[dataset, seed] = record
 
     print("\n| data | seed | search: chosen | test acc [95% CI] | MB | request ms | wall s | recipe (60 st): chosen "
-          "| test acc | wall s | recipe x compute (steps): test acc | wall s |")
-    print("|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+          "| test acc | wall s | recipe x compute (steps): test acc | wall s | search - recipe [paired 95% CI] "
+          "| search - recipe x compute |")
+    print("|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for (dataset, seed), r in sorted(done.items()):
         s = r["search"]
         if "error" in s:
@@ -160,7 +174,7 @@ def main() -> None:
         a, b = r["recipe"], r["recipe_compute"]
         print(f"| {dataset} | {seed} | {s['candidate']} | {_acc(s)} (n={s['test']['n']}) | {s['size_mb']:.0f} "
               f"| {s['request_p50_ms']:.1f} | {s['wall_s']:.0f} | {a['chosen']} | {_acc(a)} | {a['wall_s']:.0f} "
-              f"| ({b['train_steps']}) {_acc(b)} | {b['wall_s']:.0f} |")
+              f"| ({b['train_steps']}) {_acc(b)} | {b['wall_s']:.0f} | {_paired(s, a)} | {_paired(s, b)} |")
     print()
     for dataset in args.datasets:
         rows = [r for (d, _), r in done.items() if d == dataset and "error" not in r["search"]]
