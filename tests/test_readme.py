@@ -11,7 +11,19 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def quoted_blocks(text: str) -> list[str]:
-    return re.findall(r"^```\n(.*?)^```$", text, flags=re.M | re.S)
+    """The contents of the fenced blocks without a language (quoted output), in order."""
+    blocks, current, language = [], None, None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current, language = [], line[3:].strip()
+            else:
+                if not language:
+                    blocks.append("\n".join(current))
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
 
 
 def table_header(block: str) -> tuple[list[str], str]:
