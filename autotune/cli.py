@@ -70,16 +70,23 @@ def _hardware(target: str, name: str | None = None):
     return info, profile
 
 
-def _workspace(args, out: Path, info, profile, root: Path | None = None):
+def _splits(args):
+    """The data, loaded and split: cheap and most likely to be wrong, so checked before the hardware probe
+    (which imports torch and bitsandbytes: seconds) and before anything is written."""
+    from autotune.data import load_splits
+
+    return load_splits(_data_config(args))
+
+
+def _workspace(args, out: Path, info, profile, root: Path | None = None, splits=None):
     from autotune.candidate import Workspace
     from autotune.capabilities import check_exportable
-    from autotune.data import load_splits
     from autotune.export import check_export_memory
     from autotune.hardware import choose_threads
     from autotune.models import resolve_model
     from autotune.study import hardware_identity
 
-    splits = load_splits(_data_config(args))  # cheap and most likely to be wrong: check first
+    splits = splits or _splits(args)
     base = resolve_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     check_export_memory(base, profile.memory_headroom)  # a model that cannot fit is refused before any work
     check_exportable(base, args.trust_remote_code)  # and one the builder cannot export at all
@@ -113,6 +120,7 @@ def cmd_candidate(args) -> int:
     from autotune.report import baselines, output_dir
     from autotune.train import TrainSpec
 
+    splits = _splits(args)
     info, profile = _hardware(args.target, args.profile)
     if args.precision not in profile.precisions:
         raise UserError(f"--precision {args.precision} does not run on {profile.execution_provider} "
@@ -131,7 +139,7 @@ def cmd_candidate(args) -> int:
     out = output_dir(args.output)
     if args.json:  # stdout carries the JSON record only
         console.file = sys.stderr
-    ws = _workspace(args, out, info, profile)
+    ws = _workspace(args, out, info, profile, splits=splits)
     spec = CandidateSpec(train, export)
     check_candidate(ws.base, spec)  # refused now rather than after training
     check_candidate_memory(ws, spec)  # training and every export stage, before any of them runs
@@ -215,8 +223,6 @@ def _prepare_search(args, argv: list[str], join: bool = False, claim: bool = Tru
     settings = SearchSettings(trials=args.trials, timeout_s=args.timeout, latency_metric=args.latency_metric,
                               sampler=args.sampler, seed=secrets.randbelow(2**31) if join else args.seed,
                               siblings=not args.no_siblings, rule=args.select, **bounds.from_args(args))
-    info, profile = _hardware(args.target, args.profile)
-    check_bound(settings.bounds.max_memory_mb, profile.execution_provider)
     space_text = getattr(args, "space_text", None)
     if space_text is None:
         space_path = Path(args.space) if args.space else default_space_path()
@@ -224,10 +230,13 @@ def _prepare_search(args, argv: list[str], join: bool = False, claim: bool = Tru
         space_text = space_path.read_text()
     else:
         space = SearchSpace.from_dict(yaml.safe_load(space_text), where="the study's search space")
+    splits = _splits(args)
+    info, profile = _hardware(args.target, args.profile)
+    check_bound(settings.bounds.max_memory_mb, profile.execution_provider)
     out = report.output_dir(args.output)
     held = report.claim_output(out) if claim else None  # before the study is touched
     artifacts = Path(args.artifacts).expanduser() if getattr(args, "artifacts", None) else out / "cache"
-    ws = _workspace(args, out, info, profile, artifacts)
+    ws = _workspace(args, out, info, profile, artifacts, splits)
     shape = model_shape(ws.base)
     cannot = limits(ws.base)  # what this model cannot take: dropped, each with a note
     space = space.restrict(profile.precisions, qlora_enabled(profile, info), profile.execution_provider,
