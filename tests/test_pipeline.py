@@ -547,6 +547,7 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
 
 
+@pytest.mark.slow  # the fast tier has each int4 method on every family (tests/test_families.py)
 def test_run_candidate_with_each_int4_method(base, splits, tmp_path):
     """Each int4 method through the real candidate chain: recorded, cached apart, and the int4-aware adapter's
     grid in its training key (so an adapter trained for one grid is never reused for another)."""
