@@ -78,7 +78,7 @@ def _splits(args):
     return load_splits(_data_config(args))
 
 
-def _workspace(args, out: Path, info, profile, root: Path | None = None, splits=None):
+def _workspace(args, out: Path, info, profile, splits, root: Path | None = None):
     from autotune.candidate import Workspace
     from autotune.capabilities import check_exportable
     from autotune.export import check_export_memory
@@ -86,7 +86,6 @@ def _workspace(args, out: Path, info, profile, root: Path | None = None, splits=
     from autotune.models import resolve_model
     from autotune.study import hardware_identity
 
-    splits = splits or _splits(args)
     base = resolve_model(args.model, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     check_export_memory(base, profile.memory_headroom)  # a model that cannot fit is refused before any work
     check_exportable(base, args.trust_remote_code)  # and one the builder cannot export at all
@@ -139,7 +138,7 @@ def cmd_candidate(args) -> int:
     out = output_dir(args.output)
     if args.json:  # stdout carries the JSON record only
         console.file = sys.stderr
-    ws = _workspace(args, out, info, profile, splits=splits)
+    ws = _workspace(args, out, info, profile, splits)
     spec = CandidateSpec(train, export)
     check_candidate(ws.base, spec)  # refused now rather than after training
     check_candidate_memory(ws, spec)  # training and every export stage, before any of them runs
@@ -236,7 +235,7 @@ def _prepare_search(args, argv: list[str], join: bool = False, claim: bool = Tru
     out = report.output_dir(args.output)
     held = report.claim_output(out) if claim else None  # before the study is touched
     artifacts = Path(args.artifacts).expanduser() if getattr(args, "artifacts", None) else out / "cache"
-    ws = _workspace(args, out, info, profile, artifacts, splits)
+    ws = _workspace(args, out, info, profile, splits, artifacts)
     shape = model_shape(ws.base)
     cannot = limits(ws.base)  # what this model cannot take: dropped, each with a note
     space = space.restrict(profile.precisions, qlora_enabled(profile, info), profile.execution_provider,

@@ -112,16 +112,14 @@ def run_recipe(root: Path, dataset: str, seed: int, steps: int, threads: int, pr
 
 
 def _paired(search: dict, recipe: dict) -> str:
-    """search - recipe on the same test prompts, with its paired 95% interval (Bonett-Price)."""
-    from autotune.selection import paired_interval
+    """search - recipe on the same test prompts, with its paired 95% interval (the selection's own comparison)."""
+    from autotune.selection import Candidate, compare
 
     a, b = search["test"].get("marks", ""), recipe["test"].get("marks", "")
     if not a or len(a) != len(b):
         return "n/a"
-    worse = sum(x == "0" and y == "1" for x, y in zip(a, b))
-    better = sum(x == "1" and y == "0" for x, y in zip(a, b))
-    low, high = paired_interval(worse, better, len(a))
-    return f"{(better - worse) / len(a):+.3f} [{low:+.2f}, {high:+.2f}]"
+    paired = compare(Candidate(0, a, 0.0, None), Candidate(1, b, 0.0, None))
+    return f"{paired.diff:+.3f} [{paired.interval[0]:+.2f}, {paired.interval[1]:+.2f}]"
 
 
 def _acc(record: dict) -> str:
