@@ -150,6 +150,7 @@ class Workspace:
         self._prompts: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
         self._label_ids: dict[tuple[str, str], list[list[list[int]]]] = {}
         self._tokenizer = None
+        self._calibration: list[list[int]] | None = None
 
     def train_key(self, spec: TrainSpec) -> str:
         libraries = ADAPTER_LIBRARIES + (("bitsandbytes",) if spec.method == "qlora" else ())
@@ -190,8 +191,11 @@ class Workspace:
         return self.root / "logs" / f"{self.export_key(spec)}.builder.log"
 
     def calibration_samples(self) -> list[list[int]]:
-        """What a calibrated int4 export is fitted to (:func:`autotune.train.calibration_samples`)."""
-        return train.calibration_samples(self.splits, self.tokenizer())
+        """What a calibrated int4 export is fitted to (:func:`autotune.train.calibration_samples`), tokenized once:
+        the memory check and the export both need it."""
+        if self._calibration is None:
+            self._calibration = train.calibration_samples(self.splits, self.tokenizer())
+        return self._calibration
 
     def tokenizer(self):
         """The base model's tokenizer (:func:`autotune.train.load_tokenizer`), loaded once."""
@@ -345,8 +349,8 @@ def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: 
         return read_train_log(adapter), None
     if (model_dir / "genai_config.json").is_file():
         return None, 0.0
-    tokens = tokens_per_step(ws.splits, spec.train)
-    checkpointing = check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom, tokens)
+    step_tokens = tokens_per_step(ws.splits, spec.train)
+    checkpointing = check_memory(ws.base, spec.train, ws.train_device, ws.train_dtype, ws.memory_headroom, step_tokens)
     # A shorter run of this adapter saved its state where its decay began: continue from the latest one.
     runs = ws.trajectory_dir(spec.train)
     resume = trajectory.latest(runs, spec.train.stable_steps)
@@ -355,7 +359,7 @@ def _train_cached(ws: Workspace, spec: CandidateSpec, adapter: Path, model_dir: 
            + (" (gradient checkpointing: memory is short)" if checkpointing else ""))
     start = time.perf_counter()
     save = trajectory.step_dir(runs, spec.train.stable_steps)
-    need = memory_need(ws.base, spec.train, ws.train_dtype, tokens, checkpointing)
+    need = memory_need(ws.base, spec.train, ws.train_dtype, step_tokens, checkpointing)
     with atomic_dir(adapter) as tmp, stage_peak(peaks, "train", need, ws.train_device):
         train_adapter(
             ws.base, ws.splits, spec.train, tmp,

@@ -120,10 +120,9 @@ def load_model(folder: Path, dtype: "torch.dtype", device="cpu", *, trust_remote
     model = empty_model(folder, dtype, device, trust_remote_code=trust_remote_code)
     checkpoint = Checkpoint(folder)
     expected = set(model.state_dict())
-    for group in checkpoint.groups():
+    for group in checkpoint.groups():  # disjoint groups: each tensor is read once
         tensors = checkpoint.read([name for name in group if name in expected], dtype, device)
         model.load_state_dict(tensors, strict=False, assign=True)
-        expected -= set(tensors)
         del tensors
     model.tie_weights()  # a tied head shares the embedding's table, as from_pretrained leaves it
     missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]

@@ -28,13 +28,12 @@ if TYPE_CHECKING:
 
     import torch
 
-OnLayer = "Callable[[int, int], None] | None"
 # Columns whose rounding errors reach the later columns in one product (the reference implementation's 128).
 LAZY_COLUMNS = 128
 
 
 def gptq_checkpoint(folder: Path, samples: list[list[int]], grid: Int4Grid, damping: float = 0.01,
-                    on_layer: OnLayer = None, tokens_per_pass: int = 2048, *, device: str = "cpu",
+                    on_layer: Callable[[int, int], None] | None = None, tokens_per_pass: int = 2048, *, device: str = "cpu",
                     dtype: str = "float32", trust_remote_code: bool = False) -> dict[str, QuantizedWeight]:
     """:func:`gptq_quantize` of the model saved in ``folder``, read one decoder layer at a time.
 
@@ -49,8 +48,8 @@ def gptq_checkpoint(folder: Path, samples: list[list[int]], grid: Int4Grid, damp
                          device=device)
 
 
-def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: float = 0.01, on_layer: OnLayer = None,
-                  tokens_per_pass: int = 2048, *, checkpoint: Checkpoint | None = None,
+def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: float = 0.01,
+                  on_layer: Callable[[int, int], None] | None = None, tokens_per_pass: int = 2048, *, checkpoint: Checkpoint | None = None,
                   device=None) -> dict[str, QuantizedWeight]:
     """Int4 weights for every Linear of the decoder layers and the LM head, chosen by GPTQ on ``samples``.
 

@@ -53,7 +53,9 @@ def accumulate_gradients(model, batch: Sequence[tuple[list[int], list[int]]], pa
                 loss = _packed_loss(model, part, device) if packed else _padded_loss(model, part, pad_id, device)
                 share = sum(scored[first:last]) / total
                 # Inside the layout: a checkpointed layer's recompute draws the same masks.
-                scaled = loss * share if loss_scale is None else loss * share * loss_scale
+                scaled = loss * share
+                if loss_scale is not None:
+                    scaled = scaled * loss_scale
                 part_grads = torch.autograd.grad(scaled, params, allow_unused=True)
             grads = part_grads if grads is None else [_add(a, b) for a, b in zip(grads, part_grads)]
             loss_sum += loss.item() * share

@@ -114,9 +114,6 @@ def release_memory() -> None:
 
 # ------------------------------------------------------------------ each stage's peak: predicted, then measured
 
-STAGES = ("train", "merge", "calibrate", "export", "measure")
-
-
 @dataclass(frozen=True)
 class StageMemory:
     """One stage's peak memory: predicted before it ran, measured while it ran.

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from autotune.bounds import Bounds, binding_text, fix_for, memory_of, outcomes, trial_figures, unmet
 from autotune.cache import atomic_write_text, file_lock
+from autotune.constraints import feasible
 from autotune.candidate import CandidateSpec, Workspace, run_candidate
 from autotune.card import LATENCY_FIELDS, Baseline, FrontMember, final_table, write_failure_report, write_outputs
 from autotune.dashboard import write_study_note
@@ -46,7 +47,7 @@ def feasible_pool(study: optuna.Study, bounds: Bounds) -> list[optuna.trial.Froz
     """The complete trials within every bound of *this* run (a resumed study may have been started with
     others), measured prompt by prompt (what the paired comparison needs)."""
     return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if bounds.meets(trial_figures(t)) and t.user_attrs.get("correct")]
+            if feasible(t, bounds) and t.user_attrs.get("correct")]
 
 
 def benchmark_sample(prompts: list[str], answers: list[str], size: int) -> tuple[list[str], list[str]]:
@@ -277,9 +278,9 @@ def claim_output(out: Path):
     import os
     import socket
 
-    from filelock import FileLock, Timeout
+    from filelock import Timeout
 
-    lock = FileLock(str(out / ".autotune.lock"))
+    lock = file_lock(out / ".autotune")
     try:
         lock.acquire(timeout=0)
     except Timeout:

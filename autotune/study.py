@@ -120,17 +120,16 @@ def _recorded_attrs(storage: optuna.storages.BaseStorage, name: str) -> dict[str
 
 def _check_settings(name: str, recorded: dict[str, Any], attrs: dict[str, Any]) -> None:
     for key in SETTINGS_KEYS:
-        if key in recorded and key in attrs and recorded[key] != attrs[key] and key == "model_fingerprint":
+        if key not in recorded or key not in attrs or recorded[key] == attrs[key]:
+            continue
+        if key == "model_fingerprint":
             raise UserError(
                 f"--model {attrs.get('model')}: its files differ from those study '{name}' was run with (content "
                 f"{recorded[key]}, here {attrs[key]}); give this machine a copy of the study's model, or use "
                 "another --output or --study for this one"
             )
-        if key in recorded and key in attrs and recorded[key] != attrs[key]:
-            raise UserError(
-                f"study '{name}' was run with {key}={recorded[key]!r}, this run has {attrs[key]!r}; "
-                "use another --output or --study name, or rerun with the same settings"
-            )
+        raise UserError(f"study '{name}' was run with {key}={recorded[key]!r}, this run has {attrs[key]!r}; "
+                        "use another --output or --study name, or rerun with the same settings")
 
 
 HEARTBEAT_S = 10  # env AUTOTUNE_HEARTBEAT_S overrides
