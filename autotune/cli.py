@@ -282,6 +282,8 @@ def _run_trials(ctx: SearchContext) -> None:
     with search_view(ctx.study, s.latency_metric, s.bounds, s.trials, s.timeout_s, s.rule) as view:
         search.run(on_stage=view.on_stage, on_trial=lambda study, t: (recorder(study, t), view.on_trial(study, t)),
                    on_finish=recorder.attach)
+    if search.stopped:
+        console.print(f"search: stopped after {s.trials - search.remaining()} of {s.trials} trial(s): {search.stopped}")
 
 
 def _select(ctx: SearchContext) -> int:

@@ -51,7 +51,9 @@ def search_parser() -> argparse.ArgumentParser:
     g.add_argument("--latency-metric", default="request", choices=list(LATENCY_METRICS),
                    help="request (tokenize, prefill, generation to the stop, decode), ttft (time to first token) "
                    "or token (per-token decode); p50 across prompts (default: request)")
-    g.add_argument("--trials", type=int, default=12, help="candidates to evaluate in all, counting a resumed study's (default: 12)")
+    g.add_argument("--trials", type=int, default=6, help="candidates to evaluate in all, counting a resumed study's "
+                   "(default: 6, about 10 min for SmolLM2 on 2 CPU cores; the search may stop earlier when the rest "
+                   "could not take a new adapter to the top rung)")
     g.add_argument("--timeout", type=float, help="stop starting new trials after this many seconds")
     g.add_argument("--sampler", default="tpe", choices=["tpe", "nsga2", "random"], help="constrained multivariate TPE (default), NSGA-II or random")
     g.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")

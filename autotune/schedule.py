@@ -22,7 +22,9 @@ validation prompts (:meth:`~autotune.measure.Measurement.label_logprob`), a lowe
 signal than accuracy; an adapter whose accuracy is not above the majority-class rate
 learnt nothing and is never promoted or exported.
 The trial budget decides what is still worth starting: a new adapter only while it could
-still reach the top rung and be exported.
+still reach the top rung and be exported; after that, the best adapter climbs on to the top
+rung, and when nothing worth its cost is left the search stops early (:class:`Stop`) instead
+of screening adapters that could never be continued.
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ class Work:
         source = f" of trial {self.attrs['from_trial']}" if "from_trial" in self.attrs else ""
         return f"{what}{source} at {self.attrs.get('steps')} steps" + (
             f", {self.params['precision']}" if "precision" in self.params else "")
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Nothing left worth a trial: the search ends before its budget, for ``reason``."""
+
+    reason: str
+
+
+NO_ROOM = "the trials left could not take a new adapter to the top rung"
+NOTHING_LEFT = "every adapter of the space is screened, and none is left to continue or export"
 
 
 def role(trial: optuna.trial.FrozenTrial) -> str:
@@ -100,9 +113,10 @@ class Scheduler:
             return None
         return Work(dict(self.start), {"role": "screen", "steps": self.rungs[0], "start": True})
 
-    def next(self, trials: Sequence[optuna.trial.FrozenTrial], remaining: int, fresh: bool = True) -> Work | None:
-        """The trial to enqueue next, or None for a new adapter proposed by the sampler (or, with ``fresh``
-        False, for nothing left to do).
+    def next(self, trials: Sequence[optuna.trial.FrozenTrial], remaining: int,
+             fresh: bool = True) -> Work | Stop | None:
+        """The trial to enqueue next; None for a new adapter proposed by the sampler; :class:`Stop` when
+        nothing left is worth a trial.
 
         ``remaining``: trials of the budget not yet started (waiting and running ones excluded).
         ``fresh``: whether the space has adapters not screened yet. When it has none and no adapter
@@ -110,15 +124,16 @@ class Scheduler:
         has nothing better to buy.
         """
         if remaining <= 0:
-            return None
+            return Stop("the budget is spent")
         started = {_key(t) for t in trials}  # a pruned one too: its export proved a duplicate or out of bounds
         measured = [t for t in _complete(trials) if role(t) in ("screen", "continue")]
         adapters = [t for t in measured if self._learned(t)] or ([] if fresh else measured)
         best = self._finalist(adapters)
-        plan = self.exports(best) if best is not None else []
-        missing = [i for i in range(len(plan)) if ("export", best.user_attrs.get("trajectory"), _steps(best), i)
-                   not in started] if best is not None else []
-        at_top = best is not None and _steps(best) == self.rungs[-1]
+        if best is None:  # nothing learnt yet: only a new adapter can help
+            return None if fresh else Stop(NOTHING_LEFT)
+        plan = self.exports(best)
+        missing = [i for i in range(len(plan)) if self._export_key(best, i) not in started]
+        at_top = _steps(best) == self.rungs[-1]
         # Exports of the best adapter at the top rung come first; when the budget runs short, the best so far.
         if missing and (at_top or remaining <= len(missing)):
             return self._export(best, plan, missing[0])
@@ -126,11 +141,15 @@ class Scheduler:
             return promotion
         if fresh and remaining > len(plan or [None]) + len(self.rungs) - 1:
             return None  # a new adapter could still reach the top rung and be exported
-        if best is not None and at_top:  # more int4 variants of the best, their knobs sampled
+        if not at_top and remaining > len(missing):  # no room for a new adapter: the best climbs on instead
+            following = self.rungs[self.rungs.index(_steps(best)) + 1]
+            if ("continue", best.user_attrs.get("trajectory"), following, None) not in started:
+                return self._continue(best, following)
+        if at_top and plan:  # more int4 variants of the best, their knobs sampled (none for an int4-aware one)
             for index in range(len(plan), len(plan) + EXTRA_EXPORTS):
-                if ("export", best.user_attrs.get("trajectory"), _steps(best), index) not in started:
+                if self._export_key(best, index) not in started:
                     return self._export(best, plan + [{"precision": "int4"}] * EXTRA_EXPORTS, index)
-        return None
+        return Stop(NO_ROOM if fresh else NOTHING_LEFT)
 
     # ------------------------------------------------------------------ parts
 
@@ -150,10 +169,16 @@ class Scheduler:
             done = sorted((t for t in adapters if _steps(t) == self.rungs[k]), key=signal, reverse=True)
             for trial in done[: math.floor(len(done) * self.promote)]:
                 if ("continue", trial.user_attrs.get("trajectory"), self.rungs[k + 1], None) not in started:
-                    return Work(_adapter_params(trial), {"role": "continue", "steps": self.rungs[k + 1],
-                                                         "trajectory": trial.user_attrs.get("trajectory"),
-                                                         "from_trial": trial.number})
+                    return self._continue(trial, self.rungs[k + 1])
         return None
+
+    def _continue(self, trial: optuna.trial.FrozenTrial, steps: int) -> Work:
+        return Work(_adapter_params(trial), {"role": "continue", "steps": steps,
+                                             "trajectory": trial.user_attrs.get("trajectory"),
+                                             "from_trial": trial.number})
+
+    def _export_key(self, trial: optuna.trial.FrozenTrial, index: int) -> tuple:
+        return "export", trial.user_attrs.get("trajectory"), _steps(trial), index
 
     def _export(self, trial: optuna.trial.FrozenTrial, plan: list[dict[str, Any]], index: int) -> Work:
         return Work({**_adapter_params(trial), **plan[index]},

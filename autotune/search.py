@@ -35,7 +35,7 @@ from autotune.errors import CandidateError, UserError
 from autotune.export import ExportSpec
 from autotune.footprint import footprint
 from autotune.measure import LATENCY_METRICS
-from autotune.schedule import Scheduler, Work
+from autotune.schedule import Scheduler, Stop, Work
 from autotune.selection import RULES, Candidate, rank
 from autotune.space import SearchSpace
 
@@ -50,7 +50,7 @@ DIRECTIONS = ("maximize", "minimize")
 class SearchSettings:
     """How to search; one field per CLI flag."""
 
-    trials: int = 12
+    trials: int = 6
     timeout_s: float | None = None
     max_latency_ms: float | None = None
     max_size_mb: float | None = None
@@ -174,6 +174,7 @@ class Search:
         self.evaluate = evaluate
         self.scheduler = Scheduler(space.rungs, space.promote, self._exports, majority_rate(ws), space.start_params())
         self._duplicates = 0  # consecutive duplicate proposals: a sign the space is exhausted
+        self.stopped: str | None = None  # why the search ended before its budget, if it did
 
     def _exports(self, trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
         """The exports the adapter of ``trial`` gets at the top rung, but those whose configuration alone
@@ -249,15 +250,18 @@ class Search:
         record_constraints(trial, values)
         return accuracy, latency
 
-    def schedule(self) -> Work | None:
-        """Enqueue the next trial the scheduler asks for (under a lock: workers share the study); return it."""
+    def schedule(self) -> Work | Stop | None:
+        """Enqueue the next trial the scheduler asks for (under a lock: workers share the study); return it,
+        or :class:`~autotune.schedule.Stop` when nothing left is worth a trial and none is waiting."""
         with file_lock(self.ws.root / "claims" / "schedule"):
             trials = self.study.get_trials(deepcopy=False)
             waiting = [t for t in trials if t.state in (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)]
             fresh = not self._screened_all(trials)
             work = self.scheduler.first(trials) or self.scheduler.next(trials, self.remaining() - len(waiting), fresh)
-            if work is not None:
+            if isinstance(work, Work):
                 self.study.enqueue_trial(work.params, user_attrs=work.attrs)
+            elif isinstance(work, Stop) and any(t.state == optuna.trial.TrialState.WAITING for t in trials):
+                work = None  # a queued trial is still to run (this worker takes it next)
         return work
 
     def _screened_all(self, trials: list[optuna.trial.FrozenTrial]) -> bool:
@@ -265,11 +269,6 @@ class Search:
         adapters = self.space.adapters()
         screened = {t.user_attrs.get("trajectory") for t in counted_trials(trials) if t.user_attrs.get("role") == "screen"}
         return adapters is not None and len(screened) >= adapters
-
-    def exhausted(self) -> bool:
-        """Every adapter screened, and nothing queued to continue or export."""
-        trials = self.study.get_trials(deepcopy=False)
-        return self._screened_all(trials) and not any(t.state == optuna.trial.TrialState.WAITING for t in trials)
 
     def remaining(self) -> int:
         """Trials still to run; interrupted ones and those of dead workers do not count (they are retried)."""
@@ -283,15 +282,12 @@ class Search:
         ``on_finish(trial)`` runs as the objective ends, however it ends, while the trial can
         still take artifacts; ``on_trial(study, frozen_trial)`` once its state is final.
         """
-        if self.remaining() == 0:
+        if self.remaining() == 0 or self._stop(self.schedule()):
             return
-        self.schedule()
 
         def next_or_stop(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             # Counted study-wide, so several workers stop together; duplicates don't count.
-            if self.remaining() == 0 or self._duplicates >= MAX_DUPLICATES:
-                study.stop()
-            elif self.schedule() is None and self.exhausted():
+            if self.remaining() == 0 or self._duplicates >= MAX_DUPLICATES or self._stop(self.schedule()):
                 study.stop()
 
         callbacks = [next_or_stop] + ([on_trial] if on_trial else [])
@@ -313,6 +309,11 @@ class Search:
             callbacks=callbacks,
             gc_after_trial=True,
         )
+
+    def _stop(self, work: Work | Stop | None) -> bool:
+        if isinstance(work, Stop):
+            self.stopped = work.reason
+        return isinstance(work, Stop)
 
 
 def counted_trials(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:

@@ -6,7 +6,7 @@
 For each dataset and seed (the seed is both the split seed and the sampler seed):
 
 1. **search**: the README's first command, run as a user runs it, in a fresh output folder:
-   ``autotune --target auto --max-latency 100 --split-seed S --seed S`` (the default budget: 12 trials).
+   ``autotune --target auto --max-latency 100 --split-seed S --seed S`` (the default budget: 6 trials).
    Its wall includes start-up and selection; its chosen model is scored on the test split by the command itself.
 2. **recipe**: one fixed candidate, no search: LoRA r16 / alpha 32 on all linear layers, lr 1e-3, 60 steps of
    batch 8 (the project's default training constants), exported at int8 and at int4 with GPTQ (block 32,
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -145,6 +146,7 @@ def main() -> None:
             if (dataset, seed) in done:  # an interrupted benchmark resumes
                 continue
             folder = args.out / f"{dataset}-{seed}"
+            shutil.rmtree(folder, ignore_errors=True)  # a run cut short left artifacts that would flatter its walls
             search = run_search(folder / "search", dataset, seed, args.threads, args.emotion, args.max_latency)
             print(f"{dataset} seed {seed} search: {json.dumps(search)}", flush=True)
             record = {"dataset": dataset, "seed": seed, "search": search}

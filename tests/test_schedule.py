@@ -15,6 +15,7 @@ import pytest
 from autotune.candidate import CandidateResult, Workspace
 from autotune.data import DataConfig, load_splits
 from autotune.measure import Latency, Measurement, Request, score
+from autotune.schedule import NO_ROOM, Scheduler, Stop
 from autotune.search import Search, SearchSettings
 from autotune.study import open_study
 from autotune.space import SearchSpace
@@ -130,23 +131,34 @@ def test_a_resumed_search_goes_on_where_it_stopped(search) -> None:
     second = search(12)
     second.run()
     after = [(t.number, t.user_attrs["role"], t.user_attrs["steps"]) for t in _trials(second)]
-    assert after[:6] == before and len(after) == 12
+    assert after[:6] == before
+    # It ran the rest of the budget, but for the last trial: a new adapter it could never continue.
+    assert len(after) == 11 and second.stopped == NO_ROOM
 
 
-def test_a_size_bound_screens_at_a_precision_that_fits_and_builds_nothing_it_rules_out(search) -> None:
-    """Sizes follow the export configuration: measured once on the base model, they rule out int8 and fp32
-    under a bound between int4's and int8's size, before any adapter is trained or exported for them."""
-    from autotune.export import ExportSpec
-    from autotune.footprint import footprint
-
-    s = search(6)
-    int4, int8 = (footprint(s.ws, ExportSpec(p), with_memory=False).size_mb for p in ("int4", "int8"))
-    assert int4 < int8
-    s.settings = SearchSettings(trials=6, seed=0, max_size_mb=(int4 + int8) / 2)
-    lines = s.fit_screening()
-    assert s.space.screen == "int4" and len(lines) == 2 and lines[0].startswith("int8 exports ruled out")
+def test_no_adapter_is_screened_once_the_budget_cannot_take_it_to_the_top_rung(search) -> None:
+    s = search(12)
     s.run()
     trials = _trials(s)
-    assert {t.user_attrs["spec"]["export"]["precision"] for t in trials} == {"int4"}
-    assert not any(t.user_attrs["role"] == "export" and t.user_attrs["spec"]["export"]["precision"] != "int4"
-                   for t in s.study.get_trials())
+    screens = [t.number for t in trials if t.user_attrs["role"] == "screen"]
+    assert all(12 - n >= len(s.space.rungs) for n in screens[1:]), screens
+    assert len(trials) + s.remaining() == 12 and (s.remaining() == 0 or s.stopped)
+
+
+def test_an_int4_aware_finalist_gets_no_exports_and_the_budget_is_not_spent_on_duplicates() -> None:
+    """An int4-aware adapter has one int4 model (its trained grid) and no other precision: at the top rung it
+    gets no export trials (they would all be the same model), and with no room for a new adapter the
+    search stops."""
+    from optuna.trial import TrialState, create_trial
+
+    def adapter(number: int, steps: int, signal: float) -> optuna.trial.FrozenTrial:
+        trial = create_trial(values=[0.7, 50.0], state=TrialState.COMPLETE, user_attrs={
+            "role": "screen" if steps == 10 else "continue", "steps": steps, "trajectory": f"t{number % 2}",
+            "signal": signal, "adapter_params": {"int4_aware": True}})
+        trial.number = number
+        return trial
+
+    scheduler = Scheduler((10, 20), 0.5, lambda trial: [], majority_rate=0.25)
+    trials = [adapter(0, 10, -0.5), adapter(1, 10, -0.9), adapter(2, 20, -0.3)]
+    assert scheduler.next(trials, remaining=2) == Stop(NO_ROOM)
+    assert scheduler.next(trials, remaining=5) is None  # room for a new adapter to reach the top rung
