@@ -18,8 +18,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_lora_int4_candidate_beats_the_baselines(tmp_path):
-    proc = run_cli("candidate", "--method", "lora", "--rank", "16", "--alpha", "32", "--precision", "int4",
-                   "--json", "-o", str(tmp_path / "out"), timeout=1500)
+    """The search space's start recipe (LoRA r16 / alpha 32 on all linear layers, lr 1e-3), trained against the
+    int4 rounding for the 60 steps the demo is learnt in, clears all three baselines on 136 prompts; and the
+    baselines are not strawmen: told the labels, SmolLM2 answers with them."""
+    proc = run_cli("candidate", "--method", "lora", "--rank", "16", "--alpha", "32", "--steps", "60",
+                   "--precision", "int4", "--int4-method", "int4-aware", "--json", "-o", str(tmp_path / "out"),
+                   timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(proc.stdout)
     assert record["split"] == "validation"  # the test split only when asked
@@ -28,28 +32,15 @@ def test_lora_int4_candidate_beats_the_baselines(tmp_path):
     assert len(floors) == 3 and all(b["n"] == tuned["n"] == 136 for b in floors.values())
     assert tuned["accuracy"] > max(b["accuracy"] for b in floors.values()), (tuned, floors)
     # Apart beyond the noise from the majority class and from the base told the labels.
-    told = floors["base, labels named in an instruction"]
+    told, restricted = floors["base, labels named in an instruction"], floors["base, answer restricted to the labels"]
     assert tuned["interval"][0] > max(floors["majority class"]["interval"][1], told["interval"][1]), (tuned, floors)
+    assert floors["majority class"]["accuracy"] == 0.25  # the demo data is balanced
+    assert told["accuracy"] > 0 and told["invalid"] < told["n"] * 0.8, told  # most answers are labels
+    assert restricted["invalid"] == 0 and restricted["accuracy"] > 0
     latency = record["candidate"]["measurement"]["latency"]
     assert latency["request_p50_ms"] >= latency["ttft_p50_ms"] > 0 and latency["token_p50_ms"] > 0
     assert latency["requests"] == 136 and latency["prompt_tokens_p50"] > 0
     assert record["candidate"]["measurement"]["size_mb"] < 150  # int4: ~86 MB, against ~520 MB fp32
-
-
-def test_base_answers_with_labels_when_told_them(tmp_path):
-    """The instruction baseline is not a strawman: told the labels, SmolLM2 answers with them."""
-    from autotune.candidate import Workspace
-    from autotune.data import DataConfig, load_splits
-    from autotune.export import ExportSpec
-    from autotune.models import resolve_model
-    from autotune.report import baselines
-
-    ws = Workspace(tmp_path / "ws", resolve_model(None), load_splits(DataConfig()), threads=1)
-    majority, told, restricted = baselines(ws, ExportSpec("int4"), "validation")
-    assert told.accuracy.n == 136 and told.accuracy.accuracy > 0
-    assert told.accuracy.invalid < told.accuracy.n * 0.8, told  # most answers are labels
-    assert restricted.accuracy.invalid == 0 and restricted.accuracy.accuracy > 0
-    assert majority.accuracy.accuracy == 0.25  # the demo data is balanced
 
 
 def test_qlora_runs_on_cpu_and_exports_int4(tmp_path):

