@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -282,6 +283,11 @@ class Search:
         ``on_finish(trial)`` runs as the objective ends, however it ends, while the trial can
         still take artifacts; ``on_trial(study, frozen_trial)`` once its state is final.
         """
+        # A dead worker's trials fail (and are queued again) before the budget is counted, as Optuna does
+        # before each trial: otherwise they would hold budget that no one is spending.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
         if self.remaining() == 0 or self._stop(self.schedule()):
             return
 
