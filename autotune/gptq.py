@@ -33,8 +33,8 @@ LAZY_COLUMNS = 128
 
 
 def gptq_checkpoint(folder: Path, samples: list[list[int]], grid: Int4Grid, damping: float = 0.01,
-                    on_layer: Callable[[int, int], None] | None = None, tokens_per_pass: int = 2048, *, device: str = "cpu",
-                    dtype: str = "float32", trust_remote_code: bool = False) -> dict[str, QuantizedWeight]:
+                    on_layer: Callable[[int, int], None] | None = None, tokens_per_pass: int = 2048, *,
+                    device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False) -> dict[str, QuantizedWeight]:
     """:func:`gptq_quantize` of the model saved in ``folder``, read one decoder layer at a time.
 
     The calibration forwards run on ``device`` in ``dtype`` (a GPU profile's training dtype);
@@ -49,8 +49,8 @@ def gptq_checkpoint(folder: Path, samples: list[list[int]], grid: Int4Grid, damp
 
 
 def gptq_quantize(model, samples: list[list[int]], grid: Int4Grid, damping: float = 0.01,
-                  on_layer: Callable[[int, int], None] | None = None, tokens_per_pass: int = 2048, *, checkpoint: Checkpoint | None = None,
-                  device=None) -> dict[str, QuantizedWeight]:
+                  on_layer: Callable[[int, int], None] | None = None, tokens_per_pass: int = 2048, *,
+                  checkpoint: Checkpoint | None = None, device=None) -> dict[str, QuantizedWeight]:
     """Int4 weights for every Linear of the decoder layers and the LM head, chosen by GPTQ on ``samples``.
 
     Layers are done in order, each calibrated on the outputs of the layers before it *as

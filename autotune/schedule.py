@@ -132,7 +132,7 @@ class Scheduler:
         if best is None:  # nothing learnt yet: only a new adapter can help
             return None if fresh else Stop(NOTHING_LEFT)
         plan = self.exports(best)
-        missing = [i for i in range(len(plan)) if self._export_key(best, i) not in started]
+        missing = [i for i in range(len(plan)) if _export_key(best, i) not in started]
         at_top = _steps(best) == self.rungs[-1]
         # Exports of the best adapter at the top rung come first; when the budget runs short, the best so far.
         if missing and (at_top or remaining <= len(missing)):
@@ -143,11 +143,11 @@ class Scheduler:
             return None  # a new adapter could still reach the top rung and be exported
         if not at_top and remaining > len(missing):  # no room for a new adapter: the best climbs on instead
             following = self.rungs[self.rungs.index(_steps(best)) + 1]
-            if ("continue", best.user_attrs.get("trajectory"), following, None) not in started:
+            if _continue_key(best, following) not in started:
                 return self._continue(best, following)
         if at_top and plan:  # more int4 variants of the best, their knobs sampled (none for an int4-aware one)
             for index in range(len(plan), len(plan) + EXTRA_EXPORTS):
-                if self._export_key(best, index) not in started:
+                if _export_key(best, index) not in started:
                     return self._export(best, plan + [{"precision": "int4"}] * EXTRA_EXPORTS, index)
         return Stop(NO_ROOM if fresh else NOTHING_LEFT)
 
@@ -168,7 +168,7 @@ class Scheduler:
         for k in reversed(range(len(self.rungs) - 1)):
             done = sorted((t for t in adapters if _steps(t) == self.rungs[k]), key=signal, reverse=True)
             for trial in done[: math.floor(len(done) * self.promote)]:
-                if ("continue", trial.user_attrs.get("trajectory"), self.rungs[k + 1], None) not in started:
+                if _continue_key(trial, self.rungs[k + 1]) not in started:
                     return self._continue(trial, self.rungs[k + 1])
         return None
 
@@ -176,9 +176,6 @@ class Scheduler:
         return Work(_adapter_params(trial), {"role": "continue", "steps": steps,
                                              "trajectory": trial.user_attrs.get("trajectory"),
                                              "from_trial": trial.number})
-
-    def _export_key(self, trial: optuna.trial.FrozenTrial, index: int) -> tuple:
-        return "export", trial.user_attrs.get("trajectory"), _steps(trial), index
 
     def _export(self, trial: optuna.trial.FrozenTrial, plan: list[dict[str, Any]], index: int) -> Work:
         return Work({**_adapter_params(trial), **plan[index]},
@@ -197,6 +194,16 @@ def _steps(trial: optuna.trial.FrozenTrial) -> int | None:
 def _adapter_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     """The parameters that fix a trial's adapter (recorded by the objective)."""
     return dict(trial.user_attrs.get("adapter_params", {}))
+
+
+def _continue_key(trial: optuna.trial.FrozenTrial, steps: int) -> tuple:
+    """The :func:`_key` of continuing ``trial``'s adapter to ``steps``."""
+    return "continue", trial.user_attrs.get("trajectory"), steps, None
+
+
+def _export_key(trial: optuna.trial.FrozenTrial, index: int) -> tuple:
+    """The :func:`_key` of export ``index`` of ``trial``'s adapter at its steps."""
+    return "export", trial.user_attrs.get("trajectory"), _steps(trial), index
 
 
 def _key(trial: optuna.trial.FrozenTrial) -> tuple:
