@@ -1,13 +1,16 @@
 """Crashes and interruptions lose nothing: real searches, real signals, real reruns.
 
 Every test starts the real search (``python -m autotune.cli``) on the tiny random Llama
-in its own session, watches it from outside and stops it at a chosen point:
+in its own session, watches it from outside and stops it at a chosen point. One search is
+stopped at every point in turn (each time the same command is started again and resumes:
+repeated interruptions are what a user's laptop sees, and one search costs a fraction of one
+per point):
 
 * ``kill -9`` of the whole process group while an adapter is being trained
   (``cache/adapters/*.tmp-*`` exists), while a model is being exported
   (``cache/models/*.tmp-*``), while a model is being measured (an ``autotune.measure``
   child process exists) and between trials (the COMPLETE count in study.db just rose);
-* Ctrl-C (SIGINT to the process group) mid-export of a trial, and during selection (while
+* Ctrl-C (SIGINT to the process group) mid-export of a trial, then during selection (while
   the front is re-benchmarked, and while the zero-shot base is exported for the test split).
 
 Each test waits for its stage to be observable (a partial folder, a measuring child, a
@@ -15,7 +18,7 @@ trial count in study.db), never for an amount of time; a stage it cannot catch f
 test instead of sending the signal elsewhere.
 
 Every kill comes after at least one trial finished, so there is something to lose.
-The same command is then run again to completion, and the rerun must keep every
+After the last stop the same command runs to completion, and it must keep every
 finished trial with its values, retrain no finished adapter, leave no partial artifact
 and write a loadable ``best/``. A search whose every candidate fails (a model the
 builder cannot export) must end with exit code 1 and a report of the reasons.
@@ -264,48 +267,63 @@ KILL_POINTS = {
     "training": _training,
     "exporting": _exporting,
     "measuring": _measuring,
-    "between-trials": None,  # right after the COMPLETE count rises past the first trial
-}
+    "between-trials": None,  # right after the COMPLETE count rises past what the run started with
+}  # in this order, on one search: the last kill leaves two trials of the six for the final rerun
 
 
-@pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_kill_9_then_rerun_loses_nothing(point: str, tmp_path: Path, tiny_model_dir, tiny_dataset, slow_space) -> None:
+def test_kill_9_at_every_stage_then_rerun_loses_nothing(tmp_path: Path, tiny_model_dir, tiny_dataset,
+                                                         slow_space) -> None:
+    """One search, killed with kill -9 at each stage in turn (each time the same command is started again and
+    resumes), then run to completion: every trial finished before any kill keeps its values, no finished adapter
+    is trained again, each trial a kill cut short is failed and retried, and nothing partial is left."""
     out = tmp_path / "out"
     command = search_command(tiny_model_dir, tiny_dataset, slow_space, out)
-    proc = start(command, tmp_path / "first")
-    try:
-        wait_for(proc, lambda: complete_count(out) >= 1, 300, "the first trial finished", tmp_path / "first")
-        if KILL_POINTS[point] is None:
-            wait_for(proc, lambda: complete_count(out) >= 2, 300, "a second trial finished", tmp_path / "first")
-        else:
-            condition = KILL_POINTS[point]
-            wait_for(proc, lambda: condition(out, proc), 300, f"{point} after a finished trial", tmp_path / "first")
-        stop_group(proc, signal.SIGKILL)
-        wait_group_gone(proc)
-    finally:
-        if proc.poll() is None:
+    kept: dict[int, tuple] = {}  # every trial finished before some kill
+    adapters_kept: dict[str, int] = {}
+    cut_short: list[int] = []
+    for round_, (point, condition) in enumerate(KILL_POINTS.items()):
+        logs = tmp_path / f"run{round_}"
+        at_start = complete_count(out)
+        proc = start(command, logs)
+        try:
+            # Each run finishes a trial first (the one the last kill cut short, queued again), so each kill hits
+            # another trial: a trial killed more than MAX_RETRY times is given up, by design.
+            wait_for(proc, lambda: complete_count(out) > at_start, 300, "a trial finished in this run", logs)
+            if condition is not None:  # between-trials: right after that trial
+                wait_for(proc, lambda: condition(out, proc) and complete_count(out) <= TRIALS - 1, 300,
+                         f"{point} after a finished trial", logs)
             stop_group(proc, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-
-    trials = load_trials(out)
-    before = finished(trials)
-    running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-    adapters_before = trained_adapters(out)
-    left = partials(out)
-    if point in ("training", "exporting"):
-        assert left, f"killed while {point}, yet no partial artifact was on disk: the kill missed its window"
-    assert before, "nothing had finished before the kill"
+            wait_group_gone(proc)
+        finally:
+            if proc.poll() is None:
+                stop_group(proc, signal.SIGKILL)
+                proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        if round_:  # this run resumed the last one's study: the trial that kill cut short was queued again
+            assert "interrupted trial(s) queued again" in (logs / "stdout.txt").read_text() + (
+                logs / "stderr.txt").read_text(), _tail(logs)
+        trials = load_trials(out)
+        before = finished(trials)
+        lost = [n for n, record in kept.items() if before.get(n) != record]
+        assert not lost, f"trials finished before an earlier kill changed or vanished: {lost}"
+        running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        left = partials(out)
+        if point in ("training", "exporting"):
+            assert left, f"killed while {point}, yet no partial artifact was on disk: the kill missed its window"
+        assert before, "nothing had finished before the kill"
+        kept.update(before)
+        adapters_kept.update(trained_adapters(out))
+        cut_short += running
+        FIGURES[f"kill -9 {point}"] = {"complete_at_kill": len(before), "partials_at_kill": len(left),
+                                       "running_at_kill": len(running)}
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    figures = assert_resumed_without_loss(out, before, adapters_before, rerun)
-    if running:  # the trial the kill cut short was retried, not lost
-        assert "interrupted trial(s) queued again" in rerun.stderr + rerun.stdout
-        trials = load_trials(out)
-        again = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
-        assert all(trials[n].state == optuna.trial.TrialState.FAIL and n in again for n in running)
-    FIGURES[f"kill -9 {point}"] = {**figures, "partials_at_kill": len(left), "running_at_kill": len(running),
-                                   "survived": True}
+    figures = assert_resumed_without_loss(out, kept, adapters_kept, rerun)
+    trials = load_trials(out)
+    again = {optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in trials}
+    assert cut_short and all(trials[n].state == optuna.trial.TrialState.FAIL and n in again for n in cut_short), (
+        cut_short, [(t.number, t.state) for t in trials])
+    FIGURES["kill -9, every stage, then a full rerun"] = {**figures, "kills": len(KILL_POINTS), "survived": True}
 
 
 # --------------------------------------------------------------------------- a second run on the same folder
@@ -339,68 +357,65 @@ def test_a_second_run_on_the_same_folder_leaves_the_first_alone(tmp_path: Path, 
 # --------------------------------------------------------------------------- Ctrl-C
 
 
-def test_ctrl_c_keeps_finished_work_and_resumes(tmp_path: Path, tiny_model_dir, tiny_dataset, slow_space) -> None:
-    out = tmp_path / "out"
-    command = search_command(tiny_model_dir, tiny_dataset, slow_space, out)
-    logs = tmp_path / "first"
-    proc = start(command, logs)
-    stderr = ctrl_c_when(proc, [
-        (lambda: complete_count(out) >= 1, "the first trial finished"),
-        # A trial's export, with trials still to come: selection exports too (the zero-shot base), and
-        # a signal that lands there is the next test's case, not this one's.
-        (lambda: _exporting(out, proc) and complete_count(out) <= TRIALS - 2,
-         "a trial's export after a finished trial"),
-    ], logs)
-    line = last_line(stderr)
-    assert line.startswith("interrupted:") and "kept" in line and "rerun" in line, line
-    assert not partials(out), f"Ctrl-C left partial artifacts: {partials(out)}"
-
-    trials = load_trials(out)
-    before = finished(trials)
-    interrupted = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
-                   and t.user_attrs.get("fail_reason") == INTERRUPTED]
-    assert len(interrupted) == 1, [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
-    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-    adapters_before = trained_adapters(out)
-
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    figures = assert_resumed_without_loss(out, before, adapters_before, rerun)
-    assert "1 interrupted trial(s) queued again" in rerun.stderr + rerun.stdout
-    retried = [t for t in load_trials(out) if t.state == optuna.trial.TrialState.COMPLETE
-               and t.number > interrupted[0].number and t.params == interrupted[0].params]
-    assert retried, "the interrupted candidate was not retried"
-    FIGURES["ctrl-c exporting"] = {**figures, "exit_code": proc.returncode, "retried_as": retried[0].number,
-                                   "survived": True}
-
-
 SELECTION_POINTS = {
     "re-benchmark": _measuring,  # the front's latency measured again
     "zero-shot export": _exporting,  # the base exported at the chosen precision, for the test split
 }
 
 
-@pytest.mark.parametrize("point", list(SELECTION_POINTS))
-def test_ctrl_c_during_selection_stops_and_resumes(point: str, tmp_path: Path, tiny_model_dir, tiny_dataset,
-                                                   tiny_space) -> None:
-    trials = 4
+def test_ctrl_c_mid_trial_and_during_selection_keeps_finished_work_and_resumes(
+        tmp_path: Path, tiny_model_dir, tiny_dataset, slow_space) -> None:
+    """One search, Ctrl-C'd mid-export of a trial, then (each time the same command is started again and
+    resumes) during each stage of selection, then run to completion: each stop exits 130 in one line with
+    nothing partial, the interrupted trial is retried, selection is interrupted without writing best/, and the
+    final run keeps every finished trial."""
     out = tmp_path / "out"
-    command = search_command(tiny_model_dir, tiny_dataset, tiny_space, out, trials=trials)
-    logs = tmp_path / "first"
+    command = search_command(tiny_model_dir, tiny_dataset, slow_space, out)
+    logs = tmp_path / "run0"
     proc = start(command, logs)
-    condition = SELECTION_POINTS[point]
-    # Every trial is COMPLETE before selection starts, so what runs after that is selection.
-    stderr = ctrl_c_when(proc, [(lambda: complete_count(out) >= trials and condition(out, proc),
-                                 f"selection's {point}")], logs)
-    assert last_line(stderr).startswith("interrupted:"), _tail(logs)
-    assert not (out / "best").exists(), "the run went on after Ctrl-C and wrote best/"
+    stderr = ctrl_c_when(proc, [
+        (lambda: complete_count(out) >= 1, "the first trial finished"),
+        # A trial's export, with trials still to come: selection exports too (the zero-shot base), and
+        # a signal that lands there is a selection point's case, not this one's.
+        (lambda: _exporting(out, proc) and complete_count(out) <= TRIALS - 2,
+         "a trial's export after a finished trial"),
+    ], logs)
+    line = last_line(stderr)
+    assert line.startswith("interrupted:") and "kept" in line and "rerun" in line, line
     assert not partials(out), f"Ctrl-C left partial artifacts: {partials(out)}"
-    before = finished(load_trials(out))
-    assert len(before) == trials
+    trials = load_trials(out)
+    kept = finished(trials)
+    interrupted = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
+                   and t.user_attrs.get("fail_reason") == INTERRUPTED]
+    assert len(interrupted) == 1, [(t.number, t.state, t.user_attrs.get("fail_reason")) for t in trials]
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    adapters_kept = trained_adapters(out)
+    FIGURES["ctrl-c exporting"] = {"exit_code": proc.returncode, "complete_at_stop": len(kept)}
+
+    for round_, (point, condition) in enumerate(SELECTION_POINTS.items(), start=1):
+        logs = tmp_path / f"run{round_}"
+        proc = start(command, logs)
+        # Every trial is COMPLETE before selection starts, so what runs after that is selection.
+        stderr = ctrl_c_when(proc, [(lambda: complete_count(out) >= TRIALS and condition(out, proc),
+                                     f"selection's {point}")], logs)
+        if round_ == 1:
+            assert "1 interrupted trial(s) queued again" in stderr + (logs / "stdout.txt").read_text(), _tail(logs)
+        assert last_line(stderr).startswith("interrupted:"), _tail(logs)
+        assert not (out / "best").exists(), "the run went on after Ctrl-C and wrote best/"
+        assert not partials(out), f"Ctrl-C left partial artifacts: {partials(out)}"
+        before = finished(load_trials(out))
+        assert len(before) == TRIALS and all(before.get(n) == record for n, record in kept.items())
+        kept = before
+        FIGURES[f"ctrl-c {point}"] = {"exit_code": proc.returncode, "complete_at_stop": len(before)}
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    figures = assert_resumed_without_loss(out, before, trained_adapters(out), rerun, expected=trials)
-    assert len(finished(load_trials(out))) == trials  # selection only: no trial ran again
-    FIGURES[f"ctrl-c {point}"] = {**figures, "exit_code": proc.returncode, "survived": True}
+    figures = assert_resumed_without_loss(out, kept, adapters_kept, rerun)
+    assert len(finished(load_trials(out))) == TRIALS  # selection only: no trial ran again
+    retried = [t for t in load_trials(out) if t.state == optuna.trial.TrialState.COMPLETE
+               and t.number > interrupted[0].number and t.params == interrupted[0].params]
+    assert retried, "the interrupted candidate was not retried"
+    FIGURES["ctrl-c, mid-trial and selection, then a full rerun"] = {
+        **figures, "retried_as": retried[0].number, "survived": True}
 
 
 # --------------------------------------------------------------------------- every candidate fails
