@@ -173,6 +173,8 @@ def main() -> None:
         datasets.append(("emotion", DataConfig(path=str(args.emotion), delimiter=";", columns=("text", "label"),
                                                max_per_label=250, label_map=LABEL_MAP), args.emotion_seeds))
     for name, config, seeds in datasets:
+        if not seeds:
+            continue
         splits = load_splits(config)
         table: dict[str, list[float]] = {row: [] for row in ROWS}
         extra: dict[str, list[float]] = {row: [] for row in ROWS}
