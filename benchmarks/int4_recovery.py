@@ -51,7 +51,7 @@ from autotune.data import DataConfig, load_splits  # noqa: E402
 from autotune.export import ExportSpec, export_model, merge_adapter, prequantize  # noqa: E402
 from autotune.measure import MEASURE_VERSION, measure  # noqa: E402
 from autotune.models import resolve_model  # noqa: E402
-from autotune.selection import mcnemar_exact, paired_interval  # noqa: E402
+from autotune.selection import Candidate, compare  # noqa: E402
 from autotune.train import TrainSpec, train_adapter  # noqa: E402
 
 EMOTION = ROOT.parent / "shared" / "data" / "emotion" / "train.txt"
@@ -182,26 +182,23 @@ def main() -> None:
         bf16: dict[str, list[tuple[str, str]]] = {row: [] for row in BF16_ROWS}  # (fp32 marks, bf16 marks) per seed
         for seed in range(seeds):
             bench = Bench(root, base, splits, name, seed, args.steps, args.threads)
-            if args.rows == "bf16":
-                for row, (adapter, spec) in BF16_ROWS.items() if seed < args.bf16_seeds else ():
-                    accuracy, n, _ = bench.accuracy(bench.model(adapter, spec)[0])
-                    print(f"{name} seed {seed} {row}, bf16 training: {accuracy:.3f} (n={n}; training "
-                          f"{bench.adapter(adapter)[1]:.0f} s)", flush=True)
-                continue
-            plain_s = bench.adapter("plain")[1]
             marks: dict[str, str] = {}
-            for row, (adapter, spec) in ROWS.items():
-                model_dir, calibration_s = bench.model(adapter, spec)
-                accuracy, n, marks[row] = bench.accuracy(model_dir)
-                table[row].append(accuracy)
-                extra[row].append(calibration_s + (bench.adapter(adapter)[1] - plain_s if adapter == "aware" else 0.0))
-                print(f"{name} seed {seed} {row}: {accuracy:.3f} (n={n})", flush=True)
-            if seed < args.bf16_seeds and args.rows == "all":
+            if args.rows != "bf16":
+                plain_s = bench.adapter("plain")[1]
+                for row, (adapter, spec) in ROWS.items():
+                    model_dir, calibration_s = bench.model(adapter, spec)
+                    accuracy, n, marks[row] = bench.accuracy(model_dir)
+                    table[row].append(accuracy)
+                    extra[row].append(calibration_s + (bench.adapter(adapter)[1] - plain_s if adapter == "aware" else 0.0))
+                    print(f"{name} seed {seed} {row}: {accuracy:.3f} (n={n})", flush=True)
+            if seed < args.bf16_seeds and args.rows != "fp32":
                 for row, (adapter, spec) in BF16_ROWS.items():
                     accuracy, n, bf16_marks = bench.accuracy(bench.model(adapter, spec)[0])
-                    bf16[row].append((marks[row], bf16_marks))
+                    if row in marks:
+                        bf16[row].append((marks[row], bf16_marks))
+                    fp32_s = f", fp32 {plain_s:.0f} s" if marks else ""
                     print(f"{name} seed {seed} {row}, bf16 training: {accuracy:.3f} (n={n}; training "
-                          f"{bench.adapter(adapter)[1]:.0f} s, fp32 {plain_s:.0f} s)", flush=True)
+                          f"{bench.adapter(adapter)[1]:.0f} s{fp32_s})", flush=True)
         if args.rows == "bf16":
             continue
         int8, rtn = table["int8 (plain adapter)"], table["int4 rtn"]
@@ -226,13 +223,10 @@ def print_bf16(name: str, pairs: dict[str, list[tuple[str, str]]], n: int) -> No
     print("| export | fp32 mean | bf16 mean | mean diff [95% t, seeds] | per seed: diff [paired 95%] (McNemar p) |")
     print("|---|---:|---:|---:|---|")
     for row, seed_pairs in pairs.items():
-        diffs, cells = [], []
-        for fp32, bf16 in seed_pairs:
-            b = sum(f == "1" and x == "0" for f, x in zip(fp32, bf16))  # fp32 right, bf16 wrong
-            c = sum(f == "0" and x == "1" for f, x in zip(fp32, bf16))
-            low, high = paired_interval(b, c, len(fp32))
-            diffs.append((c - b) / len(fp32))
-            cells.append(f"{diffs[-1]:+.3f} [{low:+.3f}, {high:+.3f}] ({mcnemar_exact(b, c):.2f})")
+        # each seed's bf16 adapter against its fp32 one, prompt by prompt (autotune.selection's paired test)
+        paired = [compare(Candidate(1, bf16, 0.0, None), Candidate(0, fp32, 0.0, None)) for fp32, bf16 in seed_pairs]
+        diffs = [p.diff for p in paired]
+        cells = [f"{p.diff:+.3f} [{p.interval[0]:+.3f}, {p.interval[1]:+.3f}] ({p.p_value:.2f})" for p in paired]
         mean = statistics.mean(diffs)
         half = T_975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
         accuracy = [statistics.mean(m.count("1") / len(m) for m in side) for side in zip(*seed_pairs)]
