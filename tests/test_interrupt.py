@@ -165,6 +165,20 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
+def kill_when(proc: subprocess.Popen, waits: list[tuple[Callable[[], bool], str]], logs: Path) -> None:
+    """Wait for each condition in turn, then kill -9 the run's process group and wait until all of it is gone."""
+    try:
+        for condition, what in waits:
+            wait_for(proc, condition, 300, what, logs)
+        stop_group(proc, signal.SIGKILL)
+        wait_group_gone(proc)
+    finally:
+        if proc.poll() is None:
+            stop_group(proc, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def ctrl_c_when(proc: subprocess.Popen, waits: list[tuple[Callable[[], bool], str]], logs: Path) -> str:
     """Wait for each condition in turn, then Ctrl-C the run's process group.
 
@@ -285,20 +299,13 @@ def test_kill_9_at_every_stage_then_rerun_loses_nothing(tmp_path: Path, tiny_mod
         logs = tmp_path / f"run{round_}"
         at_start = complete_count(out)
         proc = start(command, logs)
-        try:
-            # Each run finishes a trial first (the one the last kill cut short, queued again), so each kill hits
-            # another trial: a trial killed more than MAX_RETRY times is given up, by design.
-            wait_for(proc, lambda: complete_count(out) > at_start, 300, "a trial finished in this run", logs)
-            if condition is not None:  # between-trials: right after that trial
-                wait_for(proc, lambda: condition(out, proc) and complete_count(out) <= TRIALS - 1, 300,
-                         f"{point} after a finished trial", logs)
-            stop_group(proc, signal.SIGKILL)
-            wait_group_gone(proc)
-        finally:
-            if proc.poll() is None:
-                stop_group(proc, signal.SIGKILL)
-                proc.wait()
-        assert proc.returncode == -signal.SIGKILL
+        # Each run finishes a trial first (the one the last kill cut short, queued again), so each kill hits
+        # another trial: a trial killed more than MAX_RETRY times is given up, by design.
+        waits = [(lambda: complete_count(out) > at_start, "a trial finished in this run")]
+        if condition is not None:  # between-trials: right after that trial
+            waits.append((lambda: condition(out, proc) and complete_count(out) <= TRIALS - 1,
+                          f"{point} after a finished trial"))
+        kill_when(proc, waits, logs)
         if round_:  # this run resumed the last one's study: the trial that kill cut short was queued again
             assert "interrupted trial(s) queued again" in (logs / "stdout.txt").read_text() + (
                 logs / "stderr.txt").read_text(), _tail(logs)
