@@ -15,7 +15,8 @@ and length are fixed by :meth:`optuna.Study.enqueue_trial` (its training paramet
   schedule it resumes from the shorter run's checkpoint (:mod:`autotune.trajectory`).
 - **export**: the best adapter at the top rung gets the space's other precisions and int4
   methods (:meth:`~autotune.space.SearchSpace.exports`): export knobs are cheap next to
-  training, so they are spent where an adapter has earned them.
+  training, so they are spent where an adapter has earned them, once the budget has no room
+  left for a new adapter that could take its place (or has room for the exports only).
 
 Adapters are ranked within a rung by the mean log-probability of the right label on the
 validation prompts (:meth:`~autotune.measure.Measurement.label_logprob`), a lower-variance
@@ -134,13 +135,16 @@ class Scheduler:
         plan = self.exports(best)
         missing = [i for i in range(len(plan)) if _export_key(best, i) not in started]
         at_top = _steps(best) == self.rungs[-1]
-        # Exports of the best adapter at the top rung come first; when the budget runs short, the best so far.
-        if missing and (at_top or remaining <= len(missing)):
+        if missing and remaining <= len(missing):  # the budget has room for the exports only: the best so far
             return self._export(best, plan, missing[0])
         if promotion := self._promotion(adapters, started):
             return promotion
         if fresh and remaining > len(plan or [None]) + len(self.rungs) - 1:
             return None  # a new adapter could still reach the top rung and be exported
+        # The finalist's exports once no new adapter can take its place: exports spent on a finalist that a later
+        # adapter overtakes are spent on neither the final model nor the search.
+        if missing and at_top:
+            return self._export(best, plan, missing[0])
         if not at_top and remaining > len(missing):  # no room for a new adapter: the best climbs on instead
             following = self.rungs[self.rungs.index(_steps(best)) + 1]
             if _continue_key(best, following) not in started:

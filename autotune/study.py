@@ -208,7 +208,7 @@ def requeue_interrupted(study: optuna.Study) -> int:
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-        retry(study, study.get_trials(deepcopy=False)[trial.number])
+        retry(study, trial)  # it copies params and attributes only, which failing the trial did not change
         count += 1
     trials = study.get_trials(deepcopy=False)
     requeued = {t.user_attrs.get("retry_of") for t in trials}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -67,17 +68,25 @@ def grid(space, provider: str = "cpu"):
     return specs
 
 
-def build_grid(ws, space) -> dict[str, dict]:
-    """The measured figures of every grid candidate, by export key (built once, cached)."""
+def build_grid(ws, space, record: Path) -> dict[str, dict]:
+    """The measured figures of every grid candidate, by export key (built once, cached). A candidate's
+    seconds are its stages' as built (a second export of an adapter does not pay its training again),
+    kept in ``record`` for reruns, which find the candidates cached; NaN where the record lacks them."""
     from autotune.candidate import run_candidate
 
+    seconds = json.loads(record.read_text()) if record.is_file() else {}
     table = {}
     for spec in grid(space):
         result = run_candidate(ws, spec)
-        table[ws.export_key(spec)] = {"spec": spec, "measurement": result.measurement,
-                                      "seconds": sum(result.stage_seconds.values()), "train": result.train}
+        key = ws.export_key(spec)
+        if "measure" not in result.cached:  # measured in this run: its stage seconds are this build's
+            seconds[key] = sum(result.stage_seconds.values())
+        table[key] = {"spec": spec, "measurement": result.measurement, "seconds": seconds.get(key, math.nan),
+                      "train": result.train}
         print(f"  {spec.describe():<48} acc {result.measurement.accuracy.accuracy:.3f} "
-              f"request {result.measurement.latency.request_p50_ms:6.1f} ms", flush=True)
+              f"request {result.measurement.latency.request_p50_ms:6.1f} ms {table[key]['seconds']:6.0f} s", flush=True)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(seconds, indent=1))
     return table
 
 
@@ -134,7 +143,7 @@ def main() -> None:
                    train_threads=threads, train_dtype=profile.train_dtype, max_eval=args.max_eval)
     start = time.perf_counter()
     print(f"building the grid (profile {profile.name}, {threads} thread(s)) ...", flush=True)
-    table = build_grid(ws, space)
+    table = build_grid(ws, space, Path(args.out) / "seconds.json")
     size = len(table)
     best = max(table.values(), key=lambda row: row["measurement"].accuracy.accuracy)
     print(f"grid: {size} candidates (this run {time.perf_counter() - start:.0f} s incl. cache), full-grid cost "

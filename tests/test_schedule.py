@@ -102,6 +102,18 @@ def test_the_start_adapter_comes_first_and_the_best_climb_the_rungs_then_get_exp
     assert {t.user_attrs["spec"]["export"]["precision"] for t in exports} >= {"int4", "fp32"}
 
 
+def test_exports_wait_until_no_new_adapter_could_take_the_finalists_place(search) -> None:
+    """With room in the budget, the search screens and climbs first; the exports go to the adapter that is
+    the finalist once nothing new can overtake it, never to one a later adapter displaced."""
+    s = search(16)
+    s.run()
+    trials = _trials(s)
+    roles = [t.user_attrs["role"] for t in trials]
+    first = roles.index("export")
+    assert set(roles[first:]) == {"export"} and roles.count("screen") >= 4, roles
+    assert len({t.user_attrs["trajectory"] for t in trials[first:]}) == 1
+
+
 def test_an_adapter_that_learnt_nothing_is_never_continued_or_exported(search) -> None:
     s = search(12)
     s.run()
