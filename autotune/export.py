@@ -25,7 +25,9 @@ from autotune.memory import calibrate_need, export_need, free_memory, merge_need
 # Bump when a change to this module, autotune.quantize or autotune.gptq changes the models it exports: it is part of
 # every export's cache key. 3: GPTQ calibrates on packed samples and rounds Linears sharing an input as one matrix.
 # 4: GPTQ's inverse Hessian factor from one Cholesky factorisation, its errors spread in lazy batches of 128 columns.
-CODE_VERSION = 4
+# 5: GPTQ spreads the original weight's errors by a factor of the Hessian itself (the same codes in exact
+# arithmetic; fp32 rounding differs).
+CODE_VERSION = 5
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 INT4_ALGOS = ("default", "rtn", "k_quant")
 # int8_layers -> the builder's matmul_mixed_precision selectors kept at int8 in an int4 model.

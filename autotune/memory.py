@@ -217,14 +217,14 @@ def merge_need(base: BaseModel, rank: int = 16) -> int:
 
 
 def _gptq_bytes(rows: int, columns: int) -> int:
-    """:func:`autotune.gptq.gptq_weight` of a ``[rows, columns]`` weight: while the inverse is factored, the
-    weight and four ``[columns, columns]`` matrices (the Hessian, its copy, reversed, factor); in the column
+    """:func:`autotune.gptq.gptq_weight` of a ``[rows, columns]`` weight: while the Hessian is factored, the
+    weight and three ``[columns, columns]`` matrices (the Hessian, its reversed copy, the factor); in the column
     loop, the weight, its transposed copy, its codes twice (as bytes), a lazy batch of errors, and two of them."""
     from autotune.gptq import LAZY_COLUMNS  # here: autotune.gptq imports this module
 
-    inverse = 4 * rows * columns + 16 * columns * columns
+    factor = 4 * rows * columns + 12 * columns * columns
     loop = 10 * rows * columns + 8 * columns * columns + 4 * LAZY_COLUMNS * rows
-    return max(inverse, loop)
+    return max(factor, loop)
 
 
 def calibrate_need(base: BaseModel, spec: ExportSpec, lengths: Sequence[int]) -> int:

@@ -529,6 +529,52 @@ def test_gptq_lowers_the_output_error_of_rtn_on_its_calibration_inputs():
             assert bool((gptq.zero_points == 8).all())
 
 
+def _reference_gptq(weight, hessian, grid, damping=0.01):
+    """GPTQ as its paper writes it (no lazy batches): each column's error divided by the diagonal of ``U``, the
+    upper Cholesky factor of the damped ``H^-1``, and moved onto the later columns by ``U``'s row; each block's
+    grid taken from its columns as updated when its first column is reached."""
+    from autotune.quantize import _grid_of, _reciprocal
+
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    h.diagonal().add_(damping * torch.mean(torch.diag(h)))
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    w = weight.clone()
+    w[:, dead] = 0
+    codes, scales, zeros = torch.empty_like(w), [], []
+    for j in range(w.shape[1]):
+        if j % grid.block_size == 0:
+            scale, zero = (t[:, 0] for t in _grid_of(w[:, j:j + grid.block_size].unsqueeze(1), grid))
+            scales.append(scale)
+            zeros.append(zero)
+        codes[:, j] = torch.floor(w[:, j] * _reciprocal(scale) + zero + 0.5).clamp(0, 15)
+        error = (w[:, j] - (codes[:, j] - zero) * scale) / u[j, j]
+        w[:, j + 1:] -= error[:, None] * u[j, j + 1:]
+    return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
+
+
+@pytest.mark.parametrize("grid", [Int4Grid(32, False), Int4Grid(16, True)], ids=["b32-asym", "b16-sym"])
+def test_gptq_gives_the_codes_of_the_papers_algorithm(grid):
+    """The lazy batches and the Hessian's own factor (no inverse) give the paper's codes, in float64 where rounding
+    cannot tell the two apart; over three lazy batches, with a dead input (a column no sample ever sets)."""
+    from autotune.gptq import LAZY_COLUMNS, gptq_weight
+
+    torch.manual_seed(0)
+    columns = 2 * LAZY_COLUMNS + 64
+    x = torch.randn(1024, columns, dtype=torch.float64) @ (torch.eye(columns, dtype=torch.float64)
+                                                           + 0.3 * torch.randn(columns, columns, dtype=torch.float64) / columns ** 0.5)
+    x[:, 5] = 0
+    weight = torch.randn(40, columns, dtype=torch.float64) * 0.02
+    hessian = x.T @ x / x.shape[0]
+    got = gptq_weight(weight, hessian, grid)
+    codes, scales, zeros = _reference_gptq(weight, hessian, grid)
+    assert torch.equal(got.q, codes.to(torch.uint8))
+    torch.testing.assert_close(got.scales, scales, rtol=1e-12, atol=0)
+    assert torch.equal(got.zero_points, zeros.to(torch.uint8))
+    assert not torch.equal(got.q, quantize_rtn(weight, grid).q)  # errors were moved: not plain rounding
+
+
 def test_gptq_rounds_linears_sharing_an_input_as_one_matrix():
     """GPTQ treats rows on their own: q/k/v (or gate/up) stacked give each one's own result, bit for bit."""
     from autotune.gptq import gptq_weight
