@@ -82,8 +82,10 @@ def write_checkpoint(out_dir: Path, groups: Iterable[dict[str, "torch.Tensor"]])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
-    total = 0
-    for number, group in enumerate(groups, start=1):
+    total = number = 0
+    # Not enumerate(): its cached result tuple holds the last group while the next one is being made.
+    for group in groups:
+        number += 1
         if not group:
             continue
         shard = f"model-{number:05d}.safetensors"

@@ -170,14 +170,17 @@ def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_re
         raise UserError(f"the adapter in {adapter_dir} wraps {', '.join(unknown[:3])}, which {base.path} does not have; "
                         f"merge it into the base it was trained on")
 
+    def merge(tensors: dict) -> dict:  # a function of its own: no loop variable outlives the group
+        for name, weight in tensors.items():
+            pair = pairs.get(name.removesuffix(".weight"))
+            if pair is not None:
+                a, b = (t.to(device) for t in pair)
+                weight += (b @ a) * scaling  # peft's get_delta_weight, then its in-place add
+        return tensors
+
     def merged_layers():
         for group in checkpoint.groups():
-            tensors = checkpoint.read([name for name in group if name not in skip], torch.float32, device)
-            for name, weight in tensors.items():
-                pair = pairs.get(name.removesuffix(".weight"))
-                if pair is not None:
-                    a, b = (t.to(device) for t in pair)
-                    weight += (b @ a) * scaling  # peft's get_delta_weight, then its in-place add
+            tensors = merge(checkpoint.read([name for name in group if name not in skip], torch.float32, device))
             yield tensors
             del tensors  # written: free it before the next group is read
 
