@@ -331,7 +331,9 @@ def counted_trials(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.
     """
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    with warnings.catch_warnings():  # experimental since Optuna 3.0, and what Optuna's own retries record
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retried = {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
     return [t for t in trials
             if t.state == optuna.trial.TrialState.COMPLETE
             or (t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED

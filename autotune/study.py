@@ -13,6 +13,7 @@ The search itself (what runs next, a trial's objective) is :mod:`autotune.search
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import optuna
@@ -99,7 +100,9 @@ def open_study(storage: str, name: str, settings: SearchSettings, attrs: dict[st
         sampler = BoundedSampler(make_sampler(settings), backend, settings.bounds)
         study = optuna.create_study(storage=backend, study_name=name, directions=list(DIRECTIONS),
                                     sampler=sampler, load_if_exists=True)
-        study.set_metric_names(list(METRIC_NAMES))
+        with warnings.catch_warnings():  # experimental since Optuna 3.2; the dashboard's column names
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(METRIC_NAMES))
         for key, value in attrs.items():
             study.set_user_attr(key, value)
     except UserError:
@@ -164,12 +167,14 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if grace <= heartbeat:
         raise UserError(f"AUTOTUNE_GRACE_S ({grace}) must be longer than AUTOTUNE_HEARTBEAT_S ({heartbeat})")
     try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat, grace_period=grace,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-            # A host that drops packets would otherwise hang until the OS gives up.
-            engine_kwargs={"connect_args": {"connect_timeout": 10}} if url.startswith("postgres") else None,
-        )
+        with warnings.catch_warnings():  # heartbeats and their retries: experimental since Optuna 2.9 / 3.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat, grace_period=grace,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                # A host that drops packets would otherwise hang until the OS gives up.
+                engine_kwargs={"connect_args": {"connect_timeout": 10}} if url.startswith("postgres") else None,
+            )
     except ImportError as exc:  # Optuna's message does not say which module is missing
         raise UserError(f"--storage: the database driver for this URL is not installed ({exc.__cause__ or exc}); "
                         "for PostgreSQL: pip install psycopg2-binary") from exc
@@ -204,7 +209,9 @@ def requeue_interrupted(study: optuna.Study) -> int:
     """
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
     count = 0
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
