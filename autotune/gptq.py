@@ -238,13 +238,14 @@ def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid,
     take the other code.
 
     Errors spread lazily: within an int4 block column by column; then onto the rest of its lazy batch
-    (:data:`LAZY_COLUMNS` columns, the reference's width) in one matrix product; and once a batch is
-    done, onto every later column in one product as wide as the batch (products this wide run near
-    the machine's matrix speed; one per int4 block did not, and cost a 1B model more per weight than
-    SmolLM2). The weight is worked on transposed, so that each column is contiguous. A code rounds
+    (:data:`LAZY_COLUMNS` columns, the reference's width) in one matrix product; and a batch takes the
+    errors of every column before it in one product as wide as the batch, as it starts (products this
+    wide run near the machine's matrix speed; one per int4 block did not, and cost a 1B model more per
+    weight than SmolLM2). The weight is worked on transposed, so that each column is contiguous; a
+    batch's rows hold its original columns until it starts and its errors once it is done. A code rounds
     ``floor(w / scale + zero + 0.5)``: a value a hair under a half may take the upper code, which is
     as valid a code, and its error is carried on like any other. Memory: the transposed weight, its
-    codes as bytes, a lazy batch of the original columns and two ``[in, in]`` matrices at a time.
+    codes as bytes, a lazy batch of errors and two ``[in, in]`` matrices at a time.
     """
     import torch
 
@@ -254,25 +255,26 @@ def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid,
     block = grid.block_size
     width = max(block, LAZY_COLUMNS)
     wt = weight.T.clone(memory_format=torch.contiguous_format)  # [in, out]: one row per column of the weight
-    wt[dead] = 0
+    if dead.any():
+        wt[dead] = 0
     codes = torch.empty(in_features, out_features, dtype=torch.uint8, device=wt.device)
     block_codes = torch.empty(block, out_features, dtype=wt.dtype, device=wt.device)
     block_shipped = torch.empty(out_features, dtype=wt.dtype, device=wt.device)
     scales = torch.zeros(in_features // block, out_features, dtype=wt.dtype, device=wt.device)
     zeros = torch.zeros(in_features // block, out_features, dtype=torch.uint8, device=wt.device)
+    identity = torch.eye(block, dtype=wt.dtype, device=wt.device)
     for batch in range(0, in_features, width):
         batch_end = min(in_features, batch + width)
-        errors = weight[:, batch:batch_end].T.clone(memory_format=torch.contiguous_format)  # the original columns
-        errors[dead[batch:batch_end]] = 0
+        errors = wt[batch:batch_end].clone()  # the original columns, whose errors they become
+        wt[batch:batch_end].addmm_(feedback[:batch, batch:batch_end].T, wt[:batch])  # the errors before the batch
         for start in range(batch, batch_end, block):
             end = start + block
             w1, feedback1, errors1 = wt[start:end], feedback[start:end, start:end], errors[start - batch:end - batch]
             # The block's grid, from its columns as the reference has them here (moved by the errors of every
             # column before the block): ``W - (W - w1) F^-1`` over the block, since ``w1`` already holds what
             # the reference adds through the block's own columns.
-            pending = torch.linalg.solve_triangular(feedback1.T, errors1 - w1, upper=False, unitriangular=True)
-            scale, zero = _grid_of(errors1.sub(pending).T.unsqueeze(1), grid)
-            del pending
+            unspread = torch.linalg.solve_triangular(feedback1, identity, upper=True, unitriangular=True)
+            scale, zero = _grid_of(torch.addmm(errors1, unspread.T, errors1 - w1, alpha=-1).T.unsqueeze(1), grid)
             scale, zero = scale[:, 0], zero[:, 0]
             scales[start // block], zeros[start // block] = scale, zero
             reciprocal = _reciprocal(scale)
@@ -286,7 +288,7 @@ def gptq_weight(weight: "torch.Tensor", hessian: "torch.Tensor", grid: Int4Grid,
                 w1[i + 1:].addr_(feedback1[i, i + 1:], error)
             codes[start:end] = block_codes
             wt[end:batch_end].addmm_(feedback[start:end, end:batch_end].T, errors1)
-        wt[batch_end:].addmm_(feedback[batch:batch_end, batch_end:].T, errors)
+        wt[batch:batch_end] = errors  # what the later batches take
     return QuantizedWeight(codes.T.contiguous(), scales.T.contiguous(), zeros.T.contiguous())
 
 
