@@ -10,9 +10,10 @@ factorisation and a triangular inverse), with the same lazy batches, grid and ro
 in the same process on the same inputs, alternating, so the ratio is of one sitting.
 
 Per weight (the stacked shapes GPTQ rounds: q/k/v, o, gate/up, down, and the tied head): the time of each,
-the share of codes they agree on, and each one's output error on its calibration inputs
-(``tr((W - Q) H (W - Q)^T)`` per row; the two are the same algorithm, so it should match). Inputs are random
-and correlated, 3400 tokens (128 demo examples); the timing does not depend on their values.
+the share of codes they agree on, and the ratio of their output errors on the calibration inputs
+(``tr((W - Q) H (W - Q)^T)``; the same algorithm, so about 1); then the model's every weight once (its layers
+times the layer's, plus the head: GPTQ's rounding of the whole model, without its forwards and Hessians).
+Inputs are random and correlated, 3400 tokens (128 demo examples); the timing does not depend on their values.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# name -> (hidden, intermediate, query + key + value rows, vocabulary or 0): the weights of one decoder layer
-MODELS = {"SmolLM2-135M": (576, 1536, 576 + 2 * 192, 49152), "1B (TinyLlama widths)": (2048, 5632, 2048 + 2 * 256, 0)}
+# name -> (hidden, intermediate, query + key + value rows, vocabulary, decoder layers); the 1B is benchmarks/scale.py's
+MODELS = {"SmolLM2-135M": (576, 1536, 576 + 2 * 192, 49152, 30), "1B (TinyLlama widths)": (2048, 5632, 2048 + 2 * 256, 49152, 22)}
 TOKENS = 3400
 
 
@@ -91,10 +92,10 @@ def _lower_inverse(lower):
     return inverse
 
 
-def shapes(hidden: int, intermediate: int, qkv: int, vocab: int) -> list[tuple[str, int, int]]:
-    rows = [("q/k/v", qkv, hidden), ("o", hidden, hidden), ("gate/up", 2 * intermediate, hidden),
-            ("down", hidden, intermediate)]
-    return rows + ([("head", vocab, hidden)] if vocab else [])
+def shapes(hidden: int, intermediate: int, qkv: int, vocab: int, layers: int) -> list[tuple[str, int, int, int]]:
+    """(name, rows, columns, how many the model has) of each weight GPTQ rounds."""
+    return [("q/k/v", qkv, hidden, layers), ("o", hidden, hidden, layers), ("gate/up", 2 * intermediate, hidden, layers),
+            ("down", hidden, intermediate, layers), ("head", vocab, hidden, 1)]
 
 
 def main() -> None:
@@ -115,7 +116,7 @@ def main() -> None:
           f"{'codes agree':>12} {'error ratio':>12}")
     for model, dims in MODELS.items():
         totals = [0.0, 0.0]
-        for name, out, columns in shapes(*dims):
+        for name, out, columns, count in shapes(*dims):
             generator = torch.Generator().manual_seed(0)
             mix = torch.eye(columns) + 0.3 * torch.randn(columns, columns, generator=generator) / columns ** 0.5
             x = torch.randn(TOKENS, columns, generator=generator) @ mix
@@ -131,7 +132,7 @@ def main() -> None:
                     start = time.perf_counter()
                     results[i] = fn(weight, hessian, grid)
                     best[i] = min(best[i], time.perf_counter() - start)
-            totals = [t + b for t, b in zip(totals, best)]
+            totals = [t + count * b for t, b in zip(totals, best)]
             agree = (results[0].q == results[1].q).float().mean().item()
 
             def error(q):
@@ -140,7 +141,8 @@ def main() -> None:
 
             print(f"{model:<22} {name:<8} {f'{out}x{columns}':>12} {best[0]:>10.3f} {best[1]:>11.3f} "
                   f"{best[1] / best[0]:>6.2f} {agree:>11.2%} {error(results[1]) / error(results[0]):>12.4f}", flush=True)
-        print(f"{model:<22} {'all':<8} {'':>12} {totals[0]:>10.3f} {totals[1]:>11.3f} {totals[1] / totals[0]:>6.2f}")
+        print(f"{model:<22} {'model':<8} {f'{dims[4]} layers':>12} {totals[0]:>10.1f} {totals[1]:>11.1f} "
+              f"{totals[1] / totals[0]:>6.2f}   (every weight of the model once)")
 
 
 if __name__ == "__main__":
