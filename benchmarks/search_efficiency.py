@@ -69,19 +69,24 @@ def grid(space, provider: str = "cpu"):
 
 
 def build_grid(ws, space, record: Path) -> dict[str, dict]:
-    """The measured figures of every grid candidate, by export key (built once, cached). A candidate's
-    seconds are its stages' as built (a second export of an adapter does not pay its training again),
-    kept in ``record`` for reruns, which find the candidates cached; NaN where the record lacks them."""
+    """The measured figures of every grid candidate, by export key (built once, cached). A candidate's seconds
+    are its adapter's training, as recorded with the adapter when it was trained (paid by the adapter's first
+    export in grid order: a second export does not train again), plus its own export stages (merge, GPTQ,
+    export, measure) as built, kept in ``record`` for reruns that find them cached; NaN where the record lacks
+    them."""
     from autotune.candidate import run_candidate
 
     seconds = json.loads(record.read_text()) if record.is_file() else {}
-    table = {}
+    table, trained = {}, set()
     for spec in grid(space):
         result = run_candidate(ws, spec)
         key = ws.export_key(spec)
-        if "measure" not in result.cached:  # measured in this run: its stage seconds are this build's
-            seconds[key] = sum(result.stage_seconds.values())
-        table[key] = {"spec": spec, "measurement": result.measurement, "seconds": seconds.get(key, math.nan),
+        if "measure" not in result.cached:  # exported and measured in this run: its stage seconds are this build's
+            seconds[key] = sum(s for stage, s in result.stage_seconds.items() if stage != "train")
+        adapter = result.train.adapter_dir if result.train else None
+        training = result.train.seconds if result.train and adapter not in trained else 0.0
+        trained.add(adapter)
+        table[key] = {"spec": spec, "measurement": result.measurement, "seconds": training + seconds.get(key, math.nan),
                       "train": result.train}
         print(f"  {spec.describe():<48} acc {result.measurement.accuracy.accuracy:.3f} "
               f"request {result.measurement.latency.request_p50_ms:6.1f} ms {table[key]['seconds']:6.0f} s", flush=True)
@@ -143,7 +148,7 @@ def main() -> None:
                    train_threads=threads, train_dtype=profile.train_dtype, max_eval=args.max_eval)
     start = time.perf_counter()
     print(f"building the grid (profile {profile.name}, {threads} thread(s)) ...", flush=True)
-    table = build_grid(ws, space, Path(args.out) / "seconds.json")
+    table = build_grid(ws, space, Path(args.out) / "export_seconds.json")
     size = len(table)
     best = max(table.values(), key=lambda row: row["measurement"].accuracy.accuracy)
     print(f"grid: {size} candidates (this run {time.perf_counter() - start:.0f} s incl. cache), full-grid cost "
