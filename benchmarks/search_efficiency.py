@@ -2,6 +2,7 @@
 
     python benchmarks/search_efficiency.py                    # SmolLM2, 24-candidate grid, 5 seeds
     python benchmarks/search_efficiency.py --seeds 10
+    python benchmarks/search_efficiency.py --test         # and every grid candidate on the test split
 
 1. Every candidate the search can reach in a small categorical space is built and measured for real
    (``run_candidate``, cached in benchmarks/.cache so reruns are quick): 6 adapters (rank 4/16/64 x lr 1e-3/2e-3,
@@ -138,6 +139,9 @@ def main() -> None:
     parser.add_argument("--max-eval", type=int, default=None, help="validation prompts per candidate (default all)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / ".cache" / "search_efficiency"))
+    parser.add_argument("--test", action="store_true",
+                        help="also score every grid candidate on the test split: how far above the space's start "
+                             "recipe any candidate of the grid is")
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -176,6 +180,33 @@ def main() -> None:
     print(f"{'random order':<14}{args.seeds:>4}/{args.seeds:<2}{statistics.median(orders):>24.0f}"
           f"{statistics.median(orders) / size:>15.0%}")
     print(f"{'whole grid':<14}{'1/1':>6}{size:>24}{1:>15.0%}{sum(r['seconds'] for r in table.values()):>17.0f}")
+    if args.test:
+        test_scores(ws, space, table)
+
+
+def test_scores(ws, space, table: dict) -> None:
+    """Every grid candidate on the test split, and three of them paired against the start recipe's GPTQ export
+    on the same test prompts: the most accurate on validation (what a search over the grid chooses by the plain
+    rule), and the most accurate on test (an oracle: the grid's ceiling)."""
+    from autotune.candidate import run_candidate
+    from autotune.selection import Candidate, compare
+
+    print("\nthe grid on the test split")
+    for row in table.values():
+        row["test"] = run_candidate(ws, row["spec"], split="test", with_latency=False).measurement.accuracy
+        print(f"  {row['spec'].describe():<48} val {row['measurement'].accuracy.accuracy:.3f}  "
+              f"test {row['test'].accuracy:.3f}", flush=True)
+    start = dict(space.start)
+    recipe = next(row for row in table.values() if row["spec"].train.rank == start["rank"]
+                  and row["spec"].train.learning_rate == start["learning_rate"] and row["spec"].train.steps == max(space.steps.values)
+                  and row["spec"].export.calibration == "gptq")
+    chosen = {"start recipe, GPTQ": recipe,
+              "most accurate on validation": max(table.values(), key=lambda r: r["measurement"].accuracy.accuracy),
+              "most accurate on test (oracle)": max(table.values(), key=lambda r: r["test"].accuracy)}
+    for name, row in chosen.items():
+        d = compare(Candidate(0, row["test"].marks, 0.0, None), Candidate(1, recipe["test"].marks, 0.0, None))
+        print(f"{name:<31} {row['spec'].describe():<48} test {row['test'].accuracy:.3f} (n={row['test'].n}) "
+              f"vs recipe {d.diff:+.3f} [{d.interval[0]:+.3f}, {d.interval[1]:+.3f}]")
 
 
 if __name__ == "__main__":
