@@ -8,7 +8,11 @@ and length are fixed by :meth:`optuna.Study.enqueue_trial` (its training paramet
 
 - **screen**: a new adapter (the space's ``start`` first, then the sampler's proposals),
   trained for the first rung (``steps[0]``) and exported the screening way
-  (:meth:`~autotune.space.SearchSpace.screening`).
+  (:meth:`~autotune.space.SearchSpace.screening`). The first ``local_first`` proposals after the
+  start keep its categorical choices (:meth:`~autotune.space.SearchSpace.local_params`, enqueued
+  as fixed parameters) and the sampler draws their rank, alpha and learning rate: a small budget
+  screens one or two adapters besides the start, and a draw from the whole space (QLoRA on the
+  attention only, say) is seldom a rival to a known-good recipe, while its neighbours are.
 - **continue**: an adapter among the best ``promote`` share of those measured at rung k is
   trained on to rung k + 1 (asynchronous successive halving: promotions are decided on the
   trials finished so far, so workers never wait for a rung to fill). Under the ``wsd``
@@ -55,6 +59,7 @@ class Work:
 
     def describe(self) -> str:
         what = {"screen": "new adapter", "continue": "continue adapter", "export": "export adapter"}[self.role]
+        what += " near the start" if self.attrs.get("local") else ""
         source = f" of trial {self.attrs['from_trial']}" if "from_trial" in self.attrs else ""
         return f"{what}{source} at {self.attrs.get('steps')} steps" + (
             f", {self.params['precision']}" if "precision" in self.params else "")
@@ -98,15 +103,21 @@ class Scheduler:
             (``space.exports``); called with the adapter's trial.
         majority_rate: validation accuracy of always answering the most frequent training label.
         start: the parameters of the first adapter (empty: the sampler proposes it).
+        local: the parameters the first ``local_first`` new adapters after the start fix (the start's
+            categorical choices); empty: the sampler proposes every new adapter whole.
+        local_first: how many new adapters keep ``local``.
     """
 
     def __init__(self, rungs: Sequence[int], promote: float, exports, majority_rate: float,
-                 start: dict[str, Any] | None = None) -> None:
+                 start: dict[str, Any] | None = None, local: dict[str, Any] | None = None,
+                 local_first: int = 0) -> None:
         self.rungs = tuple(rungs)
         self.promote = promote
         self.exports = exports
         self.majority_rate = majority_rate
         self.start = dict(start or {})
+        self.local = dict(local or {})
+        self.local_first = local_first
 
     def first(self, trials: Sequence[optuna.trial.FrozenTrial]) -> Work | None:
         """The start adapter, for a study without trials."""
@@ -131,7 +142,7 @@ class Scheduler:
         adapters = [t for t in measured if self._learned(t)] or ([] if fresh else measured)
         best = self._finalist(adapters)
         if best is None:  # nothing learnt yet: only a new adapter can help
-            return None if fresh else Stop(NOTHING_LEFT)
+            return self._new(trials) if fresh else Stop(NOTHING_LEFT)
         plan = self.exports(best)
         missing = [i for i in range(len(plan)) if _export_key(best, i) not in started]
         at_top = _steps(best) == self.rungs[-1]
@@ -140,7 +151,7 @@ class Scheduler:
         if promotion := self._promotion(adapters, started):
             return promotion
         if fresh and remaining > len(plan or [None]) + len(self.rungs) - 1:
-            return None  # a new adapter could still reach the top rung and be exported
+            return self._new(trials)  # a new adapter could still reach the top rung and be exported
         # The finalist's exports once no new adapter can take its place: exports spent on a finalist that a later
         # adapter overtakes are spent on neither the final model nor the search.
         if missing and at_top:
@@ -156,6 +167,13 @@ class Scheduler:
         return Stop(NO_ROOM if fresh else NOTHING_LEFT)
 
     # ------------------------------------------------------------------ parts
+
+    def _new(self, trials: Sequence[optuna.trial.FrozenTrial]) -> Work | None:
+        """A new adapter: near the start while fewer than ``local_first`` were (a duplicate proposal counts,
+        so an exhausted neighbourhood opens the whole space), else the sampler's whole proposal (None)."""
+        if self.local and sum(bool(t.user_attrs.get("local")) for t in trials) < self.local_first:
+            return Work(dict(self.local), {"role": "screen", "steps": self.rungs[0], "local": True})
+        return None
 
     def _learned(self, trial: optuna.trial.FrozenTrial) -> bool:
         return learned(trial, self.majority_rate)

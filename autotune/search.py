@@ -173,7 +173,8 @@ class Search:
         self.settings = settings
         self.study = study
         self.evaluate = evaluate
-        self.scheduler = Scheduler(space.rungs, space.promote, self._exports, majority_rate(ws), space.start_params())
+        self.scheduler = Scheduler(space.rungs, space.promote, self._exports, majority_rate(ws), space.start_params(),
+                                   space.local_params(), space.local_first)
         self._duplicates = 0  # consecutive duplicate proposals: a sign the space is exhausted
         self.stopped: str | None = None  # why the search ended before its budget, if it did
 

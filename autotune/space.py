@@ -85,7 +85,9 @@ Param = Union[Choice, Range]
 _TRAIN_KEYS = ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "batch_size", "dropout", "target_modules",
                "int4_method")
 _EXPORT_KEYS = ("precision", "block_size", "accuracy_level", "algo", "symmetric", "int8_layers")
-_OTHER_KEYS = ("steps", "promote", "min_lr_steps", "start", "seed")
+_OTHER_KEYS = ("steps", "promote", "min_lr_steps", "start", "local_first", "seed")
+# The start's choices a nearby adapter keeps (:meth:`SearchSpace.local_params`): the categorical training ones.
+_LOCAL_KEYS = ("method", "target_modules", "batch_size", "dropout", "int4_aware", "block_size")
 _WHOLE = ("rank", "steps", "batch_size")
 _ALLOWED = {
     "method": METHODS,
@@ -128,6 +130,7 @@ class SearchSpace:
     promote: float = 0.5
     min_lr_steps: float | None = None
     start: tuple[tuple[str, Any], ...] = ()
+    local_first: int = 0  # new adapters after the start that keep its categorical choices (local_params)
     seed: int = 0
     screen: str | None = None  # the screening precision, when a bound ruled out the first of SCREENING_ORDER
     source: str = field(default="", compare=False)
@@ -174,6 +177,10 @@ class SearchSpace:
                 params[key] = float(value)
             elif key == "start":
                 params[key] = _parse_start(value, where)
+            elif key == "local_first":
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise UserError(f"{where}: 'local_first' is a number of adapters, a whole number >= 0; got {value!r}")
+                params[key] = value
             elif key == "steps":
                 params[key] = _parse_rungs(value, where)
             else:
@@ -365,6 +372,12 @@ class SearchSpace:
             if params["int4_aware"] and "block_size" in start:
                 params["block_size"] = start["block_size"]
         return params
+
+    def local_params(self) -> dict[str, Any]:
+        """The parameters a nearby adapter fixes: the start's categorical training choices (method, target
+        modules, int4-aware or not, ...) where the space samples them; the sampler draws the numeric ones
+        (rank, alpha, learning rate). Empty without a start, or where the space samples none of them."""
+        return {k: v for k, v in self.start_params().items() if k in _LOCAL_KEYS}
 
     def _admits(self, start: dict[str, Any]) -> bool:
         """Whether every choice of ``start`` lies in this space."""

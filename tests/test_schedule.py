@@ -174,3 +174,26 @@ def test_an_int4_aware_finalist_gets_no_exports_and_the_budget_is_not_spent_on_d
     trials = [adapter(0, 10, -0.5), adapter(1, 10, -0.9), adapter(2, 20, -0.3)]
     assert scheduler.next(trials, remaining=2) == Stop(NO_ROOM)
     assert scheduler.next(trials, remaining=5) is None  # room for a new adapter to reach the top rung
+
+
+def test_the_first_new_adapters_stay_near_the_start_then_the_whole_space_opens(search) -> None:
+    """``local_first`` new adapters keep the start's categorical choices (here its target modules) and the
+    sampler draws the rest; the ones after them are the sampler's whole proposals."""
+    s = search(16, target_modules=["all-linear", "attention"], local_first=2,
+               start={**SPACE["start"], "target_modules": "all-linear"})
+    s.run()
+    screens = [t for t in _trials(s) if t.user_attrs["role"] == "screen"]
+    local = [t for t in s.study.get_trials() if t.user_attrs.get("local")]
+    assert len(screens) >= 4 and len(local) == 2
+    assert [t.number for t in local] == [t.number for t in screens[1:3]]
+    assert {t.params["target_modules"] for t in local} == {"all-linear"}
+    assert {t.user_attrs["trajectory"] for t in local}.isdisjoint({screens[0].user_attrs["trajectory"]})
+    assert not any(t.user_attrs.get("local") for t in screens[3:])
+
+
+def test_a_space_without_categorical_training_choices_has_no_nearby_adapters(search) -> None:
+    """The start's categorical choices are the only ones (SPACE samples none): the sampler proposes every new
+    adapter as before."""
+    s = search(12, local_first=2)
+    s.run()
+    assert not any(t.user_attrs.get("local") for t in s.study.get_trials())

@@ -298,9 +298,21 @@ def test_rungs_promote_and_learning_rates_too_low_to_learn():
         SearchSpace.from_dict({"steps": [10], "learning_rate": [1.0e-4], "min_lr_steps": 0.015}).restrict(
             VALID_PRECISIONS["cpu"], True, "cpu")
     for bad, match in (({"promote": 1.5}, "promote"), ({"steps": [0, 10]}, "rungs"), ({"start": {"rank": 0}}, "positive"),
-                       ({"start": {"bogus": 1}}, "start")):
+                       ({"start": {"bogus": 1}}, "start"), ({"local_first": -1}, "local_first"),
+                       ({"local_first": 1.5}, "local_first")):
         with pytest.raises(UserError, match=match):
             SearchSpace.from_dict(bad)
+
+
+def test_a_nearby_adapter_keeps_the_starts_categorical_choices_only():
+    space = SearchSpace.from_dict({**INT4_SPACE, "method": ["lora", "qlora"], "target_modules": ["all-linear", "attention"],
+                                   "rank": {"low": 4, "high": 64, "log": True}, "local_first": 2,
+                                   "start": {"method": "lora", "rank": 16, "target_modules": "all-linear",
+                                             "int4_method": "gptq"}})
+    assert space.local_first == 2
+    assert space.local_params() == {"method": "lora", "target_modules": "all-linear", "int4_aware": False}
+    assert SearchSpace.from_dict({"rank": [4, 16], "start": {"rank": 16}}).local_params() == {}  # nothing categorical
+    assert SearchSpace.from_dict({"method": ["lora", "qlora"]}).local_params() == {}  # no start
 
 
 def test_restrict_keeps_block_sizes_that_divide_the_model():
