@@ -3,6 +3,7 @@
 A space file maps each choice to a list (categorical) or a range::
 
     start: {method: lora, rank: 16, alpha_ratio: 2, learning_rate: 1.0e-3, int4_method: gptq}
+    local_first: 2                  # the next 2 new adapters keep the start's categorical choices
     method: [lora, qlora]
     rank: {low: 4, high: 64, log: true}
     alpha_ratio: [1, 2]             # alpha = ratio * rank
