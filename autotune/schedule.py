@@ -42,7 +42,6 @@ from typing import Any
 import optuna
 
 
-ROLES = ("screen", "continue", "export")
 EXTRA_EXPORTS = 4  # int4 variants, knobs sampled, an exported finalist may get when the budget has room
 
 
@@ -52,17 +51,6 @@ class Work:
 
     params: dict[str, Any]
     attrs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def role(self) -> str:
-        return self.attrs.get("role", "screen")
-
-    def describe(self) -> str:
-        what = {"screen": "new adapter", "continue": "continue adapter", "export": "export adapter"}[self.role]
-        what += " near the start" if self.attrs.get("local") else ""
-        source = f" of trial {self.attrs['from_trial']}" if "from_trial" in self.attrs else ""
-        return f"{what}{source} at {self.attrs.get('steps')} steps" + (
-            f", {self.params['precision']}" if "precision" in self.params else "")
 
 
 @dataclass(frozen=True)

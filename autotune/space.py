@@ -87,8 +87,9 @@ _TRAIN_KEYS = ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "batch
                "int4_method")
 _EXPORT_KEYS = ("precision", "block_size", "accuracy_level", "algo", "symmetric", "int8_layers")
 _OTHER_KEYS = ("steps", "promote", "min_lr_steps", "start", "local_first", "seed")
-# The start's choices a nearby adapter keeps (:meth:`SearchSpace.local_params`): the categorical training ones.
-_LOCAL_KEYS = ("method", "target_modules", "batch_size", "dropout", "int4_aware", "block_size")
+# The start's choices a nearby adapter keeps (:meth:`SearchSpace.local_params`): what kind of adapter it is (method,
+# where it attaches, int4-aware with its grid); its numeric knobs are the sampler's.
+_LOCAL_KEYS = ("method", "target_modules", "int4_aware", "block_size")
 _WHOLE = ("rank", "steps", "batch_size")
 _ALLOWED = {
     "method": METHODS,
@@ -375,9 +376,9 @@ class SearchSpace:
         return params
 
     def local_params(self) -> dict[str, Any]:
-        """The parameters a nearby adapter fixes: the start's categorical training choices (method, target
-        modules, int4-aware or not, ...) where the space samples them; the sampler draws the numeric ones
-        (rank, alpha, learning rate). Empty without a start, or where the space samples none of them."""
+        """The parameters a nearby adapter fixes: the start's method, target modules and int4-awareness (with
+        its grid) where the space samples them; the sampler draws the numeric ones (rank, alpha, learning rate,
+        ...). Empty without a start, or where the space samples none of them."""
         return {k: v for k, v in self.start_params().items() if k in _LOCAL_KEYS}
 
     def _admits(self, start: dict[str, Any]) -> bool:
