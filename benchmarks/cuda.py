@@ -28,14 +28,20 @@ import time
 from pathlib import Path
 
 
-def _row(label: str, m, seconds: dict[str, float]) -> dict:
+def _row(label: str, result) -> dict:
+    m = result.measurement
     lat = m.latency
     low, high = m.accuracy.interval
     return {"candidate": label, "provider": m.provider, "accuracy": m.accuracy.accuracy, "n": m.accuracy.n,
             "ci95": [round(low, 3), round(high, 3)], "request_p50_ms": lat.request_p50_ms,
             "request_p90_ms": lat.request_p90_ms, "ttft_p50_ms": lat.ttft_p50_ms, "token_p50_ms": lat.token_p50_ms,
             "peak_rss_mb": m.peak_rss_mb, "gpu_memory_mb": m.gpu_memory_mb, "size_mb": m.size_mb,
-            "stage_seconds": {k: round(v, 2) for k, v in seconds.items()}}
+            "stage_seconds": {k: round(v, 2) for k, v in result.stage_seconds.items()},
+            "stage_memory": {k: v.to_dict() for k, v in result.stage_memory.items()}}
+
+
+def _mb(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0f}"
 
 
 def _print_rows(rows: list[dict]) -> None:
@@ -47,6 +53,9 @@ def _print_rows(rows: list[dict]) -> None:
         print(f"{r['candidate']:<34}{r['provider']:<9}{r['accuracy']:>6.3f} {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f}"
               f"{'':<3}{r['request_p50_ms']:>8.2f}{r['request_p90_ms']:>8.2f}{r['ttft_p50_ms']:>7.2f}"
               f"{r['token_p50_ms']:>8.2f}{r['peak_rss_mb']:>7.0f}{gpu:>7}{r['size_mb']:>5.0f}  {stages}")
+        if r.get("stage_memory"):  # each stage run now: predicted / measured peak
+            print("    peak MB predicted/measured: " + ", ".join(
+                f"{k} {_mb(v['predicted_mb'])}/{_mb(v['measured_mb'])} {v['where']}" for k, v in r["stage_memory"].items()))
 
 
 def search(out: Path, args) -> list[dict]:
@@ -92,20 +101,23 @@ def compare(out: Path, args) -> list[dict]:
     profile = choose_profile(info, args.target, load_profiles())
     ws = Workspace(out, resolve_model(args.model), load_splits(DataConfig()), train_device=profile.train_device,
                    train_dtype=profile.train_dtype, threads=choose_threads(None), max_eval=args.max_eval)
-    exports = [("cpu", "int4"), ("cpu", "fp32")]
+    # (provider, precision, calibration): GPTQ's forwards run where training does (on the GPU in its dtype).
+    exports = [("cpu", "int4", "none"), ("cpu", "int4", "gptq"), ("cpu", "fp32", "none")]
     if profile.execution_provider == "cuda":
-        exports += [("cuda", "int4"), ("cuda", "fp16")]
+        exports += [("cuda", "int4", "none"), ("cuda", "int4", "gptq"), ("cuda", "fp16", "none")]
     plan = [(TrainSpec(rank=16, alpha=32, steps=args.steps), exports)]
     if qlora_enabled(profile, info):
         plan.append((TrainSpec(method="qlora", rank=16, alpha=32, steps=args.steps),
                      [e for e in exports if e[0] == profile.execution_provider]))
     rows = []
     for train, targets in plan:
-        for provider, precision in targets:
+        for provider, precision, calibration in targets:
             spec = CandidateSpec(train, ExportSpec(precision=precision, execution_provider=provider,
-                                                   accuracy_level=4 if provider == "cpu" else 0).normalized())
+                                                   accuracy_level=4 if provider == "cpu" else 0,
+                                                   calibration=calibration).normalized())
             result = run_candidate(ws, spec)
-            rows.append(_row(f"{train.method} r16 {precision}", result.measurement, result.stage_seconds))
+            gptq = " gptq" if calibration == "gptq" else ""
+            rows.append(_row(f"{train.method} r16 {precision}{gptq}", result))
             print(f"  {rows[-1]['candidate']} on {provider}: {rows[-1]['accuracy']:.3f}, "
                   f"request p50 {rows[-1]['request_p50_ms']:.2f} ms", flush=True)
     return rows
@@ -121,6 +133,7 @@ def main() -> None:
     parser.add_argument("--model", help="base model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--space", help="search space YAML for the search (default: search_spaces/default.yaml)")
     parser.add_argument("--skip-search", action="store_true")
+    parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -153,10 +166,11 @@ def main() -> None:
             print(f"{r['trial']:>3} {r['candidate']:<50}{r['accuracy']:>6.3f}{r['request_p50_ms'] or 0:>8.2f}"
                   f"{r['ttft_p50_ms'] or 0:>7.2f}{r['token_p50_ms'] or 0:>8.2f}{gpu:>7}  {stages}")
 
-    print(f"\nLoRA / QLoRA r16, {args.steps} steps, trained on {profile.train_device} ({profile.train_dtype}); "
-          f"validation, first {args.max_eval} prompts", flush=True)
-    record["compare"] = compare(out / "compare", args)
-    _print_rows(record["compare"])
+    if not args.skip_compare:
+        print(f"\nLoRA / QLoRA r16, {args.steps} steps, trained on {profile.train_device} ({profile.train_dtype}); "
+              f"validation, first {args.max_eval} prompts", flush=True)
+        record["compare"] = compare(out / "compare", args)
+        _print_rows(record["compare"])
     (out / "cuda.json").write_text(json.dumps(record, indent=1))
 
 
