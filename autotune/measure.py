@@ -369,13 +369,16 @@ def parity_check(hf_dir: Path, model_dir: Path, prompts: Sequence[str], *, new_t
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from autotune.models import NO_HUB_KERNELS
+
     raw = run_child({
         "model_dir": str(model_dir), "provider": "cpu", "threads": 1, "prompts": list(prompts),
         "labels": ["x"], "warmup": 0, "restrict_to_labels": False, "max_new_tokens": new_tokens,
         "stop_at_newline": False,
     })
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                 **NO_HUB_KERNELS)
     model.eval()
     eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
               else [model.generation_config.eos_token_id])

@@ -25,6 +25,11 @@ from autotune.errors import UserError
 from autotune.cache import atomic_dir, cache_root, content_key, file_digest, library_version
 
 DEFAULT_MODEL = "smollm2"
+# transformers 5 swaps layers for kernels it downloads from the Hugging Face Hub on every from_pretrained unless
+# told not to: code from the network without --trust-remote-code, a load that fails offline (measured: QLoRA on
+# an H200 stopped at "kernels-community/rotary is not available in the local cache"), and numerics no cache
+# key sees. Every model load here passes this.
+NO_HUB_KERNELS = {"use_kernels": False}
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the GGUF -> safetensors conversion changes what it writes (part of the folder name).
 GGUF_CONVERSION_VERSION = 2
@@ -144,7 +149,7 @@ def _convert_gguf(gguf: Path, slug: str) -> Path:
     kwargs = dict(gguf_file=gguf.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs, **NO_HUB_KERNELS)
     except Exception as exc:  # the gguf reader raises many types; the message is what matters
         raise UserError(f"--model {gguf}: transformers cannot read this GGUF file ({exc})") from exc
     # A model loaded from GGUF refuses save_pretrained; a fresh one from the same config

@@ -22,7 +22,7 @@ from autotune.errors import UserError
 from autotune.gradients import accumulate_gradients
 from autotune.int4_aware import quantization_aware
 from autotune.memory import release_memory, trim_heap
-from autotune.models import BaseModel
+from autotune.models import NO_HUB_KERNELS, BaseModel
 from autotune.packing import padded_layout_dropout, use_packed_attention
 from autotune.quantize import Int4Grid
 
@@ -220,7 +220,7 @@ def load_base_for_training(base: BaseModel, spec: TrainSpec, device: str, dtype:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype,
         )
-        model = AutoModelForCausalLM.from_pretrained(base.path, device_map={"": device}, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(base.path, device_map={"": device}, **kwargs, **NO_HUB_KERNELS)
         # Gradient checkpointing trades time for memory; small models do not need it.
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if kwargs["use_safetensors"]:
@@ -228,7 +228,7 @@ def load_base_for_training(base: BaseModel, spec: TrainSpec, device: str, dtype:
 
         # One layer read at a time: from_pretrained holds the whole fp32 file beside a bf16 copy while it converts.
         return load_model(base.path, torch_dtype, device, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs, **NO_HUB_KERNELS)
     return model.to(device)
 
 

@@ -149,3 +149,19 @@ def splits(tiny_dataset):
     from autotune.data import DataConfig, load_splits
 
     return load_splits(DataConfig(path=str(tiny_dataset)))
+
+
+def record_hub_kernels(monkeypatch) -> list:
+    """What each from_pretrained asks transformers' hub kernels for: transformers 5 turns them on unless told not
+    to, fetching layer code from the Hugging Face Hub (a QLoRA load on an H200 stopped there, offline)."""
+    from transformers import PreTrainedModel
+
+    asked: list = []
+    original = PreTrainedModel.set_use_kernels
+
+    def set_use_kernels(self, use_kernels, *args, **kwargs):
+        asked.append(use_kernels)
+        return original(self, use_kernels, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "set_use_kernels", set_use_kernels)
+    return asked

@@ -10,6 +10,7 @@ import pytest
 
 from autotune.errors import UserError
 from autotune.models import DEFAULT_MODEL, resolve_model
+from conftest import record_hub_kernels
 
 
 @pytest.fixture
@@ -204,6 +205,8 @@ def test_the_default_model_has_one_fingerprint_on_every_machine(tmp_path, monkey
     shutil.copyfile(models._demo_gguf_path(), gguf)
     monkeypatch.setattr(models, "_demo_gguf_path", lambda: gguf)
     monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "machine-2"))
+    asked = record_hub_kernels(monkeypatch)
     second = resolve_model(None)
+    assert asked == [False]  # the conversion's load fetches no layer code from the Hub
     assert second.path != first.path and second.path.name == first.path.name
     assert second.fingerprint == first.fingerprint

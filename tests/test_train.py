@@ -15,7 +15,7 @@ from autotune.memory import check_memory, memory_need
 from autotune.models import BaseModel, model_shape
 from autotune.packing import PACKED_ATTENTION, consecutive_parts, keep_mask, packed_attention
 from autotune.train import TrainSpec, _peft_model, encode_example, load_tokenizer, train_adapter
-from conftest import LABELS, write_jsonl
+from conftest import LABELS, record_hub_kernels, write_jsonl
 from families import smollm2_tokenizer
 
 # Phi-3-mini-4k-instruct's config.json (3.8B parameters): sizes only, no weights.
@@ -238,6 +238,15 @@ def test_a_longer_run_continues_a_shorter_ones_checkpoint_to_the_same_adapter(ba
     a, b = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("continued", "fresh"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((tmp_path / "continued" / "train_log.json").read_text())["resumed_at_step"] == 4
+
+
+
+def test_a_qlora_base_loads_without_hub_kernels(base, monkeypatch):
+    from autotune.train import load_base_for_training
+
+    asked = record_hub_kernels(monkeypatch)
+    load_base_for_training(base, TrainSpec(method="qlora"), "cpu", "float32", False)
+    assert asked == [False]
 
 
 # --------------------------------------------------------------------------- fp16: loss scaling
