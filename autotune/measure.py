@@ -37,7 +37,8 @@ from autotune.errors import CandidateError
 # 3: each request also scores every label teacher-forced (label_logprobs). 4: prompts are encoded with the
 # tokenizer's special tokens (the BOS training saw), labels are scored as the ids they follow the prompt with, and a
 # sliding-window model's KV cache holds its window. 5: GPU memory is None when unknown (autotune.gpu_memory), never 0.
-MEASURE_VERSION = 5
+# 6: a GPU provider first warms each prompt length once (autotune.generate).
+MEASURE_VERSION = 6
 # --latency-metric -> the Latency field it optimises and bounds (--max-latency).
 LATENCY_METRICS = {"request": "request_p50_ms", "ttft": "ttft_p50_ms", "token": "token_p50_ms"}
 Z_95 = 1.959964  # two-sided 95% normal quantile
@@ -218,13 +219,15 @@ def measure(
         "prompts": list(prompts),
         "labels": list(labels),
         "warmup": latency.warmup if latency and prompts else 0,
+        "warm_each_length": bool(latency and prompts) and provider != "cpu",
         "restrict_to_labels": restrict_to_labels,
         "score_labels": score_labels,
         "label_ids": None if label_ids is None else [[list(map(int, ids)) for ids in row] for row in label_ids],
     }
     if timeout_s is None:
         labels_scored = len(labels) if restrict_to_labels or score_labels else 0
-        timeout_s = timeout_for(model_dir, len(prompts) + request["warmup"], labels_scored)
+        warmups = request["warmup"] + (len(prompts) if request["warm_each_length"] else 0)  # at most one per prompt
+        timeout_s = timeout_for(model_dir, len(prompts) + warmups, labels_scored)
     raw = run_child(request, timeout_s)
     requests = tuple(Request(r["answer"], r["prompt_tokens"], r["request_s"] * 1000, r["ttft_s"] * 1000,
                              tuple(t * 1000 for t in r["step_s"]), tuple(r.get("label_logprobs", ())))

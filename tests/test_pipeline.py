@@ -240,6 +240,34 @@ def test_measure(exports, splits):
     assert Measurement.from_dict(json.loads(json.dumps(record)), answers, splits.labels).to_dict() == record
 
 
+
+def test_a_gpu_provider_warms_each_prompt_length_before_the_timed_requests(exports, splits, monkeypatch):
+    """On CUDA the first prefill of each new prompt length costs ~75 ms more (an H200): a GPU measurement runs
+    one untimed request per distinct length first, so it times what a served app pays; the CPU's does not."""
+    import onnxruntime_genai as og
+
+    from autotune import generate, measure as measure_module
+
+    sent = []
+    real_child = measure_module.run_child
+    monkeypatch.setattr(measure_module, "run_child", lambda request, timeout_s: sent.append(request) or real_child(
+        {**request, "provider": "cpu"}, timeout_s))  # a "cuda" request, run by the CPU runtime here
+    prompts, answers = _prompts(splits)
+    prompts = [prompt.replace(" ", " very" * k + " ", 1) for prompt, k in zip(prompts, (0, 1, 1, 2, 0))]  # 3 lengths
+    answers = answers[:5]
+    for provider in ("cpu", "cuda"):
+        measure(exports["int4"], prompts, answers, splits.labels, threads=1, latency=FAST_LATENCY, provider=provider)
+    assert [r["warm_each_length"] for r in sent] == [False, True]
+
+    made = []
+    real_generator = og.Generator
+    monkeypatch.setattr(og, "Generator", lambda model, params: made.append(1) or real_generator(model, params))
+    result = generate.run_requests({**sent[1], "provider": "cpu"})
+    lengths = {r["prompt_tokens"] for r in result["requests"]}
+    assert len(lengths) == 3
+    assert len(made) == sent[1]["warmup"] + len(lengths) + len(prompts) and len(result["requests"]) == len(prompts)
+
+
 def test_measure_without_latency(exports, splits):
     prompts, answers = _prompts(splits)
     m = measure(exports["fp32"], prompts[:3], answers[:3], splits.labels, latency=None)
