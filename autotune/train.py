@@ -30,8 +30,9 @@ from autotune.quantize import Int4Grid
 # autotune.packing) changes the adapters it trains: it is part of every adapter's cache key. 3: each packed
 # example attends on its own, in fp32 on the CPU. 4: int4-aware adapters get their straight-through gradients
 # from one LoRA pass, and a step's gradients are summed group by group (the same gradients, summed in another
-# order). 5: fp16 training scales its loss (dynamic, torch.amp.GradScaler).
-CODE_VERSION = 5
+# order). 5: fp16 training scales its loss (dynamic, torch.amp.GradScaler). 6: a QLoRA base loads without the
+# Hub's kernels (models.NO_HUB_KERNELS), which transformers 5 swapped in where it could fetch them.
+CODE_VERSION = 6
 METHODS = ("lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
 # wsd (warmup-stable-decay): a run of N steps is a run of M < N steps up to M's decay, so a longer run

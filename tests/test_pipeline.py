@@ -240,7 +240,6 @@ def test_measure(exports, splits):
     assert Measurement.from_dict(json.loads(json.dumps(record)), answers, splits.labels).to_dict() == record
 
 
-
 def test_a_gpu_provider_warms_each_prompt_length_before_the_timed_requests(exports, splits, monkeypatch):
     """On CUDA the first prefill of each new prompt length costs ~75 ms more (an H200): a GPU measurement runs
     one untimed request per distinct length first, so it times what a served app pays; the CPU's does not."""
