@@ -9,6 +9,10 @@
 2. One LoRA adapter and one QLoRA adapter trained on the GPU, exported CPU int4, CPU fp32,
    CUDA int4 and CUDA fp16 (QLoRA: CUDA only) and each measured with its own provider,
    side by side: accuracy (n, 95% interval), request / TTFT / decode p50, memory, size.
+3. Cold prefill shapes: the base model's int4 export on the profile's provider, 48 validation
+   prompts timed in one process twice (a KV cache sized per request, as autotune's measure
+   does, then at one fixed length), and 30 prompts of new lengths: what the first request of a
+   new prompt length costs against a warm one.
 
 ``--target cpu`` runs the same script without a GPU (the CPU rows only), as the baseline
 on a machine that has none. Needs an NVIDIA GPU and onnxruntime-genai-cuda for
@@ -123,6 +127,64 @@ def compare(out: Path, args) -> list[dict]:
     return rows
 
 
+def prefill_shapes(out: Path, args, profile) -> dict:
+    """Each request of the base model's int4 export timed in one process, first and second pass: on CUDA the first
+    prefill of a new prompt length is the slow one."""
+    import statistics
+
+    import onnxruntime_genai as og
+
+    from autotune.candidate import CandidateSpec, Workspace, run_candidate
+    from autotune.data import DataConfig, load_splits
+    from autotune.export import ExportSpec
+    from autotune.hardware import choose_threads
+    from autotune.models import resolve_model
+
+    provider = profile.execution_provider
+    ws = Workspace(out, resolve_model(args.model), load_splits(DataConfig()), train_device=profile.train_device,
+                   train_dtype=profile.train_dtype, threads=choose_threads(None), max_eval=48)
+    export = ExportSpec(precision="int4", execution_provider=provider, accuracy_level=4 if provider == "cpu" else 0)
+    model_dir = run_candidate(ws, CandidateSpec(None, export.normalized())).model_dir
+    config = og.Config(str(model_dir))
+    config.clear_providers()
+    if provider != "cpu":
+        config.append_provider(provider)
+    model = og.Model(config)
+    tokenizer = og.Tokenizer(model)
+    tokenizer.update_options(add_special_tokens="true")
+    prompts = [tokenizer.encode(p) for p in ws.prompts("validation")[0][:48]]
+    new_tokens = 6
+
+    def request_ms(ids, max_length: int) -> float:
+        start = time.perf_counter()
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=max_length)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        for _ in range(new_tokens):
+            if generator.is_done():
+                break
+            generator.generate_next_token()
+        return (time.perf_counter() - start) * 1000
+
+    longest = max(len(ids) for ids in prompts)
+    request_ms(prompts[0], len(prompts[0]) + new_tokens)  # the session's own first run
+    rows = {}
+    for name, fixed in (("KV per request, first pass", 0), ("KV per request, second pass", 0),
+                        ("KV fixed, first pass", longest + new_tokens), ("KV fixed, second pass", longest + new_tokens)):
+        times = [request_ms(ids, fixed or len(ids) + new_tokens) for ids in prompts]
+        rows[name] = times
+    rows["KV fixed at 200, 30 new lengths"] = [request_ms(prompts[0][:1] * k, 200) for k in range(60, 90)]
+    print(f"\nCold prefill shapes: int4 base model on {provider}, {len(prompts)} validation prompts of "
+          f"{len({len(ids) for ids in prompts})} lengths, {new_tokens} new tokens")
+    summary = {}
+    for name, times in rows.items():
+        p50, p90 = statistics.median(times), statistics.quantiles(times, n=10)[-1]
+        summary[name] = {"p50_ms": round(p50, 1), "p90_ms": round(p90, 1), "max_ms": round(max(times), 1)}
+        print(f"  {name:<34} p50 {p50:7.1f}  p90 {p90:7.1f}  max {max(times):7.1f} ms")
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="cuda", choices=["cuda", "cpu"])
@@ -134,6 +196,7 @@ def main() -> None:
     parser.add_argument("--space", help="search space YAML for the search (default: search_spaces/default.yaml)")
     parser.add_argument("--skip-search", action="store_true")
     parser.add_argument("--skip-compare", action="store_true")
+    parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -171,6 +234,8 @@ def main() -> None:
               f"validation, first {args.max_eval} prompts", flush=True)
         record["compare"] = compare(out / "compare", args)
         _print_rows(record["compare"])
+    if not args.skip_prefill:
+        record["prefill"] = prefill_shapes(out / "prefill", args, profile)
     (out / "cuda.json").write_text(json.dumps(record, indent=1))
 
 
