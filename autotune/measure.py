@@ -370,9 +370,9 @@ def parity_check(hf_dir: Path, model_dir: Path, prompts: Sequence[str], *, new_t
     prompt ids come from each side's own tokenizer, so a tokenizer mismatch fails too.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from autotune.models import NO_HUB_KERNELS
+    from autotune.models import load_causal_lm
 
     raw = run_child({
         "model_dir": str(model_dir), "provider": "cpu", "threads": 1, "prompts": list(prompts),
@@ -380,8 +380,7 @@ def parity_check(hf_dir: Path, model_dir: Path, prompts: Sequence[str], *, new_t
         "stop_at_newline": False,
     })
     tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                                 **NO_HUB_KERNELS)
+    model = load_causal_lm(hf_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.eval()
     eos = set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
               else [model.generation_config.eos_token_id])

@@ -25,11 +25,6 @@ from autotune.errors import UserError
 from autotune.cache import atomic_dir, cache_root, content_key, file_digest, library_version
 
 DEFAULT_MODEL = "smollm2"
-# transformers 5 swaps layers for kernels it downloads from the Hugging Face Hub on every from_pretrained unless
-# told not to: code from the network without --trust-remote-code, a load that fails offline (measured: QLoRA on
-# an H200 stopped at "kernels-community/rotary is not available in the local cache"), and numerics no cache
-# key sees. Every model load here passes this.
-NO_HUB_KERNELS = {"use_kernels": False}
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the GGUF -> safetensors conversion changes what it writes (part of the folder name).
 GGUF_CONVERSION_VERSION = 2
@@ -117,6 +112,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "model"
 
 
+def load_causal_lm(path: Path, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` without the Hub's kernels: transformers 5 otherwise
+    swaps layers for kernels it downloads from the Hugging Face Hub on every load, code from the network without
+    --trust-remote-code, a load that fails offline (measured: QLoRA on an H200 stopped at "kernels-community/rotary
+    is not available in the local cache"), and numerics no cache key sees. Every pretrained load goes through here."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, use_kernels=False, **kwargs)
+
+
 def gguf_special_tokens(gguf: Path) -> dict[str, int]:
     """The bos / eos / pad token ids a GGUF file declares (``tokenizer.ggml.*_token_id``)."""
     from gguf import GGUFReader
@@ -149,7 +154,7 @@ def _convert_gguf(gguf: Path, slug: str) -> Path:
     kwargs = dict(gguf_file=gguf.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs, **NO_HUB_KERNELS)
+        loaded = load_causal_lm(gguf.parent, dtype=torch.float32, **kwargs)
     except Exception as exc:  # the gguf reader raises many types; the message is what matters
         raise UserError(f"--model {gguf}: transformers cannot read this GGUF file ({exc})") from exc
     # A model loaded from GGUF refuses save_pretrained; a fresh one from the same config

@@ -22,7 +22,7 @@ from autotune.errors import UserError
 from autotune.gradients import accumulate_gradients
 from autotune.int4_aware import quantization_aware
 from autotune.memory import release_memory, trim_heap
-from autotune.models import NO_HUB_KERNELS, BaseModel
+from autotune.models import BaseModel, load_causal_lm
 from autotune.packing import padded_layout_dropout, use_packed_attention
 from autotune.quantize import Int4Grid
 
@@ -31,7 +31,7 @@ from autotune.quantize import Int4Grid
 # example attends on its own, in fp32 on the CPU. 4: int4-aware adapters get their straight-through gradients
 # from one LoRA pass, and a step's gradients are summed group by group (the same gradients, summed in another
 # order). 5: fp16 training scales its loss (dynamic, torch.amp.GradScaler). 6: a QLoRA base loads without the
-# Hub's kernels (models.NO_HUB_KERNELS), which transformers 5 swapped in where it could fetch them.
+# Hub's kernels (models.load_causal_lm), which transformers 5 swapped in where it could fetch them.
 CODE_VERSION = 6
 METHODS = ("lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
@@ -207,7 +207,6 @@ def calibration_samples(splits: Splits, tokenizer) -> list[list[int]]:
 def load_base_for_training(base: BaseModel, spec: TrainSpec, device: str, dtype: str, trust_remote_code: bool):
     """The base model ready for peft: full precision for LoRA, nf4 for QLoRA."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype)
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=any(base.path.glob("*.safetensors")))
@@ -221,7 +220,7 @@ def load_base_for_training(base: BaseModel, spec: TrainSpec, device: str, dtype:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch_dtype,
         )
-        model = AutoModelForCausalLM.from_pretrained(base.path, device_map={"": device}, **kwargs, **NO_HUB_KERNELS)
+        model = load_causal_lm(base.path, device_map={"": device}, **kwargs)
         # Gradient checkpointing trades time for memory; small models do not need it.
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if kwargs["use_safetensors"]:
@@ -229,8 +228,7 @@ def load_base_for_training(base: BaseModel, spec: TrainSpec, device: str, dtype:
 
         # One layer read at a time: from_pretrained holds the whole fp32 file beside a bf16 copy while it converts.
         return load_model(base.path, torch_dtype, device, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs, **NO_HUB_KERNELS)
-    return model.to(device)
+    return load_causal_lm(base.path, **kwargs).to(device)
 
 
 

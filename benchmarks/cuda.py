@@ -90,21 +90,25 @@ def search(out: Path, args) -> list[dict]:
     return rows
 
 
-def compare(out: Path, args) -> list[dict]:
-    """One LoRA and one QLoRA adapter trained here, each export measured with its provider."""
-    from autotune.candidate import CandidateSpec, Workspace, run_candidate
+def _workspace(out: Path, args, profile, max_eval: int):
+    """A workspace on the embedded data for ``profile``'s training device."""
+    from autotune.candidate import Workspace
     from autotune.data import DataConfig, load_splits
-    from autotune.export import ExportSpec
-    from autotune.hardware import choose_threads, probe
-    from autotune.profile_choice import choose_profile, qlora_enabled
-    from autotune.profiles import load_profiles
+    from autotune.hardware import choose_threads
     from autotune.models import resolve_model
+
+    return Workspace(out, resolve_model(args.model), load_splits(DataConfig()), train_device=profile.train_device,
+                     train_dtype=profile.train_dtype, threads=choose_threads(None), max_eval=max_eval)
+
+
+def compare(out: Path, args, info, profile) -> list[dict]:
+    """One LoRA and one QLoRA adapter trained here, each export measured with its provider."""
+    from autotune.candidate import CandidateSpec, run_candidate
+    from autotune.export import ExportSpec
+    from autotune.profile_choice import qlora_enabled
     from autotune.train import TrainSpec
 
-    info = probe()
-    profile = choose_profile(info, args.target, load_profiles())
-    ws = Workspace(out, resolve_model(args.model), load_splits(DataConfig()), train_device=profile.train_device,
-                   train_dtype=profile.train_dtype, threads=choose_threads(None), max_eval=args.max_eval)
+    ws = _workspace(out, args, profile, args.max_eval)
     # (provider, precision, calibration): GPTQ's forwards run where training does (on the GPU in its dtype).
     exports = [("cpu", "int4", "none"), ("cpu", "int4", "gptq"), ("cpu", "fp32", "none")]
     if profile.execution_provider == "cuda":
@@ -134,15 +138,11 @@ def prefill_shapes(out: Path, args, profile) -> dict:
 
     import onnxruntime_genai as og
 
-    from autotune.candidate import CandidateSpec, Workspace, run_candidate
-    from autotune.data import DataConfig, load_splits
+    from autotune.candidate import CandidateSpec, run_candidate
     from autotune.export import ExportSpec
-    from autotune.hardware import choose_threads
-    from autotune.models import resolve_model
 
     provider = profile.execution_provider
-    ws = Workspace(out, resolve_model(args.model), load_splits(DataConfig()), train_device=profile.train_device,
-                   train_dtype=profile.train_dtype, threads=choose_threads(None), max_eval=48)
+    ws = _workspace(out, args, profile, 48)
     export = ExportSpec(precision="int4", execution_provider=provider, accuracy_level=4 if provider == "cpu" else 0)
     model_dir = run_candidate(ws, CandidateSpec(None, export.normalized())).model_dir
     config = og.Config(str(model_dir))
@@ -232,7 +232,7 @@ def main() -> None:
     if not args.skip_compare:
         print(f"\nLoRA / QLoRA r16, {args.steps} steps, trained on {profile.train_device} ({profile.train_dtype}); "
               f"validation, first {args.max_eval} prompts", flush=True)
-        record["compare"] = compare(out / "compare", args)
+        record["compare"] = compare(out / "compare", args, info, profile)
         _print_rows(record["compare"])
     if not args.skip_prefill:
         record["prefill"] = prefill_shapes(out / "prefill", args, profile)

@@ -240,7 +240,6 @@ def test_a_longer_run_continues_a_shorter_ones_checkpoint_to_the_same_adapter(ba
     assert json.loads((tmp_path / "continued" / "train_log.json").read_text())["resumed_at_step"] == 4
 
 
-
 def test_a_qlora_base_loads_without_hub_kernels(base, monkeypatch):
     from autotune.train import load_base_for_training
 
