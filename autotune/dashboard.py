@@ -226,19 +226,23 @@ def write_study_note(study: optuna.Study, report: dict, storage: optuna.storages
     """Put the selection (``report.json``'s content) on the study as its dashboard note.
 
     ``storage`` is the study's: the note links to the chosen trial's page through the study's id (without
-    it, the note names the trial).
+    it, the note names the trial). Like a trial's note, it never costs the result: report.json and the chosen
+    model are written before it, so a note that cannot be written is a warning.
     """
-    from optuna_dashboard import save_note
-
     from autotune.bounds import Bounds, trial_figures
 
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    chosen = (report.get("chosen") or {}).get("trial")
-    bounds = Bounds.from_dict(report)  # this run's: a resumed study may have run its trials under others
-    feasible = (sum(bounds.meets(trial_figures(t)) for t in complete), len(complete)) if chosen is not None else None
-    n = next((t.user_attrs.get("eval_examples") for t in complete if t.number == chosen), None)
-    study_id = storage.get_study_id_from_name(study.study_name) if storage is not None else None
-    save_note(study, notes.study_note(report, study_id, feasible, n))
+    try:
+        from optuna_dashboard import save_note
+
+        complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        chosen = (report.get("chosen") or {}).get("trial")
+        bounds = Bounds.from_dict(report)  # this run's: a resumed study may have run its trials under others
+        feasible = (sum(bounds.meets(trial_figures(t)) for t in complete), len(complete)) if chosen is not None else None
+        n = next((t.user_attrs.get("eval_examples") for t in complete if t.number == chosen), None)
+        study_id = storage.get_study_id_from_name(study.study_name) if storage is not None else None
+        save_note(study, notes.study_note(report, study_id, feasible, n))
+    except Exception as exc:
+        _warn(f"study note not written ({exc})")
 
 
 def _warn(message: str) -> None:
