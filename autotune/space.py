@@ -9,6 +9,7 @@ A space file maps each choice to a list (categorical) or a range::
     alpha_ratio: [1, 2]             # alpha = ratio * rank
     learning_rate: {low: 5.0e-4, high: 3.0e-3, log: true}
     steps: [30, 60, 120]            # rungs: every adapter trains the first; the best continue
+    epochs: 2                       # the top rung is at least 2 passes over the training split
     promote: 0.5                    # the share of a rung's adapters that continue to the next
     int4_method: [rtn, int4-aware, gptq]
     precision: [int4, int8, fp32]
@@ -19,21 +20,20 @@ A space file maps each choice to a list (categorical) or a range::
 
 An *adapter* is the training choices without the steps; ``steps`` are the rungs of successive
 halving (:mod:`autotune.schedule`): an adapter is first trained for ``steps[0]`` and exported the
-*screening* way (:meth:`SearchSpace.screening`: the most accurate cheap precision, int8 on the
-CPU), and the best continue to the next rung. The adapters that reach the top rung get the
-other precisions and int4 methods (:meth:`SearchSpace.exports`). ``start`` is the first adapter
-and the first int4 export: a recipe known to learn, so the search starts from strength.
+*screening* way (:meth:`SearchSpace.screening`: int8 on the CPU), the best continue to the next
+rung, and the top rung's best gets the other precisions and int4 methods (:meth:`SearchSpace.exports`).
+``start`` is the first adapter and int4 export: a recipe known to learn, so the search starts from strength.
 
 :meth:`SearchSpace.restrict` drops what the hardware profile cannot run (QLoRA
 without bitsandbytes 4-bit, fp16 on the CPU, ...) and learning rates too low to learn within
 the first rung (``min_lr_steps``); :meth:`SearchSpace.suggest` turns an Optuna trial into a
-:class:`~autotune.candidate.CandidateSpec`, sampling the quantization options only for
-quantized precisions so invalid combinations are never sampled.
+:class:`~autotune.candidate.CandidateSpec`, sampling quantization options only where they apply.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,9 +54,7 @@ class Choice:
     values: tuple
 
     def suggest(self, trial, name: str):
-        if len(self.values) == 1:
-            return self.values[0]
-        return trial.suggest_categorical(name, list(self.values))
+        return self.values[0] if len(self.values) == 1 else trial.suggest_categorical(name, list(self.values))
 
 
 @dataclass(frozen=True)
@@ -86,22 +84,14 @@ Param = Union[Choice, Range]
 _TRAIN_KEYS = ("method", "rank", "alpha", "alpha_ratio", "learning_rate", "batch_size", "dropout", "target_modules",
                "int4_method")
 _EXPORT_KEYS = ("precision", "block_size", "accuracy_level", "algo", "symmetric", "int8_layers")
-_OTHER_KEYS = ("steps", "promote", "min_lr_steps", "start", "local_first", "seed")
+_OTHER_KEYS = ("steps", "epochs", "promote", "min_lr_steps", "start", "local_first", "seed")
 # The start's choices a nearby adapter keeps (:meth:`SearchSpace.local_params`): what kind of adapter it is (method,
 # where it attaches, int4-aware with its grid); its numeric knobs are the sampler's.
 _LOCAL_KEYS = ("method", "target_modules", "int4_aware", "block_size")
 _WHOLE = ("rank", "steps", "batch_size")
-_ALLOWED = {
-    "method": METHODS,
-    "target_modules": tuple(TARGET_MODULES),
-    "precision": PRECISIONS,
-    "block_size": BLOCK_SIZES,
-    "accuracy_level": (0, 1, 2, 3, 4),
-    "algo": INT4_ALGOS,
-    "int4_method": INT4_METHODS,
-    "symmetric": (True, False),
-    "int8_layers": tuple(INT8_LAYERS),
-}
+_ALLOWED = {"method": METHODS, "target_modules": tuple(TARGET_MODULES), "precision": PRECISIONS, "block_size": BLOCK_SIZES,
+            "accuracy_level": (0, 1, 2, 3, 4), "algo": INT4_ALGOS, "int4_method": INT4_METHODS,
+            "symmetric": (True, False), "int8_layers": tuple(INT8_LAYERS)}
 # The screening export of a plain adapter: the first of these the space allows. int8 keeps an adapter's
 # accuracy (within 0.01 of fp32 over seeds) at a quarter of fp32's export and measuring time.
 SCREENING_ORDER = ("int8", "fp16", "bf16", "fp32", "int4")
@@ -131,6 +121,7 @@ class SearchSpace:
     int8_layers: Param = Choice(("none",))
     promote: float = 0.5
     min_lr_steps: float | None = None
+    epochs: float | None = None  # the top rung trains at least this many passes over the training split (fit_data)
     start: tuple[tuple[str, Any], ...] = ()
     local_first: int = 0  # new adapters after the start that keep its categorical choices (local_params)
     seed: int = 0
@@ -173,9 +164,9 @@ class SearchSpace:
                     raise UserError(f"{where}: 'promote' is the share of a rung's adapters that continue, in (0, 1); "
                                     f"got {value!r}")
                 params[key] = float(value)
-            elif key == "min_lr_steps":
+            elif key in ("min_lr_steps", "epochs"):
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                    raise UserError(f"{where}: 'min_lr_steps' must be a positive number, got {value!r}")
+                    raise UserError(f"{where}: '{key}' must be a positive number, got {value!r}")
                 params[key] = float(value)
             elif key == "start":
                 params[key] = _parse_start(value, where)
@@ -259,6 +250,15 @@ class SearchSpace:
             notes.append(f"start {start} dropped: not in the space this hardware runs")
             start = {}
         return dataclasses.replace(space, start=tuple(start.items()), notes=tuple(notes))
+
+    def fit_data(self, examples: int) -> "SearchSpace":
+        """The top rung made at least :attr:`epochs` passes over ``examples`` training examples (smallest batch)."""
+        batch = int(_low(self.batch_size))
+        top = math.ceil(self.epochs * examples / batch) if self.epochs else 0
+        if top <= self.rungs[-1]:
+            return self
+        note = f"top rung {self.rungs[-1]} -> {top} steps: {self.epochs:g} epochs of {examples} training examples of batch {batch}"
+        return dataclasses.replace(self, steps=Choice(self.rungs[:-1] + (top,)), notes=self.notes + (note,))
 
     # ------------------------------------------------------------------ sampling
 

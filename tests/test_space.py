@@ -299,9 +299,21 @@ def test_rungs_promote_and_learning_rates_too_low_to_learn():
             VALID_PRECISIONS["cpu"], True, "cpu")
     for bad, match in (({"promote": 1.5}, "promote"), ({"steps": [0, 10]}, "rungs"), ({"start": {"rank": 0}}, "positive"),
                        ({"start": {"bogus": 1}}, "start"), ({"local_first": -1}, "local_first"),
-                       ({"local_first": 1.5}, "local_first")):
+                       ({"local_first": 1.5}, "local_first"), ({"epochs": 0}, "'epochs' must be a positive number"),
+                       ({"epochs": "2"}, "epochs")):
         with pytest.raises(UserError, match=match):
             SearchSpace.from_dict(bad)
+
+
+def test_the_top_rung_is_at_least_epochs_passes_over_the_training_split():
+    """A larger dataset's finalist trains longer; a small one keeps the rungs the space names."""
+    space = SearchSpace.from_dict({"steps": [30, 120], "epochs": 2, "batch_size": [16, 8]})
+    fitted = space.fit_data(600)  # 2 x 600 examples at the smallest batch, 8: 150 steps
+    assert fitted.rungs == (30, 150)
+    assert fitted.notes == ("top rung 120 -> 150 steps: 2 epochs of 600 training examples of batch 8",)
+    assert space.fit_data(408) is space  # 102 steps: the named 120 stand
+    assert space.fit_data(481).rungs == (30, 121)  # rounded up: never under the epochs asked for
+    assert SearchSpace.from_dict({"steps": [30, 120]}).fit_data(10_000).rungs == (30, 120)  # no epochs: as named
 
 
 def test_a_nearby_adapter_keeps_the_starts_categorical_choices_only():
