@@ -237,7 +237,7 @@ def _prepare_search(args, argv: list[str], join: bool = False, claim: bool = Tru
     artifacts = Path(args.artifacts).expanduser() if getattr(args, "artifacts", None) else out / "cache"
     ws = _workspace(args, out, info, profile, splits, artifacts)
     shape = model_shape(ws.base)
-    cannot = limits(ws.base)  # what this model cannot take: dropped, each with a note
+    cannot = limits(ws.base, profile.execution_provider)  # what this model cannot take there: dropped, each with a note
     space = space.restrict(profile.precisions, qlora_enabled(profile, info), profile.execution_provider,
                            widths=(shape.hidden, shape.intermediate),
                            drop=[(limit.option, limit.value, limit.reason) for limit in cannot]).fit_data(len(splits.train))

@@ -173,3 +173,33 @@ def test_what_a_model_cannot_take_leaves_the_space(tmp_path, tiny_dataset):
     assert proc.returncode == 2 and "error: this model cannot take --int4-method gptq: no pre-quantized int4 layout for " \
         "model.layers.0.mlp.fc1.weight" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "cache" / "adapters").exists()
+
+
+def test_on_cuda_a_tied_model_drops_the_int4_blocks_its_embedding_rows_hold_an_odd_number_of(tmp_path):
+    """onnxruntime's CUDA kernel for an int4 embedding shared with the LM head misreads zero points when a row has an
+    odd number of blocks (SmolLM2 at blocks of 64 on an H200: 0.301 against 0.699); the CPU reads them right."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from autotune.capabilities import check_candidate
+    from families import smollm2_tokenizer
+
+    tokenizer = smollm2_tokenizer()
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=128, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    for name, tied in (("tied", True), ("untied", False)):
+        LlamaForCausalLM(LlamaConfig(tie_word_embeddings=tied, **sizes)).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    tied, untied = (resolve_model(str(tmp_path / name)) for name in ("tied", "untied"))
+    found = limits(tied, "cuda")  # 192 = 3 blocks of 64 (odd), 6 of 32 and 12 of 16 (even); 128 and 256 do not divide
+    assert [(limit.option, limit.value) for limit in found] == [("block_size", 64)]
+    assert "odd number of blocks (192 / 64 = 3)" in found[0].reason
+    assert limits(tied, "cpu") == () and limits(untied, "cuda") == ()
+    narrowed = SearchSpace.from_dict({"block_size": [16, 32, 64], "precision": ["int4"]}).restrict(
+        ("int4",), False, "cuda", widths=(192, 128), drop=[(f.option, f.value, f.reason) for f in found])
+    assert narrowed.block_size.values == (16, 32) and any(n.startswith("block_size 64 dropped: ") for n in narrowed.notes)
+    with pytest.raises(UserError, match="this model cannot take --block-size 64: onnxruntime's CUDA kernel"):
+        check_candidate(tied, CandidateSpec(TrainSpec(steps=1), ExportSpec("int4", "cuda", block_size=64)))
+    check_candidate(tied, CandidateSpec(TrainSpec(steps=1), ExportSpec("int4", "cuda", block_size=32)))
+    check_candidate(tied, CandidateSpec(TrainSpec(steps=1), ExportSpec("int4", "cpu", block_size=64)))
