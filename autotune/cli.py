@@ -240,7 +240,8 @@ def _prepare_search(args, argv: list[str], join: bool = False, claim: bool = Tru
     cannot = limits(ws.base, profile.execution_provider)  # what this model cannot take there: dropped, each with a note
     space = space.restrict(profile.precisions, qlora_enabled(profile, info), profile.execution_provider,
                            widths=(shape.hidden, shape.intermediate),
-                           drop=[(limit.option, limit.value, limit.reason) for limit in cannot]).fit_data(len(splits.train))
+                           drop=[(limit.option, limit.value, limit.reason) for limit in cannot])
+    space = space.fit_data(len(splits.train))  # the top rung: at least `epochs` passes over this training split
     storage = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     config = {**study_config(args), "space_text": space_text}
     attrs = {"model": ws.base.name, "model_fingerprint": ws.base.fingerprint, "data": ws.splits.summary(),
