@@ -154,28 +154,43 @@ def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_re
         UserError: an adapter autotune did not train (DoRA, biases, saved modules, per-module ranks), or
             one whose modules are not in the base checkpoint.
     """
+    return merge_adapters(base, [(adapter_dir, 1.0)], out_dir, trust_remote_code=trust_remote_code, device=device)
+
+
+def merge_adapters(base: BaseModel, adapters: Sequence[tuple[Path, float]], out_dir: Path, *,
+                   trust_remote_code: bool = False, device: str = "cpu") -> Path:
+    """:func:`merge_adapter` for a weighted sum of adapters of one base: ``W + sum_i w_i * (B_i @ A_i) * scaling_i``.
+
+    Weights of ``1 / k`` make the uniform soup of ``k`` fine-tunes (the mean of their updates: Wortsman et al.,
+    "Model soups", 2022), one model of the base's size; a single adapter of weight 1 is :func:`merge_adapter`,
+    bit for bit. The tokenizer is the first adapter's.
+    """
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from autotune.checkpoint import Checkpoint, write_checkpoint
 
-    scaling, pairs = _lora_pairs(adapter_dir, load_file(adapter_dir / "adapter_model.safetensors"))
+    if not adapters:
+        raise ValueError("merge_adapters needs at least one adapter")
     config = AutoConfig.from_pretrained(base.path, trust_remote_code=trust_remote_code)
     checkpoint = Checkpoint(base.path)
     # A tied head is the embedding: save_pretrained writes the table once, and so does this.
     skip = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    unknown = sorted(f"{name}.weight" for name in pairs if f"{name}.weight" not in checkpoint)
-    if unknown:
-        raise UserError(f"the adapter in {adapter_dir} wraps {', '.join(unknown[:3])}, which {base.path} does not have; "
-                        f"merge it into the base it was trained on")
+    deltas: dict[str, list] = {}  # module name -> [(A, B, scaling * weight)], in the adapters' order
+    for adapter_dir, weight in adapters:
+        scaling, pairs = _lora_pairs(adapter_dir, load_file(adapter_dir / "adapter_model.safetensors"))
+        unknown = sorted(f"{name}.weight" for name in pairs if f"{name}.weight" not in checkpoint)
+        if unknown:
+            raise UserError(f"the adapter in {adapter_dir} wraps {', '.join(unknown[:3])}, which {base.path} does not "
+                            f"have; merge it into the base it was trained on")
+        for name, (a, b) in pairs.items():
+            deltas.setdefault(name, []).append((a, b, scaling * weight))  # x 1.0 is exact: peft's scaling
 
     def merge(tensors: dict) -> dict:  # a function of its own: no loop variable outlives the group
         for name, weight in tensors.items():
-            pair = pairs.get(name.removesuffix(".weight"))
-            if pair is not None:
-                a, b = (t.to(device) for t in pair)
-                weight += (b @ a) * scaling  # peft's get_delta_weight, then its in-place add
+            for a, b, scale in deltas.get(name.removesuffix(".weight"), ()):
+                weight += (b.to(device) @ a.to(device)) * scale  # peft's get_delta_weight, then its in-place add
         return tensors
 
     def merged_layers():
@@ -187,7 +202,7 @@ def merge_adapter(base: BaseModel, adapter_dir: Path, out_dir: Path, *, trust_re
     write_checkpoint(out_dir, merged_layers())
     config.dtype = "float32"  # what the weights now are, whatever the base stored
     config.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(adapters[0][0], trust_remote_code=trust_remote_code).save_pretrained(out_dir)
     if (base.path / "generation_config.json").is_file():
         shutil.copy2(base.path / "generation_config.json", out_dir / "generation_config.json")
     else:  # what save_pretrained writes for a model loaded without one (the builder reads its special tokens)

@@ -78,24 +78,32 @@ def run_search(out: Path, dataset: str, seed: int, threads: int, emotion: Path, 
             "validation_accuracy": chosen["validation_accuracy"]}
 
 
-def run_recipe(root: Path, dataset: str, seed: int, steps: int, threads: int, profile: str, emotion: Path) -> dict:
-    """The recipe at ``steps``: int8 and GPTQ int4 exports, the rule's choice between them on validation."""
-    from autotune.candidate import CandidateSpec, Workspace, run_candidate
+def workspace(root: Path, dataset: str, seed: int, threads: int, profile: str | None, emotion: Path):
+    """A candidate workspace in ``root`` on the dataset's splits (split seed ``seed``), as the search's CLI makes
+    them: the demo, or the emotion data with the flags of :data:`EMOTION_FLAGS`; ``profile`` None: the detected one."""
+    from autotune.candidate import Workspace
     from autotune.data import DataConfig, load_splits
-    from autotune.export import ExportSpec
     from autotune.hardware import probe
     from autotune.models import resolve_model
     from autotune.profile_choice import choose_profile
     from autotune.profiles import load_profiles
-    from autotune.selection import Candidate, rank
-    from autotune.train import TrainSpec
 
     config = DataConfig(seed=seed) if dataset == "demo" else DataConfig(
         path=str(emotion), columns=("text", "label"), delimiter=";", max_per_label=250, seed=seed,
         label_map=(("sadness", "Sad"), ("joy", "Joy"), ("fear", "Fear"), ("surprise", "Surprise")))
     chosen_profile = choose_profile(probe(), "auto", load_profiles(), profile)
-    ws = Workspace(root, resolve_model(None), load_splits(config), train_device=chosen_profile.train_device,
-                   train_dtype=chosen_profile.train_dtype, threads=threads, train_threads=threads)
+    return Workspace(root, resolve_model(None), load_splits(config), train_device=chosen_profile.train_device,
+                     train_dtype=chosen_profile.train_dtype, threads=threads, train_threads=threads)
+
+
+def run_recipe(root: Path, dataset: str, seed: int, steps: int, threads: int, profile: str, emotion: Path) -> dict:
+    """The recipe at ``steps``: int8 and GPTQ int4 exports, the rule's choice between them on validation."""
+    from autotune.candidate import CandidateSpec, run_candidate
+    from autotune.export import ExportSpec
+    from autotune.selection import Candidate, rank
+    from autotune.train import TrainSpec
+
+    ws = workspace(root, dataset, seed, threads, profile, emotion)
     train = TrainSpec(**{**RECIPE, "steps": steps})
     start = time.perf_counter()
     exports = {"int8": ExportSpec("int8"), "int4 gptq": ExportSpec("int4", calibration="gptq")}

@@ -11,14 +11,14 @@ from autotune.errors import UserError
 from autotune.models import resolve_model
 
 
-def _adapter(base_dir: Path, out: Path, target_modules="all-linear", **lora) -> Path:
+def _adapter(base_dir: Path, out: Path, target_modules="all-linear", seed=1, **lora) -> Path:
     """A saved peft adapter with random (non-zero) A and B, as training leaves them."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, task_type="CAUSAL_LM", **lora))
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name:
@@ -54,6 +54,27 @@ def test_merge_is_peft_merge_and_unload_bit_for_bit(tiny_model_dir, tmp_path, lo
     reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
     assert torch.equal(reloaded.lm_head.weight, expected["model.embed_tokens.weight"])
     assert (merged / "tokenizer.json").is_file()
+
+
+def test_a_uniform_soup_is_the_mean_of_the_merged_models(tiny_model_dir, tmp_path):
+    """Weights 1/2 and 1/2 merge the mean of two adapters' updates: the mean of the two merged models, to fp32
+    rounding, also where one adapter wraps fewer modules (the other's update alone, halved, lands there)."""
+    from autotune.checkpoint import Checkpoint
+    from autotune.export import merge_adapter, merge_adapters
+
+    base = resolve_model(str(tiny_model_dir))
+    one = _adapter(tiny_model_dir, tmp_path / "one", seed=1)
+    two = _adapter(tiny_model_dir, tmp_path / "two", target_modules=["q_proj", "v_proj"], seed=2)
+    soup = Checkpoint(merge_adapters(base, [(one, 0.5), (two, 0.5)], tmp_path / "soup"))
+    first, second = (Checkpoint(merge_adapter(base, a, tmp_path / f"merged-{a.name}")) for a in (one, two))
+    got, a, b = (c.read(soup.names) for c in (soup, first, second))
+    before = Checkpoint(tiny_model_dir).read(soup.names)
+    assert sorted(got) == sorted(a) == sorted(b)
+    for name in got:
+        assert torch.allclose(got[name], (a[name] + b[name]) / 2, atol=1e-6), name
+    moved = {name for name in got if not torch.equal(got[name], before[name])}
+    assert len(moved) == 14 and not torch.equal(got["model.layers.0.mlp.up_proj.weight"], a["model.layers.0.mlp.up_proj.weight"])
+    assert (tmp_path / "soup" / "tokenizer.json").is_file()
 
 
 def test_merge_refuses_adapters_it_cannot_merge_exactly(tiny_model_dir, tmp_path):
