@@ -19,7 +19,6 @@ shipped; ``benchmarks/README.md``, "Search against a fixed recipe"). Trained ada
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import statistics
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from search_vs_recipe import EMOTION, workspace  # noqa: E402
+from search_vs_recipe import paired, run_arguments, workspace  # noqa: E402
 
 START = {"rank": 16, "alpha": 32.0, "learning_rate": 1e-3}
 NEIGHBOURS = {"alpha 16": {"rank": 16, "alpha": 16.0, "learning_rate": 1e-3},
@@ -89,20 +88,8 @@ def run(out: Path, dataset: str, seed: int, threads: int, emotion: Path) -> dict
     return {"dataset": dataset, "seed": seed, "steps": steps, "scores": scores}
 
 
-def _paired(a: dict, b: dict) -> str:
-    from autotune.selection import Candidate, compare
-
-    paired = compare(Candidate(0, a["accuracy"]["marks"], 0.0, None), Candidate(1, b["accuracy"]["marks"], 0.0, None))
-    return f"{paired.diff:+.3f} [{paired.interval[0]:+.2f}, {paired.interval[1]:+.2f}]"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="+", default=["demo", "emotion"], choices=["demo", "emotion"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--emotion", type=Path, default=EMOTION, help="the emotion data's train.txt (text;label lines)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / ".cache" / "neighbours")
+    parser = run_arguments(__doc__.splitlines()[0], "neighbours")
     args = parser.parse_args()
     rows = []
     for dataset in args.datasets:
@@ -123,7 +110,7 @@ def main() -> None:
             s = r["scores"][name]
             a = s["accuracy"]
             cell = f"{a['accuracy']:.3f} [{a['interval'][0]:.2f}, {a['interval'][1]:.2f}] (n={a['n']}), {s['signal']:.3f}"
-            cells.append(cell if name == "start" else f"{cell}; {_paired(s, start)}")
+            cells.append(cell if name == "start" else f"{cell}; {paired(s['accuracy'], start['accuracy'])}")
         print(f"| {r['dataset']} | {r['seed']} | {r['steps']} | " + " | ".join(cells) + " |")
     print()
     for dataset in args.datasets:

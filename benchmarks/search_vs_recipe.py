@@ -120,11 +120,12 @@ def run_recipe(root: Path, dataset: str, seed: int, steps: int, threads: int, pr
             "tests": {n: a.to_dict() for n, a in tests.items()}}
 
 
-def _paired(search: dict, recipe: dict) -> str:
-    """search - recipe on the same test prompts, with its paired 95% interval (the selection's own comparison)."""
+def paired(first: dict, second: dict) -> str:
+    """first - second, two accuracy records (``Accuracy.to_dict``) on the same prompts, with its paired 95% interval
+    (the selection's own comparison)."""
     from autotune.selection import Candidate, compare
 
-    a, b = search["test"].get("marks", ""), recipe["test"].get("marks", "")
+    a, b = first.get("marks", ""), second.get("marks", "")
     if not a or len(a) != len(b):
         return "n/a"
     paired = compare(Candidate(0, a, 0.0, None), Candidate(1, b, 0.0, None))
@@ -136,14 +137,20 @@ def _acc(record: dict) -> str:
     return f"{t['accuracy']:.3f} [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}]"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(description: str, out: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark over the demo and emotion data and split seeds; its records go to .cache/``out``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--datasets", nargs="+", default=["demo", "emotion"], choices=["demo", "emotion"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-latency", type=float, default=100.0, help="the README command's bound (ms)")
     parser.add_argument("--emotion", type=Path, default=EMOTION, help="the emotion data's train.txt (text;label lines)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / ".cache" / "search_vs_recipe")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / ".cache" / out)
+    return parser
+
+
+def main() -> None:
+    parser = run_arguments(__doc__.splitlines()[0], "search_vs_recipe")
+    parser.add_argument("--max-latency", type=float, default=100.0, help="the README command's bound (ms)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
@@ -182,7 +189,7 @@ def main() -> None:
         a, b = r["recipe"], r["recipe_compute"]
         print(f"| {dataset} | {seed} | {s['candidate']} | {_acc(s)} (n={s['test']['n']}) | {s['size_mb']:.0f} "
               f"| {s['request_p50_ms']:.1f} | {s['wall_s']:.0f} | {a['chosen']} | {_acc(a)} | {a['wall_s']:.0f} "
-              f"| ({b['train_steps']}) {_acc(b)} | {b['wall_s']:.0f} | {_paired(s, a)} | {_paired(s, b)} |")
+              f"| ({b['train_steps']}) {_acc(b)} | {b['wall_s']:.0f} | {paired(s['test'], a['test'])} | {paired(s['test'], b['test'])} |")
     print()
     for dataset in args.datasets:
         rows = [r for (d, _), r in done.items() if d == dataset and "error" not in r["search"]]
