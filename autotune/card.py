@@ -108,14 +108,11 @@ def reproduce_command(argv: list[str]) -> str:
 def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[FrontMember], chosen: FrontMember,
                   test: CandidateResult, floors: list[Baseline], hardware: dict, profile: dict, metric: str,
                   bounds: Bounds, judged: list[Outcome], argv: list[str], ranking: Ranking,
-                  dropped: dict[int, str] | None = None, shipped=None) -> dict:
+                  dropped: dict[int, str] | None = None) -> dict:
     """Write best/, report.json, MODEL_CARD.md, pareto.csv and pareto.png; return the report. ``dropped``:
-    the candidates left out of the selection because they failed when run again, and why. ``shipped``: the
-    chosen configuration refit on train + validation (an :class:`autotune.refit.Refit`, what ``best/`` holds
-    then), why it is not (a string), or None (no refit asked or possible)."""
-    refit = shipped if hasattr(shipped, "result") else None
+    the candidates left out of the selection because they failed when run again, and why."""
     with atomic_dir(out / "best") as tmp:
-        shutil.copytree(refit.result.model_dir if refit else ws.model_dir(chosen.spec), tmp, dirs_exist_ok=True)
+        shutil.copytree(ws.model_dir(chosen.spec), tmp, dirs_exist_ok=True)
     trials = study.get_trials(deepcopy=False)
     failed = [{"number": t.number, "candidate": t.user_attrs.get("candidate"),
                "reason": t.user_attrs.get("fail_reason", "worker stopped sending heartbeats (killed?); retried")}
@@ -131,10 +128,6 @@ def write_outputs(out: Path, ws: Workspace, study: optuna.Study, front: list[Fro
             "measured": {k: chosen.trial.user_attrs.get(k)
                          for k in (*LATENCY_FIELDS, "peak_rss_mb", "gpu_memory_mb", "size_mb")},
         },
-        "shipped": {"refit": refit.to_dict() if refit else None,
-                    "model": "the chosen configuration trained on train + validation" if refit
-                    else "the chosen model as measured",
-                    **({"refit_failed": shipped} if isinstance(shipped, str) else {})},
         "selection": {"rule": ranking.rule, "says": RULES[ranking.rule], "alpha": ALPHA,
                       "most_accurate": ranking.best.number if ranking.best else None,
                       "tied": [m.trial.number for m in front if m.tied],
@@ -236,26 +229,12 @@ def model_card(report: dict) -> str:
     spec = c["spec"]
     if spec.get("train"):
         lines += [f"- training: {', '.join(f'{k}={v}' for k, v in spec['train'].items())}"]
-    refit = report["shipped"]["refit"]
-    lines += [f"- export: {', '.join(f'{k}={v}' for k, v in spec['export'].items())}", ""]
-    if refit:
-        vs = refit["vs_chosen"]
-        lines += ["## Refit", "", f"This folder holds the chosen configuration trained again, the same steps, on the "
-                  f"training and validation examples together ({refit['train_examples']}), exported the same way. Its "
-                  "validation accuracy cannot be read any more; on the test split it scored "
-                  f"{_interval_text(vs['diff'], vs['interval'], signed=True)} against the chosen model trained on "
-                  f"train only, paired on the same prompts (p {vs['p_value']:.2f}).", ""]
-    elif report["shipped"].get("refit_failed"):
-        lines += ["## Refit", "", f"Not shipped, {report['shipped']['refit_failed']}: this folder holds the chosen "
-                  "model as measured.", ""]
-    chosen_name = "the chosen model, trained on train only" if refit else "this model"
-    lines += ["## Accuracy", "", f"By greedy generation: {SCORING_RULE}; 95% Wilson intervals. The baselines are "
+    lines += [f"- export: {', '.join(f'{k}={v}' for k, v in spec['export'].items())}", "",
+              "## Accuracy", "", f"By greedy generation: {SCORING_RULE}; 95% Wilson intervals. The baselines are "
               "scored by the same rule.", "",
               "| model | accuracy |", "| --- | --- |",
-              *([f"| this model (refit on train + validation), test split | {_accuracy_text(refit['test'])} |"]
-                if refit else []),
-              f"| {chosen_name}, test split | {_accuracy_text(c['test'])} |",
-              f"| {chosen_name}, validation split | {_accuracy_text(val)} |"]
+              f"| this model, test split | {_accuracy_text(c['test'])} |",
+              f"| this model, validation split | {_accuracy_text(val)} |"]
     lines += [f"| baseline: {b['name']} ({b['detail']}), test split | "
               f"{'failed: ' + b['failed'] if b.get('failed') else _accuracy_text(b)} |" for b in c["baselines"]]
     lines += ["", "## Latency and size", "",
@@ -269,9 +248,7 @@ def model_card(report: dict) -> str:
               f"| peak RSS of the measuring process | {fmt(m['peak_rss_mb'], '.0f')} MB |",
               *([f"| GPU memory of the measuring process | {gpu_text(m.get('gpu_memory_mb'))} |"]
                 if spec["export"].get("execution_provider") == "cuda" or m.get("gpu_memory_mb") is not None else []),
-              f"| size on disk | {fmt(m['size_mb'], '.0f')} MB |",
-              *([f"| this model (refit): request p50 on the test prompts, size on disk | "
-                 f"{fmt(refit['request_p50_ms'], '.1f')} ms, {refit['size_mb']:.0f} MB |"] if refit else []), "",
+              f"| size on disk | {fmt(m['size_mb'], '.0f')} MB |", "",
               "## Data", "", report["data"], "",
               "## Hardware", "", f"profile `{report['profile'].get('name')}`; " +
               ", ".join(f"{k}: {v}" for k, v in report["hardware"].items() if k in ("os", "cpu_model", "logical_cores", "ram_gb", "gpus")),

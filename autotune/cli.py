@@ -221,8 +221,7 @@ def _prepare_search(args, argv: list[str], join: bool = False, claim: bool = Tru
     # candidates at the same moments, and all but one of those trials would be duplicates.
     settings = SearchSettings(trials=args.trials, timeout_s=args.timeout, latency_metric=args.latency_metric,
                               sampler=args.sampler, seed=secrets.randbelow(2**31) if join else args.seed,
-                              siblings=not args.no_siblings, rule=args.select, refit=not args.no_refit,
-                              **bounds.from_args(args))
+                              siblings=not args.no_siblings, rule=args.select, **bounds.from_args(args))
     space_text = getattr(args, "space_text", None)
     if space_text is None:
         space_path = Path(args.space) if args.space else default_space_path()

@@ -16,7 +16,6 @@ after the prompt, and scored on whether it does.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -82,13 +81,6 @@ class Splits:
             f"{len(self.train)} train / {len(self.validation)} validation / {len(self.test)} test, "
             f"labels {', '.join(self.labels)}"
         )
-
-    def refit(self) -> "Splits":
-        """The split a chosen configuration is trained on again (:mod:`autotune.refit`): the validation
-        examples join the training ones, validation is empty, test is the same."""
-        train = self.train + self.validation
-        return dataclasses.replace(self, train=train, validation=(),
-                                   fingerprint=_fingerprint(train, (), self.test, chat_template=self.config.chat_template))
 
     def examples(self, split: str, limit: int | None = None) -> list[Example]:
         """The examples of ``split``, or ``limit`` of them with the labels balanced (:func:`balanced`)."""
@@ -301,24 +293,20 @@ def _split(examples: list[Example], config: DataConfig, where: str) -> Splits:
     rng.shuffle(train)
     validation.sort(key=lambda e: hashlib.sha256(e.prompt.encode()).hexdigest())
     test.sort(key=lambda e: hashlib.sha256(e.prompt.encode()).hexdigest())
+    digest = hashlib.sha256()
+    for part in (train, validation, test):
+        for example in part:
+            digest.update(f"{example.prompt}\x00{example.label}\x01".encode())
+        digest.update(b"\x02")
+    digest.update(repr(config.chat_template).encode())
     return Splits(
         train=tuple(train),
         validation=tuple(validation),
         test=tuple(test),
         labels=tuple(sorted(by_label)),
         config=config,
-        fingerprint=_fingerprint(train, validation, test, chat_template=config.chat_template),
+        fingerprint=digest.hexdigest()[:16],
     )
-
-
-def _fingerprint(*parts: Sequence[Example], chat_template: bool) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        for example in part:
-            digest.update(f"{example.prompt}\x00{example.label}\x01".encode())
-        digest.update(b"\x02")
-    digest.update(repr(chat_template).encode())
-    return digest.hexdigest()[:16]
 
 
 def parse_label_map(text: str) -> tuple[tuple[str, str], ...]:

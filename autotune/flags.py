@@ -68,9 +68,6 @@ def search_parser() -> argparse.ArgumentParser:
                    help="how the model is chosen: smallest-tied (default) ships the smallest, then the fastest, of the "
                    "feasible candidates not significantly less accurate than the most accurate one (paired on the "
                    "validation prompts); most-accurate ships the most accurate one")
-    g.add_argument("--no-refit", action="store_true", help="ship the chosen model as the search measured it; by "
-                   "default its configuration is trained again on train + validation, the same steps, and that "
-                   "model ships (scored on test beside the chosen one)")
     _add_per_profile(g)
     return p
 

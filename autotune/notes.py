@@ -266,19 +266,6 @@ def _column(name: str) -> str:
     return name.replace("_", " ")
 
 
-def _shipped(report: Mapping[str, Any]) -> str:
-    shipped = report.get("shipped") or {}
-    refit = shipped.get("refit")
-    if refit:
-        vs = refit["vs_chosen"]
-        return (f"Its configuration, trained again on train + validation ({refit['train_examples']} examples), ships as "
-                f"`best/` (load it with `og.Model`): on test {vs['diff']:+.3f} [{vs['interval'][0]:+.2f}, "
-                f"{vs['interval'][1]:+.2f}] against this trial's model, paired.")
-    if shipped.get("refit_failed"):
-        return f"It ships as `best/` (load it with `og.Model`); the refit on train + validation {shipped['refit_failed']}."
-    return "It ships as `best/` (load it with `og.Model`)."
-
-
 def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible: tuple[int, int] | None = None,
                validation_n: int | None = None) -> str:
     """The study's note after selection: the choice, beside baselines, with the bound,
@@ -297,13 +284,9 @@ def study_note(report: Mapping[str, Any], study_id: int | None = None, feasible:
     latency = chosen.get(f"latency_{metric}_ms", chosen.get("latency_ms"))
     validation_n = chosen.get("validation_n") or validation_n
     lines = [f"## Chosen: trial {number}, {chosen['candidate']}", "",
-             f"Open {link}. " + _shipped(report), ""] + describe(chosen["spec"])
+             f"Open {link}. It ships as `best/` (load it with `og.Model`).", ""] + describe(chosen["spec"])
     lines += ["", "### Test accuracy beside the baselines (held-out test split)", ""]
-    refit = (report.get("shipped") or {}).get("refit")
-    rows = ([["**shipped: refit on train + validation**", accuracy_text(refit["test_accuracy"], *_test_score(refit))]]
-            if refit else [])
-    rows += [[f"{'chosen' if refit else '**chosen'} (trial {number}){'' if refit else '**'}",
-              accuracy_text(chosen["test_accuracy"], *_test_score(chosen))]] + baselines(report)
+    rows = [[f"**chosen (trial {number})**", accuracy_text(chosen["test_accuracy"], *_test_score(chosen))]] + baselines(report)
     lines += table(["model", "test accuracy"], rows) + [""]
     details = [f"validation accuracy {accuracy_text(chosen['validation_accuracy'], validation_n)}"]
     if latency is not None:

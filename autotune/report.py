@@ -27,9 +27,8 @@ from autotune.card import LATENCY_FIELDS, Baseline, FrontMember, final_table, wr
 from autotune.dashboard import write_study_note
 from autotune.errors import CandidateError, UserError, check_interrupted
 from autotune.export import ExportSpec
-from autotune.live import console, fmt, stage_view, trial_table
+from autotune.live import console, fmt, trial_table
 from autotune.measure import Latency, LatencySettings, measure, score
-from autotune.refit import Refit, refit
 from autotune.search import SearchSettings, selection_candidate
 from autotune.selection import RULES, Ranking, rank
 
@@ -222,14 +221,11 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
         write_failure_report(out, trials, f"re-benchmarked, {why}", bounds)
         raise UserError(f"re-benchmarked, {why} (the first measurements were optimistic); "
                         "raise the bound a little", exit_code=3)
-    shipped = refit_chosen(ws, chosen, test) if settings.refit else None
     floors = baselines(ws, chosen.spec.export, "test")
     # Finished trials are immutable in Optuna; the choice is recorded on the study.
     study.set_user_attr("chosen_trial", chosen.trial.number)
     study.set_user_attr("chosen_test_accuracy", test.measurement.accuracy.accuracy)
     study.set_user_attr("chosen_baselines", {b.name: b.accuracy.accuracy if b.accuracy else None for b in floors})
-    if isinstance(shipped, Refit):
-        study.set_user_attr("refit_test_accuracy", shipped.result.measurement.accuracy.accuracy)
     # A bound binds when the rule, on the trials' own figures and without bounds, ranks above the choice a
     # candidate that this bound excluded.
     unbounded = rank([selection_candidate(t, metric) for t in complete if t.user_attrs.get("correct")], settings.rule)
@@ -237,7 +233,7 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
     judged = outcomes(bounds, chosen.trial.number, [trial_figures(t) for t in complete if t.number in position],
                       [m.figures for m in front], key=lambda f: (position[f.number],), metric=metric)
     result = write_outputs(out, ws, study, front, chosen, test, floors, hardware, profile, metric, bounds, judged, argv,
-                           ranking, dropped, shipped)
+                           ranking, dropped)
     write_study_note(study, result, storage)  # the dashboard's view of the same result
     if not keep_all:
         prune(ws, study, [m.trial for m in front], keep_specs=[CandidateSpec(None, chosen.spec.export)])
@@ -246,7 +242,6 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
         f"[bold green]chosen[/] #{chosen.trial.number} {c['candidate']}\n"
         f"  rule: {RULES[settings.rule]}\n"
         f"  test accuracy [bold]{test.measurement.accuracy.describe()}[/]\n"
-        + f"  {refit_text(shipped)}\n"
         + "".join(f"  baseline: {b.name}: {b.describe()}\n" for b in floors)
         + f"  {metric} p50 {chosen.latency_ms:.1f} ms (re-benchmarked)   request p50/p90 "
         f"{chosen.latency['request_p50_ms']:.1f} / {chosen.latency['request_p90_ms']:.1f} ms   size {chosen.size_mb:.0f} MB"
@@ -255,35 +250,6 @@ def select_and_write(study: optuna.Study, ws: Workspace, settings: SearchSetting
         + f"  wrote {out / 'best'} (load with og.Model), report.json, MODEL_CARD.md, pareto.csv, pareto.png\n"
         f"  compare candidates: autotune dashboard {out}" + (" --storage URL" if shared_storage else ""))
     return 0
-
-
-def refit_chosen(ws: Workspace, chosen: FrontMember, test) -> Refit | str | None:
-    """The chosen configuration trained on train + validation (:mod:`autotune.refit`), or why it is not
-    shipped (it failed: the chosen model ships as measured); None for a candidate without training."""
-    if chosen.spec.train is None:
-        return None
-    console.print(f"refit: training the chosen configuration again on train + validation "
-                  f"({len(ws.splits.train) + len(ws.splits.validation)} examples) ...")
-    try:
-        with stage_view() as progress:
-            progress.start_candidate(f"refit {chosen.spec.describe()}")
-            return refit(ws, chosen.spec, test, on_stage=progress)
-    except CandidateError as exc:
-        check_interrupted()
-        console.print(f"[yellow]refit failed ({exc}); shipping the chosen model as measured[/]", soft_wrap=True)
-        return f"failed: {exc}"
-
-
-def refit_text(shipped: Refit | str | None) -> str:
-    """One line on what ships: the refit model with its test accuracy against the chosen one's, or why not."""
-    if isinstance(shipped, Refit):
-        m, d = shipped.result.measurement.accuracy, shipped.vs_chosen
-        return (f"shipped: refit on train + validation ({shipped.examples} examples), test accuracy "
-                f"[bold]{m.describe()}[/], {d.diff:+.3f} [{d.interval[0]:+.2f}, {d.interval[1]:+.2f}] against the "
-                "chosen model on the same prompts")
-    if shipped is None:
-        return "shipped: the chosen model as measured (no refit)"
-    return f"shipped: the chosen model as measured (refit {shipped})"
 
 
 def output_dir(path: str) -> Path:

@@ -61,7 +61,6 @@ class SearchSettings:
     seed: int = 0
     siblings: bool = True  # the best adapter's exports (schedule): off, every adapter gets its screening export only
     rule: str = "smallest-tied"  # how the model is chosen (autotune.selection.RULES)
-    refit: bool = True  # ship the choice trained again on train + validation (autotune.refit)
 
     def __post_init__(self) -> None:
         if self.latency_metric not in LATENCY_METRICS:

@@ -374,7 +374,7 @@ def train_adapter(
     result = TrainResult(adapter_dir=out_dir, losses=tuple(losses), seconds=seconds, threads=threads,
                          resumed_at_step=first)
     (out_dir / "train_log.json").write_text(json.dumps(
-        {"spec": asdict(spec), "examples": len(splits.train), "data_fingerprint": splits.fingerprint, "losses": losses, "seconds": seconds, "threads": threads, "checkpointing": checkpointing,
+        {"spec": asdict(spec), "losses": losses, "seconds": seconds, "threads": threads, "checkpointing": checkpointing,
          "resumed_at_step": first, "loss_scale": scaler.get_scale() if scaler else None,
          "overflow_steps_skipped": skipped if scaler else None}, indent=1))
     return result

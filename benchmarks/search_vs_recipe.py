@@ -15,14 +15,7 @@ For each dataset and seed (the seed is both the split seed and the sampler seed)
    exports came within 0.03 of each other over 5 demo and 3 emotion seeds, at the learning rate and step count
    the demo data is learnt in, and it is the search's own start: the search starts where the user would stop.
 3. **recipe x compute**: the same recipe trained for as many optimizer steps as the search computed in all
-   (a continued run computes only its new steps; the refit's steps count), so it gets the search's whole
-   training compute.
-4. **recipe refit**: the recipe shipped the way the search ships its choice (autotune.refit): its training run
-   again on train + validation, exported as its rule chose on validation. The search's gain that is only the
-   refit's data shows here: the sceptic's baseline.
-
-The search ships its choice refit on train + validation (the default); its "before refit" column is the chosen
-model trained on train only, scored on the same test prompts.
+   (a continued run computes only its new steps), so it gets the search's whole training compute.
 
 Each recipe runs in its own cache folder (nothing shared with the search), with the profile and thread count
 the search used. Scored on the test split: the chosen model's accuracy with its n and 95% interval, precision,
@@ -54,13 +47,6 @@ EMOTION_FLAGS = ["--columns", "text,label", "--delimiter", ";", "--max-per-label
 RECIPE = {"rank": 16, "alpha": 32.0, "learning_rate": 1e-3, "steps": 60, "target_modules": "all-linear"}
 
 
-def recipe_exports() -> dict:
-    """The recipe's two exports by name: int8, and int4 with GPTQ (block 32, symmetric)."""
-    from autotune.export import ExportSpec
-
-    return {"int8": ExportSpec("int8"), "int4 gptq": ExportSpec("int4", calibration="gptq")}
-
-
 def data_flags(dataset: str, emotion: Path) -> list[str]:
     return [] if dataset == "demo" else ["--data", str(emotion), *EMOTION_FLAGS]
 
@@ -84,13 +70,11 @@ def run_search(out: Path, dataset: str, seed: int, threads: int, emotion: Path, 
     steps = sum(t.user_attrs["spec"]["train"]["steps"] - (t.user_attrs.get("resumed_at_step") or 0)
                 for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
                 if "train" in t.user_attrs.get("stage_seconds", {}))
-    chosen, refit = report["chosen"], report["shipped"]["refit"]
-    if refit:  # the refit trains the chosen adapter's steps again, from the start, on train + validation
-        steps += chosen["spec"]["train"]["steps"]
+    chosen = report["chosen"]
     return {"wall_s": wall, "trials": report["trials"]["complete"], "train_steps": steps,
-            "profile": report["profile"]["name"], "candidate": chosen["candidate"] + " refit" * bool(refit),
-            "precision": chosen["spec"]["export"]["precision"], "test": (refit or chosen)["test"],
-            "chosen_test": chosen["test"], "size_mb": chosen["size_mb"], "request_p50_ms": chosen["request_p50_ms"],
+            "profile": report["profile"]["name"], "candidate": chosen["candidate"],
+            "precision": chosen["spec"]["export"]["precision"], "test": chosen["test"],
+            "size_mb": chosen["size_mb"], "request_p50_ms": chosen["request_p50_ms"],
             "validation_accuracy": chosen["validation_accuracy"]}
 
 
@@ -115,13 +99,14 @@ def workspace(root: Path, dataset: str, seed: int, threads: int, profile: str | 
 def run_recipe(root: Path, dataset: str, seed: int, steps: int, threads: int, profile: str, emotion: Path) -> dict:
     """The recipe at ``steps``: int8 and GPTQ int4 exports, the rule's choice between them on validation."""
     from autotune.candidate import CandidateSpec, run_candidate
+    from autotune.export import ExportSpec
     from autotune.selection import Candidate, rank
     from autotune.train import TrainSpec
 
     ws = workspace(root, dataset, seed, threads, profile, emotion)
     train = TrainSpec(**{**RECIPE, "steps": steps})
     start = time.perf_counter()
-    exports = recipe_exports()
+    exports = {"int8": ExportSpec("int8"), "int4 gptq": ExportSpec("int4", calibration="gptq")}
     validation = {name: run_candidate(ws, CandidateSpec(train, e)) for name, e in exports.items()}
     ranking = rank([Candidate(i, r.measurement.accuracy.marks, r.measurement.latency.request_p50_ms,
                               r.measurement.size_mb) for i, r in enumerate(validation.values())])
@@ -133,22 +118,6 @@ def run_recipe(root: Path, dataset: str, seed: int, steps: int, threads: int, pr
     return {"wall_s": wall, "train_steps": steps, "chosen": name, "test": tests[name].to_dict(),
             "size_mb": chosen.measurement.size_mb, "request_p50_ms": chosen.measurement.latency.request_p50_ms,
             "tests": {n: a.to_dict() for n, a in tests.items()}}
-
-
-def run_recipe_refit(root: Path, dataset: str, seed: int, threads: int, profile: str, emotion: Path,
-                     export: str) -> dict:
-    """The recipe as the search ships its choice: the recipe's training run again on train + validation
-    (:mod:`autotune.refit`), exported as the recipe's rule chose on validation (``export``), scored on test."""
-    from autotune.candidate import CandidateSpec, run_candidate
-    from autotune.refit import refit_workspace
-    from autotune.train import TrainSpec
-
-    ws = refit_workspace(workspace(root, dataset, seed, threads, profile, emotion))
-    start = time.perf_counter()
-    result = run_candidate(ws, CandidateSpec(TrainSpec(**RECIPE), recipe_exports()[export]), split="test",
-                           with_latency=False)
-    return {"wall_s": time.perf_counter() - start, "train_steps": RECIPE["steps"], "chosen": export,
-            "train_examples": len(ws.splits.train), "test": result.measurement.accuracy.to_dict()}
 
 
 def paired(first: dict, second: dict) -> str:
@@ -200,9 +169,6 @@ def main() -> None:
                 record["recipe"] = run_recipe(folder / "recipe", dataset, seed, RECIPE["steps"], args.threads,
                                               search["profile"], args.emotion)
                 print(f"{dataset} seed {seed} recipe: {json.dumps(record['recipe'])}", flush=True)
-                record["recipe_refit"] = run_recipe_refit(folder / "recipe", dataset, seed, args.threads,
-                                                          search["profile"], args.emotion, record["recipe"]["chosen"])
-                print(f"{dataset} seed {seed} recipe refit: {json.dumps(record['recipe_refit'])}", flush=True)
                 record["recipe_compute"] = run_recipe(folder / "recipe-compute", dataset, seed,
                                                       max(search["train_steps"], RECIPE["steps"]), args.threads,
                                                       search["profile"], args.emotion)
@@ -211,22 +177,19 @@ def main() -> None:
                 f.write(json.dumps(record) + "\n")
             done[dataset, seed] = record
 
-    print("\n| data | seed | search: shipped | test acc [95% CI] | before refit | MB | request ms | wall s "
-          "| recipe (60 st): chosen | test acc | wall s | recipe refit | recipe x compute (steps): test acc | wall s "
-          "| search - recipe [paired 95% CI] | search - recipe x compute | search - recipe refit |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| data | seed | search: chosen | test acc [95% CI] | MB | request ms | wall s | recipe (60 st): chosen "
+          "| test acc | wall s | recipe x compute (steps): test acc | wall s | search - recipe [paired 95% CI] "
+          "| search - recipe x compute |")
+    print("|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for (dataset, seed), r in sorted(done.items()):
         s = r["search"]
         if "error" in s:
-            print(f"| {dataset} | {seed} | failed: {s['error']} | | | | | {s['wall_s']:.0f} | | | | | | | | | |")
+            print(f"| {dataset} | {seed} | failed: {s['error']} | | | | {s['wall_s']:.0f} | | | | | |")
             continue
-        a, b, c = r["recipe"], r["recipe_compute"], r.get("recipe_refit")
-        before = s.get("chosen_test", s["test"])
-        print(f"| {dataset} | {seed} | {s['candidate']} | {_acc(s)} (n={s['test']['n']}) | {before['accuracy']:.3f} "
-              f"| {s['size_mb']:.0f} | {s['request_p50_ms']:.1f} | {s['wall_s']:.0f} | {a['chosen']} | {_acc(a)} "
-              f"| {a['wall_s']:.0f} | {_acc(c) if c else '-'} | ({b['train_steps']}) {_acc(b)} | {b['wall_s']:.0f} "
-              f"| {paired(s['test'], a['test'])} | {paired(s['test'], b['test'])} "
-              f"| {paired(s['test'], c['test']) if c else '-'} |")
+        a, b = r["recipe"], r["recipe_compute"]
+        print(f"| {dataset} | {seed} | {s['candidate']} | {_acc(s)} (n={s['test']['n']}) | {s['size_mb']:.0f} "
+              f"| {s['request_p50_ms']:.1f} | {s['wall_s']:.0f} | {a['chosen']} | {_acc(a)} | {a['wall_s']:.0f} "
+              f"| ({b['train_steps']}) {_acc(b)} | {b['wall_s']:.0f} | {paired(s['test'], a['test'])} | {paired(s['test'], b['test'])} |")
     print()
     for dataset in args.datasets:
         rows = [r for (d, _), r in done.items() if d == dataset and "error" not in r["search"]]
@@ -234,18 +197,11 @@ def main() -> None:
             continue
         over_recipe = [r["search"]["test"]["accuracy"] - r["recipe"]["test"]["accuracy"] for r in rows]
         over_compute = [r["search"]["test"]["accuracy"] - r["recipe_compute"]["test"]["accuracy"] for r in rows]
-        over_refit = [r["search"]["test"]["accuracy"] - r["recipe_refit"]["test"]["accuracy"] for r in rows
-                      if "recipe_refit" in r]
         walls = [r["search"]["wall_s"] for r in rows]
-        print(f"{dataset}: search - recipe, test accuracy, median over {len(rows)} seeds: {_median(over_recipe)}; "
-              f"search - recipe x compute: {_median(over_compute)}; search - recipe refit: {_median(over_refit)}; "
-              f"search wall median {statistics.median(walls):.0f} s")
-
-
-def _median(differences: list[float]) -> str:
-    if not differences:
-        return "-"
-    return f"{statistics.median(differences):+.3f} (each: {', '.join(f'{d:+.3f}' for d in differences)})"
+        print(f"{dataset}: search - recipe, test accuracy, median over {len(rows)} seeds: "
+              f"{statistics.median(over_recipe):+.3f} (each: {', '.join(f'{d:+.3f}' for d in over_recipe)}); "
+              f"search - recipe x compute: {statistics.median(over_compute):+.3f} "
+              f"(each: {', '.join(f'{d:+.3f}' for d in over_compute)}); search wall median {statistics.median(walls):.0f} s")
 
 
 if __name__ == "__main__":

@@ -146,15 +146,3 @@ def test_workspace_device_defaults_to_this_machines(base, splits, tmp_path) -> N
 
     ws = Workspace(root=tmp_path, base=base, splits=splits, threads=1)
     assert ws.device == probe().cpu_model  # this machine has no CUDA GPU: its CPU measures
-
-
-def test_the_refit_never_reuses_the_searchs_adapter_or_export(base, splits, tmp_path) -> None:
-    """The refit trains on train + validation: its adapter, its export and its measurements are keyed apart."""
-    from autotune.refit import refit_workspace
-
-    ws = workspace(tmp_path, base, splits)
-    refit = refit_workspace(ws)
-    assert refit.root == ws.root and refit.threads == ws.threads and refit.device == ws.device
-    assert refit.train_key(SPEC.train) != ws.train_key(SPEC.train)
-    assert refit.export_key(SPEC) != ws.export_key(SPEC) and refit.model_dir(SPEC) != ws.model_dir(SPEC)
-    assert refit.trajectory_dir(SPEC.train) != ws.trajectory_dir(SPEC.train)  # no checkpoint of the search's run

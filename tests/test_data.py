@@ -149,18 +149,6 @@ def test_split_deterministic_and_stratified(tmp_path):
     assert not set(first.validation) & set(first.test)
 
 
-def test_the_refit_split_trains_on_validation_too_and_keeps_test_apart(tmp_path):
-    """What the chosen configuration is trained on again (autotune.refit): train + validation, the same test,
-    and a fingerprint of its own, so no cached adapter of the search's split stands in for it."""
-    splits = load_splits(DataConfig(path=str(write_jsonl(tmp_path / "d.jsonl", _rows(n_per_label=25))), seed=1))
-    refit = splits.refit()
-    assert refit.train == splits.train + splits.validation and refit.validation == ()
-    assert refit.test == splits.test and refit.labels == splits.labels and refit.config == splits.config
-    assert refit.fingerprint not in (splits.fingerprint, "") and refit.refit().fingerprint == refit.fingerprint
-    assert not set(refit.train) & set(refit.test)
-    assert refit.summary().startswith(f"{len(splits.train) + len(splits.validation)} train / 0 validation / ")
-
-
 def test_split_independent_of_file_order(tmp_path):
     rows = _rows()
     a = load_splits(DataConfig(path=str(write_jsonl(tmp_path / "a.jsonl", rows))))

@@ -42,14 +42,11 @@ def complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def adapters(out: Path, refit: bool = False) -> dict[str, float]:
-    """Adapters the search trained in the workspace (``refit``: those the refit trained on train + validation,
-    told apart by the data they saw): folder name -> mtime of its train_log.json."""
+def adapters(out: Path) -> dict[str, float]:
+    """Trained adapters in the workspace: folder name -> mtime of its train_log.json."""
     root = out / "cache" / "adapters"
-    searched = load_study(out).user_attrs["data_fingerprint"]
-    logs = {d.name: d / "train_log.json" for d in root.iterdir()} if root.is_dir() else {}
-    return {name: log.stat().st_mtime_ns for name, log in logs.items()
-            if log.is_file() and (json.loads(log.read_text())["data_fingerprint"] != searched) == refit}
+    return {d.name: (d / "train_log.json").stat().st_mtime_ns
+            for d in root.iterdir() if (d / "train_log.json").is_file()} if root.is_dir() else {}
 
 
 def model_folders(out: Path) -> set[str]:
@@ -123,27 +120,9 @@ def test_outputs_exist_and_load(tiny_search: Path, tiny_model_dir, tiny_dataset,
     tied = [m for m in report["pareto"] if m["tied"]]
     assert chosen["size_mb"] <= min(m["size_mb"] for m in tied) * 1.05  # the smallest of the tied
 
-    # What ships: the chosen configuration trained again on train + validation (24 + 8 examples), scored on the
-    # same test prompts as the chosen model and paired with it; best/ is that model's folder.
-    refit = report["shipped"]["refit"]
-    assert refit["candidate"] == chosen["candidate"] and refit["train_examples"] == 32
-    assert refit["test"]["n"] == 8 and refit["vs_chosen"]["n"] == 8 and refit["size_mb"] > 0
-    assert refit["vs_chosen"]["diff"] == pytest.approx(refit["test_accuracy"] - chosen["test_accuracy"])
-    refit_dir = out / "cache" / "models" / refit["model_key"]
-    assert refit_dir.is_dir() and refit["model_key"] not in {t.user_attrs["model_key"] for t in complete(load_study(out))}
-    shipped = {p.relative_to(out / "best"): p.read_bytes() for p in (out / "best").rglob("*") if p.is_file()}
-    assert shipped == {p.relative_to(refit_dir): p.read_bytes() for p in refit_dir.rglob("*") if p.is_file()}
-    [refit_adapter] = adapters(out, refit=True).keys()
-    log = json.loads((out / "cache" / "adapters" / refit_adapter / "train_log.json").read_text())
-    assert log["examples"] == 32 and log["spec"] == chosen["spec"]["train"]  # the same choices and steps
-
     card = (out / "MODEL_CARD.md").read_text()
     low, high = test["interval"]
-    assert f"| the chosen model, trained on train only, test split | {test['accuracy']:.3f} (n=8, 95% CI {low:.2f}-{high:.2f}) |" in card
-    low, high = refit["test"]["interval"]
-    assert (f"| this model (refit on train + validation), test split | {refit['test_accuracy']:.3f} "
-            f"(n=8, 95% CI {low:.2f}-{high:.2f}) |") in card
-    assert "## Refit" in card and "(32), exported the same way" in card
+    assert f"| this model, test split | {test['accuracy']:.3f} (n=8, 95% CI {low:.2f}-{high:.2f}) |" in card
     assert card.count("| baseline: ") == 3 and "| request | " in card and "| time to first token | " in card
     assert report["command"] in card
     assert "## How it was chosen" in card and "| chosen |" in card and "first label the answer names" in card
@@ -170,7 +149,7 @@ def test_study_records(tiny_search: Path) -> None:
     attrs = study.user_attrs
     assert attrs["latency_metric"] == "request"
     for key in ("model", "data", "profile", "hardware", "versions", "chosen_trial", "chosen_test_accuracy",
-                "chosen_baselines", "refit_test_accuracy"):
+                "chosen_baselines"):
         assert key in attrs, key
     # The hardware identity: latencies of this study compare only with latencies measured the same way.
     assert attrs["measure_threads"] == 1 and attrs["execution_provider"] == "cpu"
@@ -214,17 +193,15 @@ def test_prune_keeps_only_the_front(tiny_search: Path) -> None:
     by_number = {t.number: t for t in complete(load_study(tiny_search))}
     front_keys = {by_number[m["trial"]].user_attrs["model_key"] for m in report["pareto"]}
     folders = model_folders(tiny_search)
-    # The front's folders, the refit model's (what best/ copies), and the zero-shot base's (kept so a rerun need
-    # not export it again).
-    refit_key = report["shipped"]["refit"]["model_key"]
-    assert front_keys | {refit_key} <= folders and len(folders - front_keys - {refit_key}) == 1
+    # The front's folders, and the zero-shot base's (kept so a rerun need not export it again).
+    assert front_keys <= folders and len(folders - front_keys) == 1
     assert 1 <= len(front_keys) <= len(report["pareto"])
 
 
 @pytest.mark.slow
 def test_keep_all(tmp_path: Path, tiny_model_dir, tiny_dataset, tiny_space) -> None:
     out = tmp_path / "out"
-    proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--keep-all", "--no-refit", trials=2))
+    proc = run_cli(*search_args(tiny_model_dir, tiny_dataset, tiny_space, out, "--keep-all", trials=2))
     assert proc.returncode == 0, proc.stderr[-3000:]
     done = complete(load_study(out))
     assert len(done) == 2
@@ -235,13 +212,6 @@ def test_keep_all(tmp_path: Path, tiny_model_dir, tiny_dataset, tiny_space) -> N
     assert trial_keys <= folders
     assert len(folders) == len(trial_keys) + 1  # and the zero-shot base the test split was scored with
     assert len(report["pareto"]) >= 1
-    # --no-refit: the chosen model ships as the search measured it, and nothing was trained on validation.
-    assert report["shipped"]["refit"] is None and not adapters(out, refit=True)
-    chosen_key = next(t.user_attrs["model_key"] for t in done if t.number == report["chosen"]["trial"])
-    shipped = {p.relative_to(out / "best"): p.read_bytes() for p in (out / "best").rglob("*") if p.is_file()}
-    chosen_dir = out / "cache" / "models" / chosen_key
-    assert shipped == {p.relative_to(chosen_dir): p.read_bytes() for p in chosen_dir.rglob("*") if p.is_file()}
-    assert "shipped: the chosen model as measured (no refit)" in proc.stdout
 
 
 # --------------------------------------------------------------------------- 3. resume
