@@ -3,12 +3,12 @@
     python benchmarks/learning_curve.py                             # demo + emotion, split seeds 0-2, 2 threads
     python benchmarks/learning_curve.py --datasets demo --seeds 0 --fractions 0.5 0.75 1
 
-Why the search ships its choice refit on train + validation (autotune.refit): if the accuracy still rises with the
-number of training examples, the validation examples are worth more as training data once the choice is made. For
-each dataset and split seed, the space's start (LoRA r16 / alpha 32 / lr 1e-3, all linear layers) is trained for the
-default space's top rung on the full split (120 steps on the demo's 408 training examples, 150 on the emotion data's
-600), on a label-balanced share of its training examples (``--fractions``; the same steps, as the refit keeps them),
-and exported the screening way (int8 on a CPU). Scored on the validation split only: accuracy with its n and 95%
+Whether the validation examples would be worth more as training data once the search has chosen: the case for a
+refit of the choice on train + validation (built and measured at d12c2f4, not shipped: benchmarks/README.md, "Refit
+on train + validation"). For each dataset and split seed, the space's start (LoRA r16 / alpha 32 / lr 1e-3, all linear
+layers) is trained for the default space's top rung on the full split (120 steps on the demo's 408 training examples,
+150 on the emotion data's 600), and for the same steps on a label-balanced share of its training examples
+(``--fractions``), and exported the screening way (int8 on a CPU). Scored on the validation split only: accuracy with its n and 95%
 interval, the mean log-probability of the right label, and each share's accuracy minus the full split's, paired on
 the same prompts. Trained adapters are cached in ``--out``.
 """
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from neighbours import START, score, top_rung  # noqa: E402
-from search_vs_recipe import paired, run_arguments, workspace  # noqa: E402
+from search_vs_recipe import accuracy_text, paired, run_arguments, workspace  # noqa: E402
 
 
 def run(out: Path, dataset: str, seed: int, fraction: float, threads: int, emotion: Path) -> dict:
@@ -65,21 +65,21 @@ def main() -> None:
           "(paired, 95% CI):\n")
     print("| data | seed | steps | " + " | ".join(f"{f:g} of train" for f in fractions) + " |")
     print("|---|---:|---:|" + "---:|" * len(fractions))
-    full = {(r["dataset"], r["seed"]): r for r in rows if r["fraction"] == 1.0}
-    for (dataset, seed), whole in full.items():
+    by_run = {(r["dataset"], r["seed"], r["fraction"]): r for r in rows}
+    for (dataset, seed, fraction), whole in by_run.items():
+        if fraction != 1.0:
+            continue
         cells = []
-        for fraction in fractions:
-            r = next(r for r in rows if (r["dataset"], r["seed"], r["fraction"]) == (dataset, seed, fraction))
-            a = r["accuracy"]
-            cell = (f"{a['accuracy']:.3f} [{a['interval'][0]:.2f}, {a['interval'][1]:.2f}] (n={a['n']}, "
-                    f"{r['examples']} examples), {r['signal']:.3f}")
-            cells.append(cell if fraction == 1.0 else f"{cell}; {paired(a, whole['accuracy'])}")
+        for share in fractions:
+            r = by_run[dataset, seed, share]
+            cell = f"{accuracy_text(r['accuracy'])} (n={r['accuracy']['n']}, {r['examples']} examples), {r['signal']:.3f}"
+            cells.append(cell if share == 1.0 else f"{cell}; {paired(r['accuracy'], whole['accuracy'])}")
         print(f"| {dataset} | {seed} | {whole['steps']} | " + " | ".join(cells) + " |")
     print()
     for dataset in args.datasets:
         for fraction in fractions[:-1]:
             mine = [r for r in rows if r["dataset"] == dataset and r["fraction"] == fraction]
-            acc = [r["accuracy"]["accuracy"] - full[dataset, r["seed"]]["accuracy"]["accuracy"] for r in mine]
+            acc = [r["accuracy"]["accuracy"] - by_run[dataset, r["seed"], 1.0]["accuracy"]["accuracy"] for r in mine]
             print(f"{dataset}, {fraction:g} of train - all of it, over {len(mine)} seeds: accuracy median "
                   f"{statistics.median(acc):+.3f} (each {', '.join(f'{d:+.3f}' for d in acc)})")
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from search_vs_recipe import paired, run_arguments, workspace  # noqa: E402
+from search_vs_recipe import accuracy_text, paired, run_arguments, workspace  # noqa: E402
 
 START = {"rank": 16, "alpha": 32.0, "learning_rate": 1e-3}
 NEIGHBOURS = {"alpha 16": {"rank": 16, "alpha": 16.0, "learning_rate": 1e-3},
@@ -109,7 +109,7 @@ def main() -> None:
         for name in names:
             s = r["scores"][name]
             a = s["accuracy"]
-            cell = f"{a['accuracy']:.3f} [{a['interval'][0]:.2f}, {a['interval'][1]:.2f}] (n={a['n']}), {s['signal']:.3f}"
+            cell = f"{accuracy_text(a)} (n={a['n']}), {s['signal']:.3f}"
             cells.append(cell if name == "start" else f"{cell}; {paired(s['accuracy'], start['accuracy'])}")
         print(f"| {r['dataset']} | {r['seed']} | {r['steps']} | " + " | ".join(cells) + " |")
     print()

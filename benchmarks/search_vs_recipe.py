@@ -132,9 +132,13 @@ def paired(first: dict, second: dict) -> str:
     return f"{paired.diff:+.3f} [{paired.interval[0]:+.2f}, {paired.interval[1]:+.2f}]"
 
 
+def accuracy_text(accuracy: dict) -> str:
+    """An accuracy record (``Accuracy.to_dict``) as a table cell: the accuracy and its 95% interval."""
+    return f"{accuracy['accuracy']:.3f} [{accuracy['interval'][0]:.2f}, {accuracy['interval'][1]:.2f}]"
+
+
 def _acc(record: dict) -> str:
-    t = record["test"]
-    return f"{t['accuracy']:.3f} [{t['interval'][0]:.2f}, {t['interval'][1]:.2f}]"
+    return accuracy_text(record["test"])
 
 
 def run_arguments(description: str, out: str) -> argparse.ArgumentParser:
