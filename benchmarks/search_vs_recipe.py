@@ -42,13 +42,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 EMOTION = ROOT.parent / "shared" / "data" / "emotion" / "train.txt"
-EMOTION_FLAGS = ["--columns", "text,label", "--delimiter", ";", "--max-per-label", "250",
-                 "--label-map", "sadness=Sad,joy=Joy,fear=Fear,surprise=Surprise"]
+# How the emotion data is read, spelled once: the search gets it as flags (data_flags), the recipes as a DataConfig.
+EMOTION_READING = {"columns": ("text", "label"), "delimiter": ";", "max_per_label": 250,
+                   "label_map": (("sadness", "Sad"), ("joy", "Joy"), ("fear", "Fear"), ("surprise", "Surprise"))}
 RECIPE = {"rank": 16, "alpha": 32.0, "learning_rate": 1e-3, "steps": 60, "target_modules": "all-linear"}
 
 
 def data_flags(dataset: str, emotion: Path) -> list[str]:
-    return [] if dataset == "demo" else ["--data", str(emotion), *EMOTION_FLAGS]
+    """The README command's data flags for ``dataset`` (the demo: none)."""
+    if dataset == "demo":
+        return []
+    r = EMOTION_READING
+    return ["--data", str(emotion), "--columns", ",".join(r["columns"]), "--delimiter", r["delimiter"],
+            "--max-per-label", str(r["max_per_label"]), "--label-map", ",".join(f"{a}={b}" for a, b in r["label_map"])]
 
 
 def run_search(out: Path, dataset: str, seed: int, threads: int, emotion: Path, max_latency: float) -> dict:
@@ -80,7 +86,7 @@ def run_search(out: Path, dataset: str, seed: int, threads: int, emotion: Path, 
 
 def workspace(root: Path, dataset: str, seed: int, threads: int, profile: str | None, emotion: Path):
     """A candidate workspace in ``root`` on the dataset's splits (split seed ``seed``), as the search's CLI makes
-    them: the demo, or the emotion data with the flags of :data:`EMOTION_FLAGS`; ``profile`` None: the detected one."""
+    them: the demo, or the emotion data read as :data:`EMOTION_READING`; ``profile`` None: the detected one."""
     from autotune.candidate import Workspace
     from autotune.data import DataConfig, load_splits
     from autotune.hardware import probe
@@ -88,9 +94,7 @@ def workspace(root: Path, dataset: str, seed: int, threads: int, profile: str | 
     from autotune.profile_choice import choose_profile
     from autotune.profiles import load_profiles
 
-    config = DataConfig(seed=seed) if dataset == "demo" else DataConfig(
-        path=str(emotion), columns=("text", "label"), delimiter=";", max_per_label=250, seed=seed,
-        label_map=(("sadness", "Sad"), ("joy", "Joy"), ("fear", "Fear"), ("surprise", "Surprise")))
+    config = DataConfig(seed=seed) if dataset == "demo" else DataConfig(path=str(emotion), seed=seed, **EMOTION_READING)
     chosen_profile = choose_profile(probe(), "auto", load_profiles(), profile)
     return Workspace(root, resolve_model(None), load_splits(config), train_device=chosen_profile.train_device,
                      train_dtype=chosen_profile.train_dtype, threads=threads, train_threads=threads)
