@@ -63,6 +63,16 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def whole_floats(spec: Any) -> None:
+    """Make the whole numbers a frozen dataclass holds in its ``float`` fields floats, in place (for a
+    ``__post_init__``): alpha 16 and 16.0 are one choice, and must be one :func:`content_key` (JSON writes them
+    apart). Floats are left as they are, so the keys of specs built from floats do not change."""
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if f.type in ("float", float) and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(spec, f.name, float(value))
+
+
 @functools.lru_cache(maxsize=None)
 def library_version(name: str) -> str | None:
     """The installed version of package ``name`` (any of its build variants), None if absent."""

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from autotune import tokens, trajectory
+from autotune.cache import whole_floats
 from autotune.data import Example, Splits, render_prompt
 from autotune.errors import UserError
 from autotune.gradients import accumulate_gradients
@@ -104,6 +105,7 @@ class TrainSpec:
     loss_scale_growth: int = 2000
 
     def __post_init__(self) -> None:
+        whole_floats(self)
         if self.method not in METHODS:
             raise UserError(f"unknown method '{self.method}' (choose from {', '.join(METHODS)})")
         if self.target_modules not in TARGET_MODULES:

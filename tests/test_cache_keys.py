@@ -41,6 +41,16 @@ def test_library_version_reads_installed_packages() -> None:
                                                       "onnx": cache.library_version("onnx")}
 
 
+def test_a_whole_number_and_its_float_are_one_choice_and_one_key(base, splits, tmp_path) -> None:
+    ws = workspace(tmp_path, base, splits)
+    as_int = TrainSpec(rank=4, alpha=8, steps=2, batch_size=4, learning_rate=1e-3, max_grad_norm=1, weight_decay=0)
+    as_float = TrainSpec(rank=4, alpha=8.0, steps=2, batch_size=4, learning_rate=1e-3, max_grad_norm=1.0, weight_decay=0.0)
+    assert as_int == as_float and isinstance(as_int.alpha, float)
+    assert ws.train_key(as_int) == ws.train_key(as_float) == ws.train_key(SPEC.train)
+    assert ws.export_key(CandidateSpec(as_int, SPEC.export)) == ws.export_key(SPEC)
+    assert isinstance(TrainSpec(rank=4).rank, int)  # int fields stay ints: their keys do not change
+
+
 @pytest.mark.parametrize("package, keys", [
     ("torch", {"adapter", "model"}),
     ("transformers", {"adapter", "model"}),
