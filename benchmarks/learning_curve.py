@@ -1,4 +1,4 @@
-"""How far the data is from its plateau: the start trained on part of the training split and on all of it.
+"""How far the data is from its plateau: the start trained on part of the training split, on all of it, and longer.
 
     python benchmarks/learning_curve.py                             # demo + emotion, split seeds 0-2, 2 threads
     python benchmarks/learning_curve.py --datasets demo --seeds 0 --fractions 0.5 0.75 1
@@ -10,7 +10,8 @@ on train + validation"). For each dataset and split seed, the space's start (LoR
 layers) is trained for the default space's top rung on the full split (120 steps on the demo's 408 training examples,
 150 on the emotion data's 600), and for the same steps on a label-balanced share of its training examples
 (``--fractions``), or for a multiple of the top rung's steps (``--step-factors``: whether the finalist would gain
-from training longer), and exported the screening way (int8 on a CPU). Scored on the validation split only: accuracy with its n and 95%
+from training longer; the longer run resumes from the shorter one's checkpoint, as the search continues an adapter),
+and exported the screening way (int8 on a CPU). Scored on the validation split only: accuracy with its n and 95%
 interval, the mean log-probability of the right label, and each run's accuracy minus the full split's at the top
 rung, paired on the same prompts. Trained adapters are cached in ``--out``.
 """
@@ -50,6 +51,7 @@ def run(out: Path, dataset: str, seed: int, fraction: float, factor: float, thre
 
 
 def label(fraction: float, factor: float) -> str:
+    """A run's column: its share of the training split, and its multiple of the top rung's steps where not 1."""
     return f"{fraction:g} of train" + (f", {factor:g}x steps" if factor != 1 else "")
 
 
@@ -70,8 +72,9 @@ def main() -> None:
                                  | {"accuracy": round(rows[-1]["accuracy"]["accuracy"], 3),
                                     "signal": round(rows[-1]["signal"], 3)}), flush=True)
 
-    print("\nValidation accuracy [95% CI] (n), mean log-prob of the right label; each run minus the full split at the "
-          "top rung (paired, 95% CI):\n")
+    than = "each share minus the full split" if set(args.step_factors) <= {1.0} else \
+        "each run minus the full split at the top rung"
+    print(f"\nValidation accuracy [95% CI] (n), mean log-prob of the right label; {than} (paired, 95% CI):\n")
     print("| data | seed | steps | " + " | ".join(label(*r) for r in runs) + " |")
     print("|---|---:|---:|" + "---:|" * len(runs))
     by_run = {(r["dataset"], r["seed"], r["fraction"], r["factor"]): r for r in rows}
