@@ -93,15 +93,14 @@ def main() -> None:
             if (fraction, factor) == (1.0, 1.0):
                 continue
             mine = [r for r in rows if r["dataset"] == dataset and (r["fraction"], r["factor"]) == (fraction, factor)]
-            acc = [r["accuracy"]["accuracy"] - by_run[dataset, r["seed"], 1.0, 1.0]["accuracy"]["accuracy"] for r in mine]
             what = f"{fraction:g} of train - all of it" if factor == 1 else f"{label(fraction, factor)} - the top rung"
-            print(f"{dataset}, {what}, over {len(mine)} seeds: accuracy median "
-                  f"{statistics.median(acc):+.3f} (each {', '.join(f'{d:+.3f}' for d in acc)})")
+            measures = [("accuracy", lambda r: r["accuracy"]["accuracy"])]
             if factor != 1:  # training longer trades calibration for accuracy: the log-prob the search ranks on
-                sig = [r["signal"] - by_run[dataset, r["seed"], 1.0, 1.0]["signal"] for r in mine]
-                print(f"{dataset}, {what}, over {len(mine)} seeds: label log-prob median "
-                      f"{statistics.median(sig):+.3f} (each {', '.join(f'{d:+.3f}' for d in sig)})")
-
+                measures.append(("label log-prob", lambda r: r["signal"]))
+            for name, value in measures:
+                diffs = [value(r) - value(by_run[dataset, r["seed"], 1.0, 1.0]) for r in mine]
+                print(f"{dataset}, {what}, over {len(mine)} seeds: {name} median "
+                      f"{statistics.median(diffs):+.3f} (each {', '.join(f'{d:+.3f}' for d in diffs)})")
 
 if __name__ == "__main__":
     main()

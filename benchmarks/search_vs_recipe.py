@@ -141,10 +141,6 @@ def accuracy_text(accuracy: dict) -> str:
     return f"{accuracy['accuracy']:.3f} [{accuracy['interval'][0]:.2f}, {accuracy['interval'][1]:.2f}]"
 
 
-def _acc(record: dict) -> str:
-    return accuracy_text(record["test"])
-
-
 def run_arguments(description: str, out: str) -> argparse.ArgumentParser:
     """The flags of a benchmark over the demo and emotion data and split seeds; its records go to .cache/``out``."""
     parser = argparse.ArgumentParser(description=description)
@@ -195,9 +191,9 @@ def main() -> None:
             print(f"| {dataset} | {seed} | failed: {s['error']} | | | | {s['wall_s']:.0f} | | | | | |")
             continue
         a, b = r["recipe"], r["recipe_compute"]
-        print(f"| {dataset} | {seed} | {s['candidate']} | {_acc(s)} (n={s['test']['n']}) | {s['size_mb']:.0f} "
-              f"| {s['request_p50_ms']:.1f} | {s['wall_s']:.0f} | {a['chosen']} | {_acc(a)} | {a['wall_s']:.0f} "
-              f"| ({b['train_steps']}) {_acc(b)} | {b['wall_s']:.0f} | {paired(s['test'], a['test'])} | {paired(s['test'], b['test'])} |")
+        print(f"| {dataset} | {seed} | {s['candidate']} | {accuracy_text(s['test'])} (n={s['test']['n']}) | {s['size_mb']:.0f} "
+              f"| {s['request_p50_ms']:.1f} | {s['wall_s']:.0f} | {a['chosen']} | {accuracy_text(a['test'])} | {a['wall_s']:.0f} "
+              f"| ({b['train_steps']}) {accuracy_text(b['test'])} | {b['wall_s']:.0f} | {paired(s['test'], a['test'])} | {paired(s['test'], b['test'])} |")
     print()
     for dataset in args.datasets:
         rows = [r for (d, _), r in done.items() if d == dataset and "error" not in r["search"]]
